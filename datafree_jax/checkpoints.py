@@ -1,0 +1,82 @@
+"""orbax CheckpointManager helpers: one manager per stage directory.
+
+Every checkpoint holds the item 'state' (the stage's whole train state: params, BN state,
+optimiser state, step) and 'meta' (JSON: what made it, and whether the stage had finished).
+The final checkpoint of a stage may hold more items (the teacher's BN statistics). orbax writes
+each step into a temporary directory and renames it when complete, so a run killed mid-save
+leaves no checkpoint that `latest_step` would return.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that is missing, unreadable or made for something else."""
+
+
+def abstract_like(tree, sharding=None):
+  """ShapeDtypeStructs for restoring `tree`, with its arrays' shardings (or `sharding`)."""
+  def one(x):
+    s = sharding if sharding is not None else getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return jax.tree.map(one, tree)
+
+
+class StageCheckpoints:
+  """The checkpoints of one stage, in `directory`."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2, create: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: Mapping[str, Any], extras: Optional[Mapping] = None):
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
+    for name, tree in (extras or {}).items():
+      items[name] = ocp.args.StandardSave(tree)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} is unreadable or corrupt ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+  def restore(self, step: int, name: str, abstract_tree):
+    """Restores item `name` of checkpoint `step` into the shapes/shardings of `abstract_tree`."""
+    try:
+      return self.manager.restore(
+          step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))[name]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"cannot restore {name!r} from checkpoint {self.directory}/{step}: it is corrupt or was "
+          f"made for another model/config ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+  def item_shapes(self, step: int, name: str):
+    """The saved (shape, dtype) tree of item `name`, as ShapeDtypeStructs without sharding."""
+    try:
+      meta = self.manager.item_metadata(step)[name]
+      tree = meta.tree if hasattr(meta, "tree") else meta
+      return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot read {name!r} of checkpoint {self.directory}/{step}") from e
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,96 @@
+"""Pieces the stages share: optimisers, augmentation, model variables, student updates."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from datafree_jax import config_lib
+from datafree_jax import losses
+from datafree_jax.models import BN_INPUTS
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """Optimiser from a config block with optimizer/lr/schedule/weight_decay/momentum/b1/b2.
+
+  schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step' (x0.1 at 40%, x0.01 at 80%,
+  DAFL's CIFAR student schedule). SGD's weight decay is the PyTorch kind (added to the gradient).
+  """
+  config_lib.check_choice("optimizer", cfg.optimizer, ("adam", "sgd"))
+  config_lib.check_choice("schedule", cfg.schedule, ("constant", "cosine", "step"))
+  config_lib.check_positive("learning rate (lr)", cfg.lr)
+  config_lib.check_non_negative("weight_decay", cfg.get("weight_decay", 0.0))
+  if cfg.schedule == "constant":
+    lr = cfg.lr
+  elif cfg.schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+  else:
+    lr = optax.piecewise_constant_schedule(
+        cfg.lr, {int(0.4 * total_steps): 0.1, int(0.8 * total_steps): 0.1})
+  wd = cfg.get("weight_decay", 0.0)
+  if cfg.optimizer == "adam":
+    tx = optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
+  else:
+    tx = optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None)
+  return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+
+
+def variables_of(params, batch_stats) -> dict:
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def init_model(model: nn.Module, key, image_shape, batch: int = 2):
+  """(params, batch_stats) of a classifier; batch_stats is {} for a model without BN."""
+  variables = model.init(key, jnp.zeros((batch,) + tuple(image_shape), jnp.float32), train=False)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def classifier_logits(model):
+  """apply_logits(variables, x) in evaluation mode."""
+  return lambda variables, x: model.apply(variables, x, train=False)
+
+
+def teacher_forward(model, variables, x, *, moments: bool = False):
+  """Frozen teacher in evaluation mode: (logits, features, bn input moments or None)."""
+  if moments:
+    (logits, feats), upd = model.apply(variables, x, train=False, features=True,
+                                       mutable=[BN_INPUTS])
+    return logits, feats, upd.get(BN_INPUTS, {})
+  logits, feats = model.apply(variables, x, train=False, features=True)
+  return logits, feats, None
+
+
+def random_shift(key, images, pad: int, fill: float, flip: bool = False):
+  """Random translation by up to `pad` pixels (padding with `fill`), optional horizontal flip."""
+  n, h, w, _ = images.shape
+  if pad:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    k1, k2, key = jax.random.split(key, 3)
+    dy = jax.random.randint(k1, (n,), 0, 2 * pad + 1)
+    dx = jax.random.randint(k2, (n,), 0, 2 * pad + 1)
+    images = jax.vmap(lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, im.shape[-1])))(
+        padded, dy, dx)
+  if flip:
+    do = jax.random.bernoulli(key, 0.5, (n, 1, 1, 1))
+    images = jnp.where(do, images[:, :, ::-1, :], images)
+  return images
+
+
+def student_kd_update(model, tx, params, batch_stats, opt_state, images, teacher_logits,
+                      temperature: float):
+  """One student step on kd_loss(teacher, student) of `images`; returns new state and the loss."""
+  def loss_fn(p):
+    logits, upd = model.apply(variables_of(p, batch_stats), images, train=True,
+                              mutable=["batch_stats"])
+    return losses.kd_loss(teacher_logits, logits, temperature), upd.get("batch_stats", {})
+  (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), new_bs, opt_state, loss, optax.global_norm(grads)
+
+
+def step_key(seed: int, stage_salt: int, step) -> Any:
+  """The rng of one step: the stage's key with the step number folded in."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage_salt), step)

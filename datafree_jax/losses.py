@@ -1,0 +1,327 @@
+"""Loss functions of DAFL (Chen et al. 2019) and Luo et al. 2020, as pure functions.
+
+Every function takes jnp (or numpy) arrays and returns a scalar jnp array; none holds state or
+knows about models. Notation: N is the batch size, K the number of classes, and
+softmax / log_softmax act over the last (class) axis.
+
+DAFL generator loss (teacher T, generator G, z ~ N(0, I)):
+  L_G = w_oh * onehot_loss(T(G(z))) + w_a * activation_loss(f_T) + w_ie * information_entropy_loss
+and the student is trained with kd_loss(T(x), S(x)) on x = stop_gradient(G(z)).
+
+Luo et al. generator loss:
+  L_G = inceptionism_loss(T(G(z)), y, G(z), w_tv, w_l2) + w_mm * bn_moment_matching(...)
+and the student is again trained with kd_loss on images from the frozen generators.
+"""
+from __future__ import annotations
+
+import collections.abc
+import math
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+BN_MOMENT_FORMS = ("l2", "kl")
+
+
+def _safe_l2_norm(x, axis):
+  """Euclidean norm ||x||_2 along `axis` whose gradient is 0 (not NaN) where x == 0."""
+  return optax.safe_norm(x, 0.0, axis=axis)
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy with integer labels.
+
+    CE = -(1/N) sum_i log softmax(logits_i)[labels_i]
+       = (1/N) sum_i (logsumexp(logits_i) - logits_i[labels_i]).
+
+  Args:
+    logits: (N, K) float array.
+    labels: (N,) integer array with values in [0, K).
+
+  Returns:
+    Scalar mean cross-entropy (natural log).
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  labels = jnp.asarray(labels)
+  picked = jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)
+  return -jnp.mean(picked)
+
+
+def onehot_loss(logits):
+  """DAFL one-hot (pseudo-label) loss L_oh = CE(logits, argmax(logits)).
+
+  The pseudo-labels y_i = argmax_k logits_ik are constants (stop_gradient), so the gradient
+  is (softmax(logits_i) - onehot(y_i)) / N: it pushes each output to be more confident in the
+  class it already prefers. It is ~0 for very confident logits.
+
+  Args:
+    logits: (N, K) teacher logits on generated images.
+
+  Returns:
+    Scalar loss.
+  """
+  labels = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
+  return cross_entropy(logits, labels)
+
+
+def activation_loss(features):
+  """DAFL activation loss L_a = -mean(|f|), mean over all elements of the features.
+
+  f are the teacher's features before its last fully-connected layer (e.g. (N, 120) in
+  LeNet-5, (N, 512) after global average pooling in ResNet). Minimising L_a rewards large
+  activations. Note it is unbounded below.
+
+  Args:
+    features: float array of any shape.
+
+  Returns:
+    Scalar loss (<= 0).
+  """
+  return -jnp.mean(jnp.abs(features))
+
+
+def information_entropy_loss(logits, base=10.0):
+  """DAFL information-entropy loss L_ie = sum_k p_k log_base(p_k), p = mean_i softmax(logits_i).
+
+  L_ie is minus the entropy of the batch-averaged class distribution p, so -log_base(K) <= L_ie
+  <= 0, with the minimum exactly when p is uniform: minimising it balances the classes of the
+  generated batch (L_ie near 0 signals a generator collapsed onto one class). The official
+  DAFL code uses log base 10, hence the default; base=math.e gives nats.
+
+  log p_k is computed without forming log(0):
+    log p_k = logsumexp_i(log_softmax(logits_i)_k) - log N,
+  which stays finite when p_k underflows to 0 in floating point, so p_k log p_k = 0 and the
+  gradient is finite there.
+
+  Args:
+    logits: (N, K) logits.
+    base: logarithm base (> 0, != 1).
+
+  Returns:
+    Scalar loss (<= 0).
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  n = log_probs.shape[0]
+  log_p = jax.nn.logsumexp(log_probs, axis=0) - math.log(n)
+  p = jnp.exp(log_p)
+  return jnp.sum(p * log_p) / math.log(base)
+
+
+def kd_loss(teacher_logits, student_logits, temperature=1.0):
+  """Knowledge-distillation loss T^2 * KL(softmax(t/T) || softmax(s/T)), summed, / N.
+
+    p_i = softmax(t_i / T),  q_i = softmax(s_i / T)
+    L_kd = T^2 / N * sum_i sum_k p_ik (log p_ik - log q_ik)
+
+  (PyTorch's KLDivLoss(reduction='batchmean') times T^2, as in DAFL's official code with T=1.)
+  The T^2 factor (Hinton et al. 2015) keeps the student's gradient magnitude, T (q - p) / N
+  per logit, comparable across temperatures; with T = 1 the loss is the plain KL.
+
+  The teacher logits are wrapped in stop_gradient: the loss trains the student only. Both log
+  probabilities come from log_softmax, and terms with p_ik = 0 (teacher logit -inf, or an
+  underflowed probability) contribute exactly 0, so the loss is never NaN for finite student
+  logits.
+
+  Args:
+    teacher_logits: (N, K) logits of the teacher.
+    student_logits: (N, K) logits of the student.
+    temperature: softmax temperature T > 0.
+
+  Returns:
+    Scalar loss (>= 0).
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  p = jnp.exp(log_p)
+  terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)
+  n = teacher_logits.shape[0]
+  return jnp.sum(terms) / n * temperature**2
+
+
+def accuracy(logits, labels):
+  """Top-1 accuracy: (1/N) sum_i [argmax_k logits_ik == labels_i], as a float32 scalar."""
+  return jnp.mean((jnp.argmax(logits, axis=-1) == jnp.asarray(labels)).astype(jnp.float32))
+
+
+def total_variation(images):
+  """Anisotropic L1 total variation, normalised to be independent of the image size.
+
+  For an image x of shape (H, W, C):
+    TV(x) = mean_{h<H-1, w, c} |x[h+1, w, c] - x[h, w, c]|
+          + mean_{h, w<W-1, c} |x[h, w+1, c] - x[h, w, c]|
+  i.e. the mean absolute difference between vertical neighbours plus that between horizontal
+  neighbours (not their sum, as in the usual definition), so an image prior weight w_tv means
+  the same for 32x32 and 224x224 images. The batch value is the mean of TV over the images.
+  A direction with a single row/column contributes 0.
+
+  Args:
+    images: (N, H, W, C) float array.
+
+  Returns:
+    Scalar loss (>= 0; 0 for constant images).
+  """
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"total_variation expects NHWC images, got shape {images.shape}")
+  _, h, w, _ = images.shape
+  tv = jnp.zeros((), images.dtype)
+  if h > 1:
+    tv = tv + jnp.mean(jnp.abs(images[:, 1:, :, :] - images[:, :-1, :, :]))
+  if w > 1:
+    tv = tv + jnp.mean(jnp.abs(images[:, :, 1:, :] - images[:, :, :-1, :]))
+  # Every image has the same number of differences, so the mean over all elements equals the
+  # mean over the batch of the per-image means.
+  return tv
+
+
+def image_l2_prior(images):
+  """Image L2 prior: per image ||x||_2 / sqrt(H*W*C) (the RMS pixel value), mean over batch.
+
+    R_l2 = (1/N) sum_i sqrt( (1/(H W C)) sum_{h,w,c} x_i[h, w, c]^2 )
+
+  This is the ||x||_2 prior of Luo et al. scaled by 1/sqrt(H*W*C), so that its weight w_l2 does
+  not depend on the image size (tiling an image leaves it unchanged). The norm is computed so
+  that its gradient is 0, not NaN, at an all-zero image.
+
+  Args:
+    images: (N, H, W, C) float array.
+
+  Returns:
+    Scalar loss (>= 0).
+  """
+  images = jnp.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"image_l2_prior expects NHWC images, got shape {images.shape}")
+  n = images.shape[0]
+  flat = images.reshape(n, -1)
+  norms = _safe_l2_norm(flat, axis=1)
+  return jnp.mean(norms) / math.sqrt(flat.shape[1])
+
+
+def inceptionism_loss(logits, labels, images, w_tv, w_l2):
+  """Luo et al.'s inceptionism loss: CE(logits, labels) + w_tv * TV(x) + w_l2 * R_l2(x).
+
+  logits are the teacher's outputs on the generated images x, labels the target classes (the
+  generator's class in a per-class ensemble, or the teacher's argmax). TV is total_variation and
+  R_l2 is image_l2_prior, both size-normalised (see their docstrings).
+
+  Args:
+    logits: (N, K) teacher logits on the images.
+    labels: (N,) integer target classes.
+    images: (N, H, W, C) generated images.
+    w_tv: weight of the total-variation prior.
+    w_l2: weight of the L2 prior.
+
+  Returns:
+    Scalar loss.
+  """
+  return (cross_entropy(logits, labels) + w_tv * total_variation(images) +
+          w_l2 * image_l2_prior(images))
+
+
+def _is_layer(node) -> bool:
+  return isinstance(node, collections.abc.Mapping) and set(node.keys()) == {"mean", "var"}
+
+
+def bn_layers(moments) -> dict[str, dict]:
+  """Flattens a nested moments pytree into {'path/to/layer': {'mean': m, 'var': v}}.
+
+  A "layer" node is a mapping with exactly the keys 'mean' and 'var' (per-channel arrays of
+  shape (C,)); every other node must be a mapping, and the path of keys down to a layer is
+  joined with '/'. E.g. {'conv1': {'BatchNorm_0': {'mean': m0, 'var': v0}},
+  'BatchNorm_1': {'mean': m1, 'var': v1}} gives {'BatchNorm_1': {...}, 'conv1/BatchNorm_0':
+  {...}}. The result is sorted by layer name and the leaves are returned as they are (jnp or
+  numpy). Any mapping (dict, flax FrozenDict) is accepted.
+
+  Args:
+    moments: nested mapping of moments.
+
+  Returns:
+    dict from '/'-joined layer name to {'mean': ..., 'var': ...}, in sorted order.
+
+  Raises:
+    ValueError: if a node is neither a mapping nor inside a layer node.
+  """
+  found = {}
+
+  def visit(node, path):
+    if _is_layer(node):
+      found["/".join(path)] = {"mean": node["mean"], "var": node["var"]}
+    elif isinstance(node, collections.abc.Mapping):
+      for key, child in node.items():
+        visit(child, path + (str(key),))
+    else:
+      raise ValueError(
+          f"bn_layers: node {'/'.join(path) or '<root>'!r} is not a mapping nor a layer "
+          f"with exactly the keys 'mean' and 'var' (got {type(node).__name__})")
+
+  visit(moments, ())
+  return {name: found[name] for name in sorted(found)}
+
+
+def bn_moment_matching(batch_moments, target_moments, form="l2",
+                       layer_weights: Optional[Mapping[str, float]] = None, eps=1e-5):
+  """BatchNorm moment-matching loss of Luo et al.: sum over BN layers l of lambda_l * D_l.
+
+  For every BN layer l (per-channel batch mean mu, variance var of the layer's input on the
+  generated images; stored teacher statistics mu_t, var_t):
+    form='l2' (the paper's choice):
+      D_l = ||mu - mu_t||_2 + ||var - var_t||_2            (Euclidean norms over channels,
+                                                            not squared)
+    form='kl' (the alternative it discusses), mean over channels c of KL(N(mu, var) ||
+      N(mu_t, var_t)) with eps added to both variances:
+      D_l = mean_c 0.5 * ( log((var_t + eps) / (var + eps))
+                           + (var + eps + (mu - mu_t)^2) / (var_t + eps) - 1 )
+  and lambda_l = layer_weights.get(l, 1.0) (1 for all layers when layer_weights is None).
+  Layer names are the '/'-joined paths of bn_layers. The l2 norms have gradient 0 (not NaN)
+  where the moments already match. target_moments are wrapped in stop_gradient: gradients flow
+  into batch_moments only.
+
+  Args:
+    batch_moments: nested moments pytree of the generated batch (see bn_layers).
+    target_moments: pytree with the same layers: the teacher's running statistics.
+    form: 'l2' or 'kl'.
+    layer_weights: optional mapping from layer name to weight.
+    eps: variance offset of the 'kl' form (unused by 'l2').
+
+  Returns:
+    Scalar loss (>= 0).
+
+  Raises:
+    ValueError: on an unknown form, a layer_weights key that names no layer, pytrees with
+      different layers or moment shapes, or pytrees without any layer.
+  """
+  if form not in BN_MOMENT_FORMS:
+    raise ValueError(f"Unknown moment-matching form {form!r}; allowed forms: {BN_MOMENT_FORMS}")
+  batch = bn_layers(batch_moments)
+  target = bn_layers(target_moments)
+  if batch.keys() != target.keys():
+    raise ValueError(
+        f"batch and target moments have different layers: {sorted(batch)} vs {sorted(target)}")
+  if not batch:
+    raise ValueError("bn_moment_matching: the moments pytrees contain no BN layer")
+  layer_weights = dict(layer_weights or {})
+  unknown = sorted(set(layer_weights) - set(batch))
+  if unknown:
+    raise ValueError(f"layer_weights names unknown layers {unknown}; layers: {sorted(batch)}")
+
+  total = jnp.zeros((), jnp.float32)
+  for name, moments in batch.items():
+    mu, var = jnp.asarray(moments["mean"]), jnp.asarray(moments["var"])
+    mu_t = jax.lax.stop_gradient(jnp.asarray(target[name]["mean"]))
+    var_t = jax.lax.stop_gradient(jnp.asarray(target[name]["var"]))
+    if mu.shape != mu_t.shape or var.shape != var_t.shape:
+      raise ValueError(
+          f"layer {name!r}: moment shapes differ: mean {mu.shape} vs {mu_t.shape}, "
+          f"var {var.shape} vs {var_t.shape}")
+    if form == "l2":
+      d = _safe_l2_norm(mu - mu_t, axis=None) + _safe_l2_norm(var - var_t, axis=None)
+    else:
+      kl = 0.5 * (jnp.log((var_t + eps) / (var + eps)) +
+                  (var + eps + (mu - mu_t)**2) / (var_t + eps) - 1.0)
+      d = jnp.mean(kl)
+    total = total + layer_weights.get(name, 1.0) * d
+  return total

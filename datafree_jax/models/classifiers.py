@@ -1,0 +1,129 @@
+"""Classifiers (teachers and students), Flax Linen.
+
+Every classifier is called as `model.apply(variables, x, train=False, features=False)` and returns
+logits, or `(logits, features)` with `features=True`, where features are the activations before
+the last fully connected layer (DAFL's activation loss uses them: 120-d after conv3 in LeNet-5,
+512-d after global average pooling in the ResNets). BatchNorm layers are RecordingBatchNorm, so
+`mutable=['bn_inputs']` also returns the batch moments of every BN layer's input.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from datafree_jax.models.layers import RecordingBatchNorm
+
+
+def _bn(train: bool, name: str):
+  # PyTorch's BatchNorm2d defaults (momentum 0.1, eps 1e-5), as in the papers' code.
+  return RecordingBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class LeNet5(nn.Module):
+  """LeNet-5 on 32x32 inputs: conv5x5-pool-conv5x5-pool-conv5x5-fc-fc (DAFL's teacher).
+
+  widths (6, 16, 120, 84) is LeNet-5, (3, 8, 60, 42) LeNet-5-half. With use_bn, a BatchNorm
+  follows each conv (before its ReLU): the CPU-sized teacher that moment matching needs.
+  """
+  num_classes: int = 10
+  widths: Sequence[int] = (6, 16, 120, 84)
+  use_bn: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, features: bool = False):
+    c1, c2, c3, f4 = self.widths
+    for i, (width, pool) in enumerate(((c1, True), (c2, True), (c3, False))):
+      x = nn.Conv(width, (5, 5), padding="VALID", name=f"conv{i + 1}")(x)
+      if self.use_bn:
+        x = _bn(train, f"bn{i + 1}")(x)
+      x = nn.relu(x)
+      if pool:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    feats = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(f4, name="fc1")(feats))
+    logits = nn.Dense(self.num_classes, name="fc2")(x)
+    return (logits, feats) if features else logits
+
+
+class MLP(nn.Module):
+  """HintonNet: an MLP on the flattened image, (1200, 1200) hidden, or (800, 800) for the student.
+
+  The paper's inputs are 28x28 (784); this project's MNIST pipeline gives 32x32 (1024) inputs.
+  """
+  num_classes: int = 10
+  hidden: Sequence[int] = (1200, 1200)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, features: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(x))
+    logits = nn.Dense(self.num_classes, name="head")(x)
+    return (logits, x) if features else logits
+
+
+class BasicBlock(nn.Module):
+  filters: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    residual = x
+    y = nn.Conv(self.filters, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
+                name="conv1")(x)
+    y = nn.relu(_bn(train, "bn1")(y))
+    y = nn.Conv(self.filters, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = _bn(train, "bn2")(y)
+    if self.strides != 1 or x.shape[-1] != self.filters:
+      residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False,
+                         name="shortcut_conv")(x)
+      residual = _bn(train, "shortcut_bn")(residual)
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet: 3x3 stem, no max-pool, four stages of basic blocks.
+
+  stage_sizes (2, 2, 2, 2) is ResNet-18, (3, 4, 6, 3) ResNet-34; width 64 is the usual one.
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  num_classes: int = 10
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, features: bool = False):
+    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
+    x = nn.relu(_bn(train, "stem_bn")(x))
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(self.width * 2**i, strides, name=f"stage{i + 1}_block{j + 1}")(x, train)
+    feats = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="head")(feats)
+    return (logits, feats) if features else logits
+
+
+CLASSIFIERS = {
+    "lenet5": lambda nc, width: LeNet5(nc),
+    "lenet5_half": lambda nc, width: LeNet5(nc, widths=(3, 8, 60, 42)),
+    "lenet5_bn": lambda nc, width: LeNet5(nc, use_bn=True),
+    "lenet5_half_bn": lambda nc, width: LeNet5(nc, widths=(3, 8, 60, 42), use_bn=True),
+    "hinton": lambda nc, width: MLP(nc, (1200, 1200)),
+    "hinton_half": lambda nc, width: MLP(nc, (800, 800)),
+    "resnet18": lambda nc, width: ResNet((2, 2, 2, 2), nc, width or 64),
+    "resnet34": lambda nc, width: ResNet((3, 4, 6, 3), nc, width or 64),
+}
+
+
+class UnknownModelError(ValueError):
+  pass
+
+
+def get_classifier(name: str, num_classes: int, width: int = 0) -> nn.Module:
+  """Classifier by name; `width` overrides the ResNets' base width (0 keeps 64)."""
+  if name not in CLASSIFIERS:
+    raise UnknownModelError(
+        f"unknown model {name!r}; known models: {', '.join(sorted(CLASSIFIERS))}")
+  return CLASSIFIERS[name](num_classes, width)

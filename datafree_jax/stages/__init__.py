@@ -1,0 +1,1 @@
+"""The pipeline's stages: teacher -> generators (or DAFL's joint loop) -> distill."""

@@ -1,0 +1,138 @@
+"""The pipeline: `train_and_evaluate(config, workdir)` runs the stages a config asks for.
+
+    method      stages run
+    teacher     teacher
+    dafl        teacher -> dafl (joint generator + student)
+    kd_data     teacher -> distill from the real training images (baseline, upper bound)
+    kd_noise    teacher -> distill from N(0, 1) noise images (baseline, lower bound)
+
+Each stage resumes from its own checkpoint directory under `workdir`; a finished stage is
+loaded, not rerun. `config.stage` runs only 'teacher' or only what comes after it ('train').
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import config_lib
+from datafree_jax import input_pipeline
+from datafree_jax import log
+from datafree_jax import loop
+
+METHODS = ("teacher", "dafl", "kd_data", "kd_noise")
+STAGES = ("all", "teacher", "train")
+
+
+def validate(config):
+  """Checks the config before anything is written; raises ConfigError."""
+  config_lib.check_choice("method", config.method, METHODS)
+  config_lib.check_choice("stage", config.stage, STAGES)
+  input_pipeline.dataset_info(config.dataset)
+  from datafree_jax import models  # pylint: disable=g-import-not-at-top
+  for role in ("teacher", "student"):
+    name = config[role].model
+    if name not in models.CLASSIFIERS:
+      raise config_lib.ConfigError(
+          f"unknown {role} model {name!r}; known models: {', '.join(sorted(models.CLASSIFIERS))}")
+    for key in ("lr", "steps", "batch_size"):
+      config_lib.check_positive(f"{role}.{key}", config[role][key])
+    config_lib.check_non_negative(f"{role}.weight_decay", config[role].weight_decay)
+  config_lib.check_positive("generator.lr", config.generator.lr)
+  for key in ("w_oh", "w_a", "w_ie"):
+    config_lib.check_non_negative(f"generator.{key}", config.generator[key])
+
+
+def load_data(config) -> dict:
+  data_dir = config.data_dir or None
+  return {"train": input_pipeline.load_dataset(config.dataset, "train", data_dir),
+          "test": input_pipeline.load_dataset(config.dataset, "test", data_dir)}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs the pipeline; returns a summary dict (also written to <workdir>/results.json)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from datafree_jax.stages import dafl, distill, teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+
+  validate(config)
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  data = load_data(config)
+  writer = log.create_writer(os.path.join(workdir, "tensorboard"))
+  summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
+  try:
+    if config.stage in ("all", "teacher"):
+      teacher = teacher_stage.train(config, workdir, data, writer)
+    else:
+      teacher = teacher_stage.load(config, workdir, data["test"].info)
+    summary["teacher"] = {"model": config.teacher.model,
+                          "test_accuracy": teacher["meta"]["eval"].get("accuracy"),
+                          "checkpoint": teacher_stage.directory(workdir)}
+    if config.stage != "teacher" and config.method != "teacher":
+      if config.method == "dafl":
+        out = dafl.train(config, workdir, teacher, data, writer)
+      else:
+        source = {"kd_data": "data", "kd_noise": "noise"}[config.method]
+        out = distill.train(config, workdir, teacher, data, writer, source)
+      summary["student"] = {"model": config.student.model,
+                            "test_accuracy": out["result"].eval_metrics.get("accuracy"),
+                            "steps": out["result"].step, "checkpoint": out["directory"]}
+  finally:
+    writer.close()
+  summary["seconds"] = time.time() - t0
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+# Errors that mean "the user must change something": one line on stderr, no traceback.
+def _user_errors():
+  from datafree_jax import models  # pylint: disable=g-import-not-at-top
+  from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+  errors = [config_lib.ConfigError, input_pipeline.UnknownDatasetError, models.UnknownModelError,
+            ckpt_lib.CheckpointError, teacher_stage.TeacherError, loop.NonFiniteError]
+  try:
+    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
+    errors.append(tfds_pipeline.DatasetNotPreparedError)
+  except ImportError:
+    pass
+  return tuple(errors)
+
+
+def main_entry(config, workdir: str, debug: bool = False) -> int:
+  """CLI body: runs the pipeline, prints where the results are; returns the exit code."""
+  try:
+    summary = train_and_evaluate(config, workdir)
+  except loop.Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    return 143
+  except _user_errors() as e:
+    if debug:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  log.info(_summary_text(summary))
+  return 0
+
+
+def _summary_text(s: dict) -> str:
+  lines = ["", "=== done in " + log.format_seconds(s["seconds"])]
+  t = s.get("teacher")
+  if t:
+    acc = t["test_accuracy"]
+    lines.append(f"teacher {t['model']}: test accuracy {acc:.4f}" if acc is not None else
+                 f"teacher {t['model']}")
+    lines.append(f"  checkpoint: {os.path.abspath(t['checkpoint'])}")
+  st = s.get("student")
+  if st:
+    lines.append(f"student {st['model']}: final test accuracy {st['test_accuracy']:.4f} after "
+                 f"{st['steps']} steps")
+    lines.append(f"  checkpoint: {os.path.abspath(st['checkpoint'])}")
+  lines.append(f"TensorBoard logs: {os.path.join(s['workdir'], 'tensorboard')}  "
+               f"(tensorboard --logdir {os.path.join(s['workdir'], 'tensorboard')})")
+  lines.append(f"summary: {os.path.join(s['workdir'], 'results.json')}")
+  return "\n".join(lines)
