@@ -88,7 +88,7 @@ def student_kd_update(model, tx, params, batch_stats, opt_state, images, teacher
     return losses.kd_loss(teacher_logits, logits, temperature), upd.get("batch_stats", {})
   (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), new_bs, opt_state, loss, optax.global_norm(grads)
+  return optax.apply_updates(params, updates), new_bs, opt_state, loss, optax.tree.norm(grads)
 
 
 def step_key(seed: int, stage_salt: int, step) -> Any:

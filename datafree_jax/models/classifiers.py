@@ -13,7 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from datafree_jax.models.layers import RecordingBatchNorm
+from datafree_jax.models.layers import Conv, RecordingBatchNorm
 
 
 def _bn(train: bool, name: str):
@@ -35,7 +35,7 @@ class LeNet5(nn.Module):
   def __call__(self, x, train: bool = False, features: bool = False):
     c1, c2, c3, f4 = self.widths
     for i, (width, pool) in enumerate(((c1, True), (c2, True), (c3, False))):
-      x = nn.Conv(width, (5, 5), padding="VALID", name=f"conv{i + 1}")(x)
+      x = Conv(width, (5, 5), padding="VALID", name=f"conv{i + 1}")(x)
       if self.use_bn:
         x = _bn(train, f"bn{i + 1}")(x)
       x = nn.relu(x)
@@ -71,13 +71,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     residual = x
-    y = nn.Conv(self.filters, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
+    y = Conv(self.filters, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
                 name="conv1")(x)
     y = nn.relu(_bn(train, "bn1")(y))
-    y = nn.Conv(self.filters, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = Conv(self.filters, (3, 3), padding=1, use_bias=False, name="conv2")(y)
     y = _bn(train, "bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.filters:
-      residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False,
+      residual = Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False,
                          name="shortcut_conv")(x)
       residual = _bn(train, "shortcut_bn")(residual)
     return nn.relu(y + residual)
@@ -94,7 +94,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
-    x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
+    x = Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
     x = nn.relu(_bn(train, "stem_bn")(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):

@@ -14,13 +14,15 @@ normalise with the statistics of the generated batch, in training and when sampl
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from datafree_jax.models.layers import Conv
 
 
 def upsample_nearest(x, factor: int = 2):
   b, h, w, c = x.shape
-  return jax.image.resize(x, (b, h * factor, w * factor, c), method="nearest")
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, h * factor, w * factor, c)
 
 
 class Generator(nn.Module):
@@ -47,9 +49,9 @@ class Generator(nn.Module):
       x = nn.leaky_relu(x, 0.2)
     for i in range(self.num_upsample):
       x = upsample_nearest(x)
-      x = nn.Conv(max(self.width // 2**i, 1), (3, 3), padding=1, name=f"conv{i + 1}")(x)
+      x = Conv(max(self.width // 2**i, 1), (3, 3), padding=1, name=f"conv{i + 1}")(x)
       x = nn.leaky_relu(bn(0.8, f"bn{i + 1}")(x), 0.2)
-    x = nn.Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
+    x = Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
     x = jnp.tanh(x)
     if self.style == "dafl":
       return bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)

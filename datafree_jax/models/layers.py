@@ -27,3 +27,9 @@ class RecordingBatchNorm(nn.BatchNorm):
       self.put_variable(BN_INPUTS, "mean", mean)
       self.put_variable(BN_INPUTS, "var", var)
     return super().__call__(x, use_running_average=use_running_average, **kwargs)
+
+
+def Conv(*args, **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
+  """nn.Conv with the backend's fastest kernel gradient (see cpu_conv); same parameters."""
+  from datafree_jax.models import cpu_conv  # pylint: disable=g-import-not-at-top
+  return nn.Conv(*args, conv_general_dilated=cpu_conv.conv_for_backend(), **kwargs)

@@ -109,7 +109,7 @@ def build(config, teacher: dict, info):
                    "batch_stats": new_gbs},
            "gen_opt": gen_opt, "student": {"params": sp, "batch_stats": sbs},
            "student_opt": s_opt, "step": state["step"] + 1}
-    metrics = dict(terms, loss_g=g_loss, loss_kd=kd, grad_norm_g=optax.global_norm(g_grads),
+    metrics = dict(terms, loss_g=g_loss, loss_kd=kd, grad_norm_g=optax.tree.norm(g_grads),
                    grad_norm_s=s_gn)
     return new, metrics
 

@@ -70,7 +70,7 @@ def train(config, workdir: str, data: dict, writer) -> dict:
     new = {"params": optax.apply_updates(state["params"], updates), "batch_stats": new_bs,
            "opt_state": opt_state, "step": state["step"] + 1}
     return new, {"loss": loss, "accuracy": losses.accuracy(logits, labels),
-                 "grad_norm": optax.global_norm(grads)}
+                 "grad_norm": optax.tree.norm(grads)}
 
   rep = parallel.replicated(mesh)
   step_jit = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from datafree_jax import input_pipeline as ip
+
+
+def test_mnist5k_split_is_fixed_stratified_and_disjoint():
+  train, test = ip.mnist5k_split_indices()
+  train2, test2 = ip.mnist5k_split_indices()
+  np.testing.assert_array_equal(train, train2)
+  np.testing.assert_array_equal(test, test2)
+  assert len(train) == 4000 and len(test) == 1000
+  assert not set(train) & set(test)
+  _, y = ip._mnist_raw()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.bincount(y[train]), [400] * 10)
+  np.testing.assert_array_equal(np.bincount(y[test]), [100] * 10)
+
+
+def test_mnist5k_arrays_resized_and_normalised():
+  ds = ip.load_dataset("mnist5k", "test")
+  assert ds.images.shape == (1000, 32, 32, 1) and ds.images.dtype == np.float32
+  assert ds.labels.dtype == np.int32
+  # Background pixels (0) map to (0 - 0.1307) / 0.3081 and ink saturates at (1 - 0.1307) / 0.3081.
+  np.testing.assert_allclose(ds.images.min(), -0.1307 / 0.3081, rtol=1e-5)
+  assert ds.images.max() <= (1 - 0.1307) / 0.3081 + 1e-5
+  assert ds.images.max() > 2.5
+  # The split order is the sorted index order: labels agree with the raw data.
+  _, test_idx = ip.mnist5k_split_indices()
+  np.testing.assert_array_equal(ds.labels, ip._mnist_raw()[1][test_idx])  # pylint: disable=protected-access
+
+
+def test_batches_are_a_function_of_the_step():
+  ds = ip.load_dataset("mnist5k", "test")
+  b = ip.StepBatches(ds, 64, seed=3)
+  x1, y1 = b(17)
+  x2, y2 = ip.StepBatches(ds, 64, seed=3)(17)
+  np.testing.assert_array_equal(x1, x2)
+  np.testing.assert_array_equal(y1, y2)
+  # One epoch of batches covers every example exactly once (1000 = 15 * 64 + 40).
+  seen = np.concatenate([ip.batch_indices(s, 64, 1000, 3) for s in range(16)])[:1000]
+  assert sorted(seen.tolist()) == list(range(1000))
+  assert not np.array_equal(ip.batch_indices(0, 64, 1000, 3), ip.batch_indices(0, 64, 1000, 4))
+
+
+def test_unknown_dataset_is_a_clear_error():
+  with pytest.raises(ip.UnknownDatasetError, match="unknown dataset 'mnits'.*mnist5k"):
+    ip.dataset_info("mnits")

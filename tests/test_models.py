@@ -1,0 +1,57 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from datafree_jax import common
+from datafree_jax import models
+
+FEATURES = {"lenet5": 120, "lenet5_half": 60, "lenet5_bn": 120, "lenet5_half_bn": 60,
+            "hinton": 1200, "hinton_half": 800, "resnet18": 32, "resnet34": 32}
+BN_LAYERS = {"lenet5": 0, "lenet5_half": 0, "lenet5_bn": 3, "lenet5_half_bn": 3, "hinton": 0,
+             "hinton_half": 0, "resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3}
+
+
+@pytest.mark.parametrize("name", sorted(models.CLASSIFIERS))
+def test_classifier_shapes(name):
+  channels = 3 if name.startswith("resnet") else 1
+  model = models.get_classifier(name, 7, width=4)
+  params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, channels))
+  x = jnp.ones((3, 32, 32, channels))
+  logits, feats = model.apply(common.variables_of(params, batch_stats), x, features=True)
+  assert logits.shape == (3, 7)
+  assert feats.shape == (3, FEATURES[name])
+  assert model.apply(common.variables_of(params, batch_stats), x).shape == (3, 7)
+  # Every BN layer reports the moments of its input, in the structure of batch_stats.
+  _, _, moments = common.teacher_forward(model, common.variables_of(params, batch_stats), x,
+                                         moments=True)
+  assert len(jax.tree.leaves(moments)) == 2 * BN_LAYERS[name]
+  assert jax.tree.structure(moments) == jax.tree.structure(batch_stats)
+
+
+def test_lenet5_half_is_half_width():
+  model = models.get_classifier("lenet5_half", 10)
+  params, _ = common.init_model(model, jax.random.key(0), (32, 32, 1))
+  assert [params[k]["kernel"].shape[-1] for k in ("conv1", "conv2", "conv3", "fc1")] == [3, 8, 60,
+                                                                                           42]
+
+
+@pytest.mark.parametrize("style", ["dafl", "luo"])
+@pytest.mark.parametrize("size,channels,ups", [(32, 1, 2), (32, 3, 3)])
+def test_generator_shapes(style, size, channels, ups):
+  g = models.Generator(latent_dim=10, image_size=size, channels=channels, width=8,
+                       num_upsample=ups, style=style)
+  v = g.init(jax.random.key(0), jnp.zeros((2, 10)))
+  x, upd = g.apply(v, jax.random.normal(jax.random.key(1), (5, 10)), mutable=["batch_stats"])
+  assert x.shape == (5, size, size, channels)
+  # The last BN normalises each channel over the batch (DAFL: no scale/offset).
+  if style == "dafl":
+    assert "bn_out" not in v["params"]
+    assert jnp.allclose(x.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+  else:
+    assert "scale" in v["params"]["bn_out"] and "bias" not in v["params"]["bn_out"]
+  assert v["params"]["bn1"]["scale"].shape == (8,)
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(models.UnknownModelError, match="unknown model 'lenet6'"):
+    models.get_classifier("lenet6", 10)
