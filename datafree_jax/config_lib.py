@@ -74,17 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_secs = 10.0
   c.checkpoint_every = 500     # steps between periodic checkpoints of every stage
-  c.sample_every = 0           # steps between generated-sample grids (0: at the end only)
   c.debug_nan_at_step = -1     # tests: make the loss NaN at this step of each stage
   c.debug_stop_after_steps = -1  # tests: stop each stage after this many steps, as if killed
 
   c.teacher = ml_collections.ConfigDict(dict(
       model="lenet5", width=0, steps=1000, batch_size=128, optimizer="adam", lr=1e-3,
-      schedule="cosine", weight_decay=0.0, momentum=0.9, augment_shift=0, augment_flip=False,
+      schedule="cosine", boundaries=(0.4, 0.8), weight_decay=0.0, momentum=0.9,
+      augment_shift=0, augment_flip=False,
       eval_every=0, bn_stats_per_class=100))
   c.student = ml_collections.ConfigDict(dict(
       model="lenet5_half", width=0, steps=1000, batch_size=256, optimizer="adam", lr=2e-3,
-      schedule="constant", weight_decay=0.0, momentum=0.9, temperature=1.0, eval_every=0))
+      schedule="constant", boundaries=(0.4, 0.8), weight_decay=0.0, momentum=0.9,
+      temperature=1.0, eval_every=0))
   c.generator = ml_collections.ConfigDict(dict(
       style="dafl", latent_dim=100, width=128, num_upsample=2, optimizer="adam", lr=0.2,
       schedule="constant", b1=0.9, b2=0.999, weight_decay=0.0,

@@ -12,9 +12,24 @@ from ml_collections import config_flags
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "mnist5k.py")
 
-config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file, optionally with ':args' (default: configs/mnist5k.py).",
-    lock_config=True)
+
+
+def _config_field_error(e: Exception):
+  """--config.a.b=... naming a field the config lacks: one line, exit code 2."""
+  if "--debug" in sys.argv:
+    raise e
+  detail = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+  detail = detail.strip("'\" ")
+  print(f"error: unknown config field: {detail}", file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # config_flags applies --config.* overrides to the default config already here.
+  config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG,
+      "Config file, optionally with ':args' (default: configs/mnist5k.py).", lock_config=True)
+except (KeyError, AttributeError) as err:
+  _config_field_error(err)
 flags.DEFINE_string("workdir", None, "Output directory (default: ./workdir/<dataset>-<method>).")
 flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
 
@@ -30,8 +45,27 @@ def main(argv):
   return train.main_entry(config, workdir, debug=flags.FLAGS.debug)
 
 
+def _parse_flags(argv):
+  """absl flag parsing with a config error shown as one line (all of it with --debug)."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    _config_field_error(e)
+  except flags.Error as e:
+    text = str(e).strip()
+    if "--debug" in argv:
+      print(text, file=sys.stderr)
+    # config_flags wraps the config file's own exception; its last line is "module.Error: msg".
+    last = text.splitlines()[-1].strip()
+    head, sep, rest = last.partition(": ")
+    if sep and "Error" in head.split(".")[-1]:
+      last = rest
+    print(f"error: {last}", file=sys.stderr)
+    sys.exit(2)
+
+
 def cli():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,21 @@ def test_model_without_bn_has_empty_stats():
   params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 1))
   assert batch_stats == {}
   assert bn_stats.compute(model, params, batch_stats, [np.zeros((2, 32, 32, 1), np.float32)]) == {}
+
+
+def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, tiny):
+  config = tiny("teacher")
+  data = train.load_data(config)
+  full = teacher_stage.train(config, str(tmp_path / "full"), data, writer=None)
+  interrupted = tiny("teacher", debug_stop_after_steps=15)
+  workdir = str(tmp_path / "resumed")
+  try:
+    teacher_stage.train(interrupted, workdir, data, writer=None)
+  except Exception as e:  # pylint: disable=broad-except
+    assert "step 15" in str(e)
+  else:
+    raise AssertionError("the stopped run should report where it stopped")
+  assert ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir)).latest_step() == 15
+  resumed = teacher_stage.train(config, workdir, data, writer=None)
+  for a, b in zip(jax.tree.leaves(full["variables"]), jax.tree.leaves(resumed["variables"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,48 @@
+"""The command line, run as a user would: a subprocess of `python -m datafree_jax.main`."""
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def _run(*args, cwd=REPO_ROOT):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-m", "datafree_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_bad_method_is_one_clear_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "w"
+  r = _run("--config=configs/mnist5k.py:method=dafll", f"--workdir={workdir}")
+  assert r.returncode == 2, r.stderr
+  assert "error: unknown method 'dafll'; choose one of: teacher, dafl" in r.stderr
+  assert "Traceback" not in r.stderr
+  assert not workdir.exists()
+
+
+def test_unknown_config_argument_is_a_clear_error(tmp_path):
+  r = _run("--config=configs/mnist5k.py:methd=dafl", f"--workdir={tmp_path / 'w'}")
+  assert r.returncode != 0
+  assert "unknown config argument 'methd'" in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_teacher_only_run_prints_where_results_are(tmp_path):
+  workdir = tmp_path / "w"
+  r = _run("--config=configs/mnist5k.py:method=teacher", f"--workdir={workdir}",
+           "--config.teacher.steps=20", "--config.teacher.batch_size=32")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"checkpoint: {workdir}/teacher" in r.stdout
+  assert f"TensorBoard logs: {workdir}/tensorboard" in r.stdout
+  assert "teacher step 20/20" in r.stdout  # the console progress line, with steps/s and ETA
+  assert "steps/s | ETA" in r.stdout
+  assert os.listdir(workdir / "tensorboard")
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+  r = _run("--config.teacher.stepz=3", f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: unknown config field: 'stepz' Did you mean \"steps\" instead of \"stepz\"?")
+  assert "Traceback" not in r.stderr
