@@ -19,7 +19,9 @@ def _config_field_error(e: Exception):
   if "--debug" in sys.argv:
     raise e
   detail = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-  detail = detail.strip("'\" ")
+  if len(detail) > 1 and detail[0] == detail[-1] == "'":  # The repr of a KeyError's message.
+    detail = detail[1:-1]
+  detail = detail.strip()
   print(f"error: unknown config field: {detail}", file=sys.stderr)
   sys.exit(2)
 
