@@ -3,11 +3,14 @@ r"""mnist5k: the embedded 5,000 real MNIST digits (4,000 train / 1,000 test), of
     python -m datafree_jax.main                                   # = this config, method=dafl
     python -m datafree_jax.main --config=configs/mnist5k.py:method=kd_noise,seed=1
 
+    python -m datafree_jax.main --config=configs/mnist5k.py:method=ensemble
+
 Arguments (`:k=v,k=v`):
-  method   dafl (default) | kd_data | kd_noise | teacher
+  method   dafl (default) | ensemble | kd_data | kd_noise | teacher
   seed     0
-  stage    all | teacher | train (everything after the teacher)
-  teacher  lenet5 (default) | lenet5_bn
+  stage    all | teacher | train (everything after the teacher) | generators | distill
+  teacher  lenet5 (default) | lenet5_bn (the default for method=ensemble: moment matching
+           needs a teacher with BatchNorm)
 
 Expected on a 2-core CPU: LeNet-5 teacher ~98% test accuracy in about 2 minutes, then 800 DAFL
 steps in about 8 minutes; the student's accuracy: see the README's results table.
@@ -16,7 +19,9 @@ from datafree_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all", teacher="lenet5")
+  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all", teacher="")
+  if not a.teacher:
+    a.teacher = "lenet5_bn" if a.method == "ensemble" else "lenet5"
   c = config_lib.base_config()
   c.dataset = "mnist5k"
   c.method = a.method

@@ -69,8 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "mnist5k"
   c.data_dir = ""              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
-  c.method = "dafl"            # dafl | kd_data | kd_noise | teacher
-  c.stage = "all"              # all | teacher | train
+  c.method = "dafl"            # dafl | ensemble | kd_data | kd_noise | teacher
+  c.stage = "all"              # all | teacher | train | generators | distill (see train.py)
+  c.generator_checkpoint = ""  # stage=distill of method ensemble: '' = <workdir>/generators
   c.seed = 0
   c.log_every_secs = 10.0
   c.checkpoint_every = 500     # steps between periodic checkpoints of every stage
@@ -90,4 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
       style="dafl", latent_dim=100, width=128, num_upsample=2, optimizer="adam", lr=0.2,
       schedule="constant", b1=0.9, b2=0.999, weight_decay=0.0,
       w_oh=1.0, w_a=0.1, w_ie=5.0))
+  # Luo et al.'s per-class generator ensemble (method 'ensemble', stages/ensemble.py). The
+  # generators take latent_dim/width/num_upsample from `generator`, the style from here.
+  c.ensemble = ml_collections.ConfigDict(dict(
+      num_generators=0,          # 0 = one per class; 1 = one generator for all classes
+      single_target="random",    # G = 1: target class per sample, 'random' | 'argmax'
+      style="luo", loss="luo",   # loss: 'luo' (inceptionism + moment matching) | 'dafl'
+      steps=150, batch_per_generator=32,
+      optimizer="adam", lr=0.01, schedule="constant", b1=0.9, b2=0.999, weight_decay=0.0,
+      w_tv=0.0, w_l2=0.0, w_mm=1.0, mm_form="l2",
+      lowering="auto",           # auto (unroll on CPU, vmap elsewhere) | vmap | unroll
+      max_generators_per_device_at_once=0,  # 0 = all local generators in one vmap/unroll
+      eval_every=50))
   return c

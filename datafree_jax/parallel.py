@@ -37,3 +37,14 @@ def global_batch(local_arrays, mesh: Mesh):
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def check_global_batch(global_batch: int) -> int:
+  """Raises ConfigError unless the global batch splits evenly over the data-parallel devices;
+  returns this process's share of it."""
+  from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top
+  n = jax.device_count()
+  if global_batch % n:
+    raise config_lib.ConfigError(
+        f"global batch size {global_batch} is not divisible by the {n} data-parallel devices")
+  return global_batch // jax.process_count()

@@ -3,11 +3,15 @@
     method      stages run
     teacher     teacher
     dafl        teacher -> dafl (joint generator + student)
+    ensemble    teacher -> generators (Luo et al.'s per-class ensemble) -> distill from them
     kd_data     teacher -> distill from the real training images (baseline, upper bound)
     kd_noise    teacher -> distill from N(0, 1) noise images (baseline, lower bound)
 
 Each stage resumes from its own checkpoint directory under `workdir`; a finished stage is
-loaded, not rerun. `config.stage` runs only 'teacher' or only what comes after it ('train').
+loaded, not rerun. `config.stage` runs them all ('all'), only 'teacher', only what comes after
+it ('train'), or, for method ensemble, only 'generators' or only 'distill' (from the generator
+checkpoint in config.generator_checkpoint, default <workdir>/generators; for kd_data/kd_noise
+'distill' is the same as 'train').
 """
 from __future__ import annotations
 
@@ -23,8 +27,11 @@ from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
 
-METHODS = ("teacher", "dafl", "kd_data", "kd_noise")
-STAGES = ("all", "teacher", "train")
+METHODS = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
+STAGES = ("all", "teacher", "generators", "distill", "train")
+# The stages of each method after the teacher that `config.stage` may name on their own.
+_OWN_STAGES = {"ensemble": ("generators", "distill"), "kd_data": ("distill",),
+               "kd_noise": ("distill",)}
 
 
 def validate(config):
@@ -44,6 +51,21 @@ def validate(config):
   config_lib.check_positive("generator.lr", config.generator.lr)
   for key in ("w_oh", "w_a", "w_ie"):
     config_lib.check_non_negative(f"generator.{key}", config.generator[key])
+  if config.stage in ("generators", "distill") and config.stage not in _OWN_STAGES.get(
+      config.method, ()):
+    raise config_lib.ConfigError(
+        f"stage {config.stage!r} does not apply to method {config.method!r}; it is a stage of "
+        + " and ".join(sorted(m for m, st in _OWN_STAGES.items() if config.stage in st))
+        + " (use stage=all, teacher or train)")
+  if config.method == "ensemble":
+    import jax  # pylint: disable=g-import-not-at-top
+    from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
+    info = input_pipeline.dataset_info(config.dataset)
+    teacher = models.get_classifier(config.teacher.model, info.num_classes,
+                                    config.teacher.get("width", 0))
+    shapes = jax.eval_shape(lambda: teacher.init(
+        jax.random.key(0), jax.numpy.zeros((1,) + info.image_shape), train=False))
+    ensemble.validate(config, teacher_has_bn=bool(shapes.get("batch_stats")))
 
 
 def load_data(config) -> dict:
@@ -55,7 +77,7 @@ def load_data(config) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the pipeline; returns a summary dict (also written to <workdir>/results.json)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from datafree_jax.stages import dafl, distill, teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+  from datafree_jax.stages import dafl, distill, ensemble, teacher as teacher_stage  # pylint: disable=g-import-not-at-top
 
   validate(config)
   t0 = time.time()
@@ -74,12 +96,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.stage != "teacher" and config.method != "teacher":
       if config.method == "dafl":
         out = dafl.train(config, workdir, teacher, data, writer)
+      elif config.method == "ensemble":
+        out = None
+        if config.stage != "distill":
+          gens = ensemble.train_generators(config, workdir, teacher, data["test"].info, writer)
+          ens = gens["ensemble"]
+          summary["generators"] = {
+              "num_generators": ens.num_generators, "members": ens.padded,
+              "steps": gens["result"].step, "eval": gens["result"].eval_metrics,
+              "checkpoint": gens["directory"]}
+        if config.stage != "generators":
+          out = ensemble.distill_from_generators(config, workdir, teacher, data, writer)
       else:
         source = {"kd_data": "data", "kd_noise": "noise"}[config.method]
         out = distill.train(config, workdir, teacher, data, writer, source)
-      summary["student"] = {"model": config.student.model,
-                            "test_accuracy": out["result"].eval_metrics.get("accuracy"),
-                            "steps": out["result"].step, "checkpoint": out["directory"]}
+      if out is not None:
+        summary["student"] = {"model": config.student.model,
+                              "test_accuracy": out["result"].eval_metrics.get("accuracy"),
+                              "steps": out["result"].step, "checkpoint": out["directory"]}
   finally:
     writer.close()
   summary["seconds"] = time.time() - t0
@@ -127,6 +161,11 @@ def _summary_text(s: dict) -> str:
     lines.append(f"teacher {t['model']}: test accuracy {acc:.4f}" if acc is not None else
                  f"teacher {t['model']}")
     lines.append(f"  checkpoint: {os.path.abspath(t['checkpoint'])}")
+  g = s.get("generators")
+  if g:
+    lines.append(f"generators: {g['num_generators']} after {g['steps']} steps" + "".join(
+        f", {k} {v:.4f}" for k, v in g["eval"].items()))
+    lines.append(f"  checkpoint: {os.path.abspath(g['checkpoint'])}")
   st = s.get("student")
   if st:
     lines.append(f"student {st['model']}: final test accuracy {st['test_accuracy']:.4f} after "

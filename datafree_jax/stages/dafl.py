@@ -68,10 +68,7 @@ def build(config, teacher: dict, info):
   config_lib.check_positive("student.temperature", scfg.temperature)
   mesh = parallel.make_mesh("data")
   batch = scfg.batch_size
-  if batch % jax.device_count():
-    raise config_lib.ConfigError(
-        f"global batch size {batch} is not divisible by the {jax.device_count()} data-parallel "
-        "devices")
+  parallel.check_global_batch(batch)
   gen = make_generator(gcfg, info)
   student = models.get_classifier(scfg.model, info.num_classes, scfg.get("width", 0))
   tx_g = common.make_optimizer(gcfg, scfg.steps)

@@ -78,19 +78,25 @@ def make_sample_writer(config, workdir, writer, teacher, info, sample_fn_or_gen,
 
 
 def train(config, workdir: str, teacher: dict, data: dict, writer, source: str,
-          images_fn: Optional[Callable] = None, meta_extra: Optional[dict] = None) -> dict:
-  """Distils the student from `source`; `images_fn(key, batch)` supplies images for 'generators'."""
+          images_fn: Optional[Callable] = None, meta_extra: Optional[dict] = None,
+          images_args=None) -> dict:
+  """Distils the student from `source`.
+
+  For 'generators', `images_fn(key, batch)` supplies the images of a step, or
+  `images_fn(key, batch, images_args)` when `images_args` (a pytree of placed arrays, e.g. the
+  frozen generators' variables) is given: it is then an argument of the jitted step, not a
+  constant compiled into it.
+  """
   config_lib.check_choice("distillation source", source, ("data", "noise", "generators"))
+  if source == "generators" and images_fn is None:
+    raise ValueError("distill.train(source='generators') needs an images_fn")
   scfg = config.student
   config_lib.check_positive("student.steps", scfg.steps)
   config_lib.check_positive("student.temperature", scfg.temperature)
   info = data["test"].info
   mesh = parallel.make_mesh("data")
   batch = scfg.batch_size
-  if batch % jax.device_count():
-    raise config_lib.ConfigError(
-        f"global batch size {batch} is not divisible by the {jax.device_count()} data-parallel "
-        "devices")
+  parallel.check_global_batch(batch)
   student = models.get_classifier(scfg.model, info.num_classes, scfg.get("width", 0))
   tx = common.make_optimizer(scfg, scfg.steps)
   ks = jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT)
@@ -108,6 +114,8 @@ def train(config, workdir: str, teacher: dict, data: dict, writer, source: str,
       images = batch_in[0]
     elif source == "noise":
       images = jax.random.normal(key, (batch,) + tuple(info.image_shape))
+    elif images_args is not None:
+      images = images_fn(key, batch, batch_in)
     else:
       images = images_fn(key, batch)
     images = jax.lax.with_sharding_constraint(images, data_sharding)
@@ -123,9 +131,12 @@ def train(config, workdir: str, teacher: dict, data: dict, writer, source: str,
   rep = parallel.replicated(mesh)
   step_jit = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))
   if source == "data":
-    batches = input_pipeline.StepBatches(data["train"], batch // jax.process_count(),
+    batches = input_pipeline.StepBatches(data["train"], parallel.check_global_batch(batch),
                                          config.seed + 1)
     run_step = lambda s, b: step_jit(s, parallel.global_batch(b, mesh))
+  elif source == "generators" and images_args is not None:
+    batches = lambda step: images_args
+    run_step = step_jit
   else:
     batches = None
     run_step = step_jit

@@ -74,7 +74,8 @@ def train(config, workdir: str, data: dict, writer) -> dict:
 
   rep = parallel.replicated(mesh)
   step_jit = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))
-  batches = input_pipeline.StepBatches(data["train"], _local_batch(cfg.batch_size), config.seed)
+  batches = input_pipeline.StepBatches(data["train"], parallel.check_global_batch(cfg.batch_size),
+                                       config.seed)
   apply_logits = common.classifier_logits(model)
   test = data["test"]
 
@@ -107,14 +108,6 @@ def train(config, workdir: str, data: dict, writer) -> dict:
   if result.step < cfg.steps:
     raise loop.Preempted("teacher", result.step, directory(workdir))
   return load(config, workdir, info)
-
-
-def _local_batch(global_batch: int) -> int:
-  n = jax.device_count()
-  if global_batch % n:
-    raise config_lib.ConfigError(
-        f"global batch size {global_batch} is not divisible by the {n} data-parallel devices")
-  return global_batch // jax.process_count()
 
 
 def load(config, workdir: str, info=None) -> dict:
