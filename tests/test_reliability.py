@@ -129,7 +129,7 @@ def test_nan_stops_with_stage_step_and_term_and_keeps_last_checkpoint(tmp_path):
   data = train.load_data(config)
   workdir = str(tmp_path)
   with pytest.raises(loop.NonFiniteError,
-                     match=r"teacher: non-finite loss, grad_norm at step 25 .*step 20\)"):
+                     match=r"teacher: non-finite loss at step 25 .*step 20\) is kept"):
     teacher_stage.train(config, workdir, data, writer=None)
   ckpt = ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir), create=False)
   assert ckpt.latest_step() == 20
