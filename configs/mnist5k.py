@@ -29,13 +29,13 @@ def get_config(arg=None):
   c.stage = a.stage
 
   c.teacher.model = a.teacher
-  c.teacher.steps = 1875            # 60 epochs of 4,000 images at batch 128.
+  c.teacher.steps = 2500            # 80 epochs of 4,000 images at batch 128.
   c.teacher.batch_size = 128
   c.teacher.optimizer = "adam"
   c.teacher.lr = 1e-3
   c.teacher.schedule = "cosine"
   c.teacher.augment_shift = 2       # random +-2 px shifts
-  c.teacher.eval_every = 625
+  c.teacher.eval_every = 500
 
   c.student.model = "lenet5_half_bn" if a.teacher.endswith("_bn") else "lenet5_half"
   c.student.steps = 800             # DAFL: ~0.6 s/step on a 2-core CPU.
