@@ -100,9 +100,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         out = None
         if config.stage != "distill":
           gens = ensemble.train_generators(config, workdir, teacher, data["test"].info, writer)
-          ens = gens["ensemble"]
           summary["generators"] = {
-              "num_generators": ens.num_generators, "members": ens.padded,
+              "num_generators": gens["num_generators"], "members": gens["members"],
               "steps": gens["result"].step, "eval": gens["result"].eval_metrics,
               "checkpoint": gens["directory"]}
         if config.stage != "generators":

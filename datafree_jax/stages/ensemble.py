@@ -375,28 +375,31 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None) -> Ensemble:
                   teacher_vars=tvars)
 
 
-def make_eval(ens: Ensemble, teacher: dict, batch: int) -> Callable:
+def make_eval(ens: Ensemble, teacher: dict, batch: int, loss: str = "luo") -> Callable:
   """eval_fn(state): the teacher's view of one fixed batch per real generator.
 
-  agreement: fraction of the images of the per-class generators that the teacher assigns to
-  their generator's class; class_entropy: entropy of the teacher's class histogram over all
-  images of the real generators, divided by log(num_classes) (1 = perfectly balanced).
+  agreement (loss 'luo' only: DAFL's losses have no target class): fraction of the images of
+  the per-class generators that the teacher assigns to their generator's class; class_entropy:
+  entropy of the teacher's class histogram over all images of the real generators, divided by
+  log(num_classes) (1 = perfectly balanced).
   """
   tmodel, tvars = teacher["model"], teacher["variables"]
 
-  @jax.jit
   def preds(state):
     images = ens.sample(state, batch)
     flat = images.reshape((-1,) + images.shape[2:])
     return jnp.argmax(tmodel.apply(tvars, flat, train=False), -1).reshape(images.shape[:2])
+  # Replicated output: every process can read it.
+  preds = jax.jit(preds, out_shardings=parallel.replicated(ens.mesh))
 
   g = ens.num_generators
   ids = ens.class_ids[:g]
+  with_agreement = (ids >= 0).any() and loss == "luo"
 
   def eval_fn(state):
     p = np.asarray(jax.device_get(preds(state)))[:g]
     out = {}
-    if (ids >= 0).any():
+    if with_agreement:
       out["agreement"] = float(np.mean(p[ids >= 0] == ids[ids >= 0, None]))
     hist = np.bincount(p.reshape(-1), minlength=ens.num_classes) / p.size
     nz = hist[hist > 0]
@@ -430,13 +433,16 @@ def _meta(config, ens: Ensemble, teacher: dict, info) -> dict:
           "dataset": info.name}
 
 
-def _check_resume(ckpt: ckpt_lib.StageCheckpoints, meta: dict):
+_RESUME_KEYS = ("num_generators", "padded", "image_shape", "latent_dim", "width", "num_upsample",
+                "style", "class_ids")
+
+
+def _check_resume(ckpt: ckpt_lib.StageCheckpoints, meta: dict, keys=_RESUME_KEYS):
   step = ckpt.latest_step()
   if step is None:
     return
   saved = ckpt.restore_meta(step)
-  for key in ("num_generators", "padded", "image_shape", "latent_dim", "width", "num_upsample",
-              "style", "class_ids"):
+  for key in keys:
     if key in saved and saved[key] != meta[key]:
       extra = (" (the padding depends on the device count: resume on a device count that "
                f"divides {saved['padded']}, or start a new workdir)" if key == "padded" else "")
@@ -447,16 +453,22 @@ def _check_resume(ckpt: ckpt_lib.StageCheckpoints, meta: dict):
 
 def train_generators(config, workdir: str, teacher: dict, info, writer,
                      ens: Optional[Ensemble] = None) -> dict:
-  """Trains (or resumes, or loads) the ensemble; returns {'result','directory','ensemble'}.
+  """Trains (or resumes) the ensemble; returns {'result', 'directory', 'ensemble',
+  'num_generators', 'members'}. A stage that finished earlier is not loaded: 'ensemble' and
+  result.state are then None (the distillation stage loads the generators itself).
 
   `ens`: an Ensemble built by `build` from the same config and teacher, whose state has not
   been stepped (tests pass one to reuse its compiled step); None builds it.
   """
   e = config.ensemble
+  ckpt = ckpt_lib.StageCheckpoints(directory(workdir))
+  done = _finished(ckpt, config, info, e.steps)
+  if done is not None:  # On any device count: the padding does not matter any more.
+    ckpt.close()
+    return done
   ens = ens if ens is not None else build(config, teacher, info)
   log.info(f"generators: {ens.num_generators} generators ({ens.padded} members over "
            f"{ens.mesh.devices.size} devices, lowering {ens.lowering})")
-  ckpt = ckpt_lib.StageCheckpoints(directory(workdir))
   meta = _meta(config, ens, teacher, info)
   _check_resume(ckpt, meta)
   g = ens.num_generators
@@ -465,7 +477,7 @@ def train_generators(config, workdir: str, teacher: dict, info, writer,
       "params": s["params"], "batch_stats": s["batch_stats"]}), out_shardings=rep)
   result = loop.run(
       stage="generators", ckpt=ckpt, state=ens.state, step_fn=lambda s, _: ens.step(s),
-      total_steps=e.steps, eval_fn=make_eval(ens, teacher, e.batch_per_generator),
+      total_steps=e.steps, eval_fn=make_eval(ens, teacher, e.batch_per_generator, e.loss),
       eval_every=e.eval_every, checkpoint_every=config.checkpoint_every, writer=writer,
       meta=meta, final_extras=lambda s: {"generators": real_only(s)},
       log_every_secs=config.log_every_secs,
@@ -474,7 +486,29 @@ def train_generators(config, workdir: str, teacher: dict, info, writer,
   ckpt.close()
   if result.step < e.steps:
     raise loop.Preempted("generators", result.step, directory(workdir))
-  return {"result": result, "directory": directory(workdir), "ensemble": ens}
+  return {"result": result, "directory": directory(workdir), "ensemble": ens,
+          "num_generators": ens.num_generators, "members": ens.padded}
+
+
+def _finished(ckpt: ckpt_lib.StageCheckpoints, config, info, steps: int) -> Optional[dict]:
+  """train_generators' answer for a stage that finished earlier (no state is built), or None."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  saved = ckpt.restore_meta(step)
+  if not (saved.get("done") and step >= steps):
+    return None
+  gen = make_generator(config, info)
+  g = num_generators(config, info.num_classes)
+  expected = {"num_generators": g, "image_shape": list(info.image_shape),
+              "latent_dim": gen.latent_dim, "width": gen.width,
+              "num_upsample": gen.num_upsample, "style": gen.style,
+              "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}
+  _check_resume(ckpt, expected, keys=tuple(expected))
+  log.info(f"generators: finished earlier at step {step}; loaded from {ckpt.directory}")
+  result = loop.LoopResult(None, step, {}, saved.get("eval", {}), step, 0.0)
+  return {"result": result, "directory": ckpt.directory, "ensemble": None,
+          "num_generators": saved["num_generators"], "members": saved["padded"]}
 
 
 def resolve_checkpoint_dir(path: str) -> str:
