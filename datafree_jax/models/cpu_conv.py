@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Convolutions with in_channels * out_channels below this use lax's kernel gradient.
+MIN_CHANNEL_PRODUCT = 256
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
@@ -67,6 +70,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1)))
            and (dimension_numbers is None or dimension_numbers == _NHWC))
+  # Few channels (LeNet's first layers): XLA's own kernel gradient is as fast, and the whole
+  # train step faster (LeNet-5 teacher step, batch 128: 45 ms vs 64 ms on a 2-core CPU).
+  plain = plain and rhs.shape[-2] * rhs.shape[-1] >= MIN_CHANNEL_PRODUCT
   if plain and isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   if not plain:
