@@ -29,3 +29,33 @@ def create_writer(logdir: str):
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
+
+
+class LazyWriter:
+  """A clu metric writer that creates its event file only when something is written.
+
+  A run that fails before its first summary (a corrupt checkpoint found on restore) then leaves
+  the workdir as it was.
+  """
+
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+    self._writer = None
+
+  def _get(self):
+    if self._writer is None:
+      self._writer = create_writer(self.logdir)
+    return self._writer
+
+  def __getattr__(self, name):  # write_scalars, write_images, ...
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return getattr(self._get(), name)
+
+  def flush(self):
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()

@@ -37,7 +37,8 @@ flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line erro
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # orbax and absl report every checkpoint at INFO.
+  # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
+  logging.set_verbosity(logging.ERROR)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from datafree_jax import train  # pylint: disable=g-import-not-at-top

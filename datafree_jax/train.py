@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -66,6 +67,48 @@ def validate(config):
     shapes = jax.eval_shape(lambda: teacher.init(
         jax.random.key(0), jax.numpy.zeros((1,) + info.image_shape), train=False))
     ensemble.validate(config, teacher_has_bn=bool(shapes.get("batch_stats")))
+  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
+  if config.stage in ("all", "teacher"):
+    parallel.check_global_batch(config.teacher.batch_size)
+  if config.method != "teacher" and config.stage not in ("teacher", "generators"):
+    parallel.check_global_batch(config.student.batch_size)
+
+
+def check_workdir(config, workdir: str):
+  """Raises ConfigError when `workdir` cannot hold this run's results (checked before writing).
+
+  Stages that continue an earlier run (stage=train, generators, distill) need the workdir with
+  its teacher; stage=all and stage=teacher create it.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise config_lib.ConfigError(f"workdir {path} exists and is not a directory")
+    if not _writable(path):
+      raise config_lib.ConfigError(f"workdir {path} is not writable")
+    return
+  if config.stage not in ("all", "teacher"):
+    raise config_lib.ConfigError(
+        f"workdir {path} does not exist; stage={config.stage!r} continues from the teacher of "
+        "an earlier run in that workdir (run stage=all or stage=teacher there first, or fix "
+        "--workdir)")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise config_lib.ConfigError(f"cannot create workdir {path}: {parent} is not a directory")
+  if not _writable(parent):
+    raise config_lib.ConfigError(f"cannot create workdir {path}: {parent} is not writable")
+
+
+def _writable(directory: str) -> bool:
+  """Whether a file can be created in `directory` (tried, then removed: permission bits do not
+  tell for root, read-only mounts or ACLs)."""
+  try:
+    tempfile.TemporaryFile(dir=directory).close()
+    return True
+  except OSError:
+    return False
 
 
 def load_data(config) -> dict:
@@ -79,20 +122,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from datafree_jax.stages import dafl, distill, ensemble, teacher as teacher_stage  # pylint: disable=g-import-not-at-top
 
+  # Everything that can be checked is checked before anything is written: a run that fails
+  # here leaves the workdir as it was.
   validate(config)
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(config, workdir)
   data = load_data(config)
-  writer = log.create_writer(os.path.join(workdir, "tensorboard"))
+  info = data["test"].info
+  if config.stage in ("all", "teacher"):
+    teacher = teacher_stage.check_existing(config, workdir, info)
+  else:
+    teacher = teacher_stage.load(config, workdir, info)
+  loaded_generators = None
+  if config.method == "ensemble" and config.stage == "distill":
+    loaded_generators = ensemble.load_generators(
+        config.generator_checkpoint or ensemble.directory(workdir), info)
+
+  os.makedirs(workdir, exist_ok=True)
+  writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))
   summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
   try:
-    if config.stage in ("all", "teacher"):
+    if teacher is None:
       teacher = teacher_stage.train(config, workdir, data, writer)
-    else:
-      teacher = teacher_stage.load(config, workdir, data["test"].info)
     summary["teacher"] = {"model": config.teacher.model,
                           "test_accuracy": teacher["meta"]["eval"].get("accuracy"),
                           "checkpoint": teacher_stage.directory(workdir)}
+    if config.method != "teacher" and config.stage != "teacher":
+      acc = summary["teacher"]["test_accuracy"]
+      log.info(f"teacher {config.teacher.model}: test accuracy "
+               f"{acc if acc is None else format(acc, '.4f')}, checkpoint "
+               f"{os.path.abspath(teacher_stage.directory(workdir))}, TensorBoard logs "
+               f"{os.path.abspath(os.path.join(workdir, 'tensorboard'))}")
     if config.stage != "teacher" and config.method != "teacher":
       if config.method == "dafl":
         out = dafl.train(config, workdir, teacher, data, writer)
@@ -105,7 +165,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
               "steps": gens["result"].step, "eval": gens["result"].eval_metrics,
               "checkpoint": gens["directory"]}
         if config.stage != "generators":
-          out = ensemble.distill_from_generators(config, workdir, teacher, data, writer)
+          out = ensemble.distill_from_generators(config, workdir, teacher, data, writer,
+                                                 gens=loaded_generators)
       else:
         source = {"kd_data": "data", "kd_noise": "noise"}[config.method]
         out = distill.train(config, workdir, teacher, data, writer, source)

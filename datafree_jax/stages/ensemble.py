@@ -623,12 +623,17 @@ def make_images_fn(gens: dict, lowering: str) -> Callable:
 
 
 def distill_from_generators(config, workdir: str, teacher: dict, data: dict, writer,
-                            generator_dir: Optional[str] = None) -> dict:
-  """Luo et al.'s second stage: the student distils on images of the frozen generators."""
+                            generator_dir: Optional[str] = None,
+                            gens: Optional[dict] = None) -> dict:
+  """Luo et al.'s second stage: the student distils on images of the frozen generators.
+
+  `gens` (from load_generators) skips loading them again.
+  """
   info = data["test"].info
   gdir = generator_dir or config.get("generator_checkpoint", "") or directory(workdir)
   mesh = parallel.make_mesh("data")
-  gens = load_generators(gdir, info, mesh)
+  if gens is None:
+    gens = load_generators(gdir, info, mesh)
   if gens["meta"].get("teacher_model") != teacher["meta"].get("model"):
     log.warn(f"the generators in {gens['directory']} were trained against a "
              f"{gens['meta'].get('teacher_model')!r} teacher; distilling from a "

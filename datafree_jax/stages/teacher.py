@@ -110,6 +110,45 @@ def train(config, workdir: str, data: dict, writer) -> dict:
   return load(config, workdir, info)
 
 
+def _check_meta(meta: dict, cfg, info, d: str):
+  if meta.get("model") != cfg.model:
+    raise TeacherError(f"the teacher in {d} is a {meta.get('model')!r} but the config says "
+                       f"teacher.model={cfg.model!r}")
+  if info is not None:
+    if meta.get("num_classes") != info.num_classes or tuple(meta.get("image_shape", ())) != tuple(
+        info.image_shape):
+      raise TeacherError(
+          f"the teacher in {d} was made for {meta.get('num_classes')} classes of "
+          f"{tuple(meta.get('image_shape', ()))} images, but dataset {info.name!r} has "
+          f"{info.num_classes} classes of {tuple(info.image_shape)} images")
+
+
+def check_existing(config, workdir: str, info) -> dict | None:
+  """Before a run that trains the teacher writes anything: a teacher checkpoint already in
+  `workdir` must be readable and made for this config and dataset.
+
+  Returns the finished teacher (loaded, so that its arrays are known to be intact), or None when
+  there is no teacher yet or it is unfinished (the teacher stage then resumes it).
+  """
+  d = directory(workdir)
+  if not os.path.isdir(d):
+    return None
+  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  try:
+    step = ckpt.latest_step()
+    meta = None if step is None else ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  if meta is None:
+    return None
+  _check_meta(meta, config.teacher, info, d)
+  if not meta.get("done"):
+    return None
+  teacher = load(config, workdir, info)
+  log.info(f"teacher: finished earlier at step {step}; loaded from {d}")
+  return teacher
+
+
 def load(config, workdir: str, info=None) -> dict:
   """The finished teacher of `workdir`, checked against the config and dataset."""
   cfg = config.teacher
@@ -125,16 +164,7 @@ def load(config, workdir: str, info=None) -> dict:
   if not meta.get("done"):
     raise TeacherError(f"the teacher in {d} is unfinished (step {step} of "
                        f"{meta.get('total_steps')}); run the teacher stage again to finish it")
-  if meta.get("model") != cfg.model:
-    raise TeacherError(f"the teacher in {d} is a {meta.get('model')!r} but the config says "
-                       f"teacher.model={cfg.model!r}")
-  if info is not None:
-    if meta.get("num_classes") != info.num_classes or tuple(meta.get("image_shape", ())) != tuple(
-        info.image_shape):
-      raise TeacherError(
-          f"the teacher in {d} was made for {meta.get('num_classes')} classes of "
-          f"{tuple(meta.get('image_shape', ()))} images, but dataset {info.name!r} has "
-          f"{info.num_classes} classes of {tuple(info.image_shape)} images")
+  _check_meta(meta, cfg, info, d)
   model = models.get_classifier(cfg.model, meta["num_classes"], cfg.get("width", 0))
   mesh = parallel.make_mesh("data")
   params, batch_stats = jax.eval_shape(
