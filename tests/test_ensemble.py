@@ -219,37 +219,19 @@ def test_distill_stage_alone_from_a_generator_checkpoint(generators_workdir, tea
   assert jax.tree.leaves(gens["params"])[0].shape[0] == 3  # A workdir path works too.
 
 
-@pytest.mark.parametrize("stage,expected", [
-    ("train", ["generators", "distill"]), ("generators", ["generators"]),
-    ("distill", ["distill"])])
-def test_stages_of_the_ensemble_method(teacher_workdir, tmp_path, monkeypatch, stage,
-                                       expected):
-  """Which stages each config.stage runs (the stages themselves are tested above).
-
-  'all' runs the same after (re)running the teacher stage, which costs a model init here.
-  """
-  ran = []
-
-  class Result:  # What loop.run returns, as much as train.py reads of it.
-    step, eval_metrics = 1, {"accuracy": 0.5}
-
-  def fake_generators(config, workdir, teacher, info, writer):
-    del config, teacher, info, writer
-    ran.append("generators")
-    return {"result": Result(), "directory": workdir, "ensemble": None, "num_generators": 3,
-            "members": 3}
-
-  def fake_distill(config, workdir, teacher, data, writer):
-    del config, teacher, data, writer
-    ran.append("distill")
-    return {"result": Result(), "directory": workdir}
-  monkeypatch.setattr(ensemble, "train_generators", fake_generators)
-  monkeypatch.setattr(ensemble, "distill_from_generators", fake_distill)
+def test_stage_train_runs_generators_then_distillation(teacher_workdir, tmp_path):
+  """stage=train (and so stage=all after the teacher) runs both stages of the method, for real;
+  stage=generators and stage=distill alone are tested above."""
   workdir = str(tmp_path)
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
-  summary = train.train_and_evaluate(ensemble_config(stage=stage), workdir)
-  assert ran == expected
-  assert ("student" in summary) == ("distill" in expected)
+  config = ensemble_config(**{"stage": "train", "ensemble.steps": 2, "student.steps": 4})
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["generators"]["steps"] == 2 and summary["generators"]["num_generators"] == 3
+  assert summary["student"]["steps"] == 4
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "distill_generators"), create=False)
+  meta = ckpt.restore_meta()
+  ckpt.close()
+  assert meta["done"] and meta["generators"] == ensemble.directory(os.path.abspath(workdir))
 
 
 def _fake_generator_checkpoint(directory, image_shape, num_classes):
