@@ -1,10 +1,25 @@
-"""Accuracy table on mnist5k: teacher, KD with data, KD on noise and DAFL, over several seeds.
+"""Accuracy table on mnist5k: teacher, KD with data, KD on noise, DAFL and the generator
+ensemble with its ablations, over several seeds.
 
     python benchmarks/mnist5k_table.py --seeds=0,1,2 --workdir=/tmp/mnist5k_table
+    python benchmarks/mnist5k_table.py --teacher=lenet5_bn --seeds=0,1,2 \
+        --methods=dafl,ensemble,ensemble_no_mm,ensemble_one_generator
 
-Each seed trains its own teacher (configs/mnist5k.py), then every student method distils from
-that teacher with the same seed. Prints a markdown table: final test accuracy (mean +- std over
-seeds; the final student, never the best-on-test one), steps and wall time per run. Reruns
+Each seed trains its own teacher (configs/mnist5k.py; --teacher picks LeNet-5 or LeNet-5-BN,
+which moment matching needs), then every student method distils from that same teacher with
+the same seed. Methods:
+
+  kd_data                 KD with the real training images (upper bound)
+  kd_noise                KD on N(0, 1) noise images (lower bound)
+  dafl                    DAFL: one generator, trained jointly with the student
+  ensemble                Luo et al.: 10 per-class generators, target-class CE + BN moment
+                          matching, then distillation from the frozen generators
+  ensemble_no_mm          the same without moment matching (ensemble.w_mm=0)
+  ensemble_one_generator  one generator for all classes (random target class per image)
+  ensemble_dafl_loss      10 per-class generators trained with DAFL's losses
+
+Prints a markdown table: final test accuracy (mean +- std over seeds; the final student, never
+the best-on-test one), steps and wall time per run (teacher excluded: it is shared). Reruns
 reuse finished stages in the workdir.
 """
 from __future__ import annotations
@@ -25,8 +40,19 @@ sys.path.insert(0, REPO)
 from datafree_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 METHODS = ("kd_data", "kd_noise", "dafl")
-LABELS = {"teacher": "teacher LeNet-5", "kd_data": "KD with data (upper bound)",
-          "kd_noise": "KD on N(0,1) noise (lower bound)", "dafl": "DAFL"}
+# name: (config method, overrides, label)
+SPECS = {
+    "kd_data": ("kd_data", {}, "KD with data (upper bound)"),
+    "kd_noise": ("kd_noise", {}, "KD on N(0,1) noise (lower bound)"),
+    "dafl": ("dafl", {}, "DAFL"),
+    "ensemble": ("ensemble", {}, "ensemble: 10 per-class generators, CE + BN moment matching"),
+    "ensemble_no_mm": ("ensemble", {"ensemble.w_mm": "0"},
+                       "ensemble without moment matching (10 generators, CE only)"),
+    "ensemble_one_generator": ("ensemble", {"ensemble.num_generators": "1"},
+                               "one generator, CE + BN moment matching"),
+    "ensemble_dafl_loss": ("ensemble", {"ensemble.loss": "dafl"},
+                           "10 per-class generators with DAFL's losses"),
+}
 
 
 def get_config(arg: str, overrides: list[str]):
@@ -49,19 +75,26 @@ def get_config(arg: str, overrides: list[str]):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--methods", default=",".join(METHODS), help=", ".join(SPECS))
+  p.add_argument("--teacher", default="lenet5", choices=("lenet5", "lenet5_bn"))
   p.add_argument("--workdir", default="/tmp/mnist5k_table")
   p.add_argument("--set", action="append", default=[],
                  help="config override key=value for every run, e.g. student.steps=500")
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   methods = args.methods.split(",")
+  unknown = [m for m in methods if m not in SPECS]
+  if unknown:
+    p.error(f"unknown methods {unknown}; choose from {', '.join(SPECS)}")
   rows = {m: [] for m in ("teacher",) + tuple(methods)}
+  labels = {m: SPECS[m][2] for m in methods}
+  labels["teacher"] = f"teacher {args.teacher}"
   for seed in seeds:
     base = os.path.join(args.workdir, f"seed{seed}")
     t0 = time.time()
-    summary = train.train_and_evaluate(get_config(f"method=teacher,seed={seed}", args.set),
-                                       os.path.join(base, "teacher_only"))
+    summary = train.train_and_evaluate(
+        get_config(f"method=teacher,seed={seed},teacher={args.teacher}", args.set),
+        os.path.join(base, "teacher_only"))
     rows["teacher"].append((summary["teacher"]["test_accuracy"],
                             summary["config"]["teacher"]["steps"], time.time() - t0))
     for method in methods:
@@ -70,17 +103,23 @@ def main():
         shutil.copytree(os.path.join(base, "teacher_only", "teacher"),
                         os.path.join(workdir, "teacher"))
       t0 = time.time()
-      summary = train.train_and_evaluate(
-          get_config(f"method={method},seed={seed},stage=train", args.set), workdir)
-      rows[method].append((summary["student"]["test_accuracy"], summary["student"]["steps"],
-                           time.time() - t0))
+      config_method, overrides, _ = SPECS[method]
+      config = get_config(f"method={config_method},seed={seed},stage=train,"
+                          f"teacher={args.teacher}",
+                          args.set + [f"{k}={v}" for k, v in overrides.items()])
+      summary = train.train_and_evaluate(config, workdir)
+      steps = str(summary["student"]["steps"])
+      if "generators" in summary:
+        steps = f"{summary['generators']['steps']} generator + {steps} student"
+      rows[method].append((summary["student"]["test_accuracy"], steps, time.time() - t0))
       print(json.dumps({"seed": seed, "method": method, "row": rows[method][-1]}), flush=True)
-  print(f"\nmnist5k, seeds {seeds}, final test accuracy on the 1,000 held-out digits")
+  print(f"\nmnist5k, seeds {seeds}, teacher {args.teacher}, final test accuracy on the 1,000 "
+        "held-out digits")
   print("| method | accuracy % (mean +- std) | per seed | steps | wall time / run |")
   print("|---|---|---|---|---|")
   for m, r in rows.items():
     acc = np.array([x[0] for x in r]) * 100
-    print(f"| {LABELS.get(m, m)} | {acc.mean():.2f} +- {acc.std():.2f} | "
+    print(f"| {labels[m]} | {acc.mean():.2f} +- {acc.std():.2f} | "
           f"{', '.join(f'{a:.2f}' for a in acc)} | {r[0][1]} | {np.mean([x[2] for x in r]):.0f} s |")
 
 
