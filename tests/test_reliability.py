@@ -150,3 +150,32 @@ def test_nan_in_the_dafl_generator_loss_names_it(tmp_path):
                                 data, writer=None)
   with pytest.raises(loop.NonFiniteError, match=r"dafl: non-finite .*loss_g.* at step 3"):
     dafl.train(config, str(tmp_path), teacher, data, writer=None)
+
+
+ENSEMBLE_FLAGS = ["--config.teacher.model=lenet5_bn", "--config.student.model=lenet5_half_bn",
+                  "--config.ensemble.num_generators=2", "--config.ensemble.batch_per_generator=4",
+                  "--config.ensemble.steps=12", "--config.ensemble.eval_every=0",
+                  "--config.student.steps=6"]
+
+
+def test_sigkill_in_the_generators_stage_then_resume_is_exact(tmp_path, monkeypatch):
+  """The ensemble's generators stage (stacked params, BN and optimiser state): SIGKILL at a
+  random step, resume, and end bitwise where an uninterrupted run ends."""
+  monkeypatch.setattr(sys.modules[__name__], "TINY_FLAGS", TINY_FLAGS + ENSEMBLE_FLAGS)
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  config = _config_from_flags("ensemble")  # TINY_FLAGS now include ENSEMBLE_FLAGS.
+  assert config.teacher.model == "lenet5_bn" and config.ensemble.steps == 12
+  config.stage = "teacher"
+  train.train_and_evaluate(config, ref)
+  shutil.copytree(os.path.join(ref, "teacher"), os.path.join(killed, "teacher"))
+  config.stage = "generators"
+  train.train_and_evaluate(config, ref)
+  rc, out = _run_until(killed, "ensemble", "generators", random.Random(7).randint(4, 10),
+                       signal.SIGKILL)
+  assert rc == -signal.SIGKILL, out[-2000:]
+  out = _run(killed, "ensemble")
+  assert "generators: resuming from step" in out
+  step_a, state_a = _final_state(os.path.join(ref, "generators"))
+  step_b, state_b = _final_state(os.path.join(killed, "generators"))
+  assert step_a == step_b == 12
+  _assert_same(state_a, state_b)
