@@ -13,12 +13,15 @@ teacher's argmax ('argmax'), matching the global BN statistics.
 
 Layout: the params, BN state and optimiser state of all generators are stacked on a leading
 "member" axis, sharded over the mesh axis 'gen'. One jitted step updates every member: a
-shard_map gives each device its local members. The teacher half of the step (forward, moments,
-loss) is always vmapped over them: the teacher's kernels are shared, so the member axis folds
-into the batch. The generators are vmapped too ('vmap'), or run in a Python loop inside the jit
-('unroll'): XLA:CPU turns vmapped per-member convolutions into grouped convolutions, several
-times slower than separate ones, while unrolling costs compile time (one copy of the generator
-per local member). lowering='auto' is 'unroll' on the CPU backend and 'vmap' elsewhere. With
+shard_map gives each device its local members. 'vmap' vectorises the members' update over
+that axis (the teacher half, whose kernels are shared, folds the member axis into its batch);
+'unroll' traces every member's whole update (generator, teacher, gradient, optimiser) in a
+Python loop inside the jit: XLA:CPU turns vmapped per-member convolutions into grouped
+convolutions, several times slower than separate ones, while unrolling costs compile time (one
+copy of the step per local member). Unrolling the teacher per member too was faster on a
+2-core CPU than folding the members into the teacher's batch (0.37 vs 0.43 s for 10 width-16
+generators, benchmarks/ensemble_step_speed.py). lowering='auto' is 'unroll' on the CPU backend
+and 'vmap' elsewhere. With
 max_generators_per_device_at_once > 0 the local members are updated in chunks in sequence
 (lax.map over chunks) to bound memory. Member k's randomness is the stage key with the step
 and k folded in, so results do not depend on the lowering, the device count or the chunking.
@@ -298,16 +301,34 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None) -> Ensemble:
       out_shardings=split)(stats)
   member_spec = {"params": P(axis), "batch_stats": P(axis), "opt_state": P(axis), "step": P()}
 
-  def update_chunk(step, tvars, xs):
-    """Updates the stacked members `xs` of one chunk; the generators are mapped by `lowering`.
+  def update_member(step, tvars, xs):
+    """One member's whole update (generator, teacher, loss, gradient, optimiser): 'unroll'."""
+    m, t, c, k = xs
 
-    The teacher part is always vmapped: its kernels are shared, so XLA folds the member axis
-    into the batch and no grouped convolution arises. The loss of the chunk is the sum of the
-    members' losses; member k's parameters reach only its own term, so the gradient of the sum
-    is every member's own gradient.
+    def loss_fn(params):
+      loss, aux = member_loss(config, gen, tmodel, tvars, params, m["batch_stats"], t, c, k,
+                              batch, info.num_classes)
+      return loop.poison(loss, step, nan_at), aux
+    (loss, (new_bs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(m["params"])
+    updates, opt_state = tx.update(grads, m["opt_state"], m["params"])
+    new = {"params": optax.apply_updates(m["params"], updates), "batch_stats": new_bs,
+           "opt_state": opt_state}
+    return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+  def update_chunk(step, tvars, xs):
+    """Updates the stacked members `xs` of one chunk.
+
+    'unroll' traces each member's whole update separately (update_member). 'vmap' vmaps the
+    generators and the teacher half of the step: the teacher's kernels are shared, so XLA folds
+    the member axis into the batch and no grouped convolution arises there. The loss of the
+    chunk is the sum of the members' losses; member k's parameters reach only its own term, so
+    the gradient of the sum is every member's own gradient.
     """
     members, targets, cids, idxs = xs
     keys = jax.vmap(lambda i: member_key(config.seed, step, i))(idxs)
+    if lowering == "unroll":
+      return map_members(functools.partial(update_member, step, tvars),
+                         (members, targets, cids, keys), lowering)
 
     def total(params):
       images, new_bs = map_members(
