@@ -12,6 +12,8 @@ the same seed. Methods:
   kd_data                 KD with the real training images (upper bound)
   kd_noise                KD on N(0, 1) noise images (lower bound)
   dafl                    DAFL: one generator, trained jointly with the student
+  dafl_cifar_hparams      DAFL with the generator settings the paper uses for BN teachers
+                          (CIFAR-10: lr_G 0.02, w_oh 0.05, w_a 0.01, w_ie 5)
   ensemble                Luo et al.: 10 per-class generators, target-class CE + BN moment
                           matching, then distillation from the frozen generators
   ensemble_no_mm          the same without moment matching (ensemble.w_mm=0)
@@ -45,6 +47,9 @@ SPECS = {
     "kd_data": ("kd_data", {}, "KD with data (upper bound)"),
     "kd_noise": ("kd_noise", {}, "KD on N(0,1) noise (lower bound)"),
     "dafl": ("dafl", {}, "DAFL"),
+    "dafl_cifar_hparams": ("dafl", {"generator.lr": "0.02", "generator.w_oh": "0.05",
+                                    "generator.w_a": "0.01"},
+                           "DAFL with the paper's CIFAR-10 generator settings (for BN teachers)"),
     "ensemble": ("ensemble", {}, "ensemble: 10 per-class generators, CE + BN moment matching"),
     "ensemble_no_mm": ("ensemble", {"ensemble.w_mm": "0"},
                        "ensemble without moment matching (10 generators, CE only)"),
