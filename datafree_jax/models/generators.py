@@ -8,6 +8,11 @@ Luo et al. (authors' TF code): Dense -> BN -> LeakyReLU, then num_upsample block
 w, w/2, ... (nearest x2, Conv3x3, BN(momentum 0.9, eps 0.8), LeakyReLU), Conv3x3(C) -> tanh ->
 BN(scale only); init = s / 2^num_upsample. eps=0.8 is a quirk of both originals, kept.
 
+Each "nearest x2 -> Conv3x3" pair is computed by `UpsampleConv` as one 3x3 convolution at the
+low resolution with 4x the output channels followed by a depth-to-space reshape: the same
+function of the same parameters (nn.Conv's names and shapes), without the upsampled tensor.
+On a 2-core CPU it makes the generator's forward+backward ~2.5x faster (benchmarks/).
+
 Generators are always applied in training mode (`mutable=['batch_stats']`): their BN layers
 normalise with the statistics of the generated batch, in training and when sampling.
 """
@@ -15,7 +20,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
+from datafree_jax.models import cpu_conv
 from datafree_jax.models.layers import Conv
 
 
@@ -23,6 +31,42 @@ def upsample_nearest(x, factor: int = 2):
   b, h, w, c = x.shape
   x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
   return x.reshape(b, h * factor, w * factor, c)
+
+
+# _PHASE_TAPS[a, s, p] = 1 when tap p (0..2) of a 3x3 convolution applied after nearest x2
+# upsampling reads, for an output row of parity a, the low-resolution row at offset s - 1.
+_PHASE_TAPS = np.zeros((2, 3, 3), np.float32)
+_PHASE_TAPS[0, 0, 0] = _PHASE_TAPS[0, 1, 1] = _PHASE_TAPS[0, 1, 2] = 1
+_PHASE_TAPS[1, 1, 0] = _PHASE_TAPS[1, 1, 1] = _PHASE_TAPS[1, 2, 2] = 1
+
+
+def upsample_conv_kernel(kernel):
+  """(3, 3, C, D) kernel -> (3, 3, C, 4D) low-resolution kernel, outputs ordered (a, b, D)."""
+  c, d = kernel.shape[2:]
+  k = jnp.einsum("asp,btq,pqcd->stcabd", _PHASE_TAPS, _PHASE_TAPS, kernel)
+  return k.reshape(3, 3, c, 4 * d)
+
+
+class UpsampleConv(nn.Module):
+  """upsample_nearest(x) followed by nn.Conv(features, (3, 3), padding=1), computed at x's size.
+
+  out[2h + a, 2w + b] only reads x rows h - 1..h + 1 and columns w - 1..w + 1, with the
+  3x3 taps summed per parity (a, b); zero padding of the upsampled image is zero padding of x.
+  Parameters are nn.Conv's ('kernel' (3, 3, C, D), 'bias' (D,)), initialised the same way.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    k = upsample_conv_kernel(kernel).astype(x.dtype)
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    conv = cpu_conv.conv_for_backend() or lax.conv_general_dilated
+    y = conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
 
 
 class Generator(nn.Module):
@@ -48,8 +92,7 @@ class Generator(nn.Module):
     if self.style == "luo":
       x = nn.leaky_relu(x, 0.2)
     for i in range(self.num_upsample):
-      x = upsample_nearest(x)
-      x = Conv(max(self.width // 2**i, 1), (3, 3), padding=1, name=f"conv{i + 1}")(x)
+      x = UpsampleConv(max(self.width // 2**i, 1), name=f"conv{i + 1}")(x)
       x = nn.leaky_relu(bn(0.8, f"bn{i + 1}")(x), 0.2)
     x = Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
     x = jnp.tanh(x)
