@@ -135,8 +135,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     teacher = teacher_stage.load(config, workdir, info)
   loaded_generators = None
   if config.method == "ensemble" and config.stage == "distill":
-    loaded_generators = ensemble.load_generators(
-        config.generator_checkpoint or ensemble.directory(workdir), info)
+    loaded_generators = ensemble.load_generators(ensemble.checkpoint_to_distill(config, workdir),
+                                                 info)
 
   os.makedirs(workdir, exist_ok=True)
   writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))

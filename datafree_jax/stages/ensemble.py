@@ -79,6 +79,11 @@ def directory(workdir: str) -> str:
   return os.path.join(workdir, "generators")
 
 
+def checkpoint_to_distill(config, workdir: str) -> str:
+  """Where stage 'distill' loads the generators: config.generator_checkpoint, else the workdir's."""
+  return config.get("generator_checkpoint", "") or directory(workdir)
+
+
 def validate(config, teacher_has_bn: Optional[bool] = None):
   """Checks config.ensemble; raises ConfigError. `teacher_has_bn` enables the BN check."""
   e = config.ensemble
@@ -651,7 +656,7 @@ def distill_from_generators(config, workdir: str, teacher: dict, data: dict, wri
   `gens` (from load_generators) skips loading them again.
   """
   info = data["test"].info
-  gdir = generator_dir or config.get("generator_checkpoint", "") or directory(workdir)
+  gdir = generator_dir or checkpoint_to_distill(config, workdir)
   mesh = parallel.make_mesh("data")
   if gens is None:
     gens = load_generators(gdir, info, mesh)
