@@ -13,10 +13,11 @@ Arguments (`:k=v,k=v`):
            needs a teacher with BatchNorm)
 
 Expected on a 2-core CPU: LeNet-5 teacher ~97.9% test accuracy (seed 0) in under 3 minutes, then 800 DAFL
-steps in about 8 minutes; the student's accuracy: see the README's results table.
+steps in about 5 minutes (0.4 s/step); the student's accuracy: see the README's results table
+(37.3% for seed 0 on 2026-11-29: DAFL at this size is far from its teacher).
 method=ensemble (config.ensemble's defaults: 10 per-class generators of width 16, batch 32
-each, 150 steps, target-class CE + class-conditional BN moment matching, w_mm 1): ~0.6 s per
-generator step on a busy 2-core CPU; measured once (seed 0, LeNet-5-BN teacher at 98.2%): the
+each, 150 steps, target-class CE + class-conditional BN moment matching, w_mm 1): 0.2-0.35 s
+per generator step on a quiet 2-core CPU; measured once (seed 0, LeNet-5-BN teacher at 98.2%): the
 teacher assigns 99% of generated images to their generator's class, and the LeNet-5-half-BN
 student reaches 89.3% after 300 of the 800 distillation steps.
 """
@@ -43,7 +44,7 @@ def get_config(arg=None):
   c.teacher.eval_every = 500
 
   c.student.model = "lenet5_half_bn" if a.teacher.endswith("_bn") else "lenet5_half"
-  c.student.steps = 800             # DAFL: ~0.6 s/step on a 2-core CPU.
+  c.student.steps = 800             # DAFL: ~0.4 s/step on a 2-core CPU.
   c.student.batch_size = 256
   c.student.optimizer = "adam"
   c.student.lr = 2e-3
