@@ -1,9 +1,11 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from datafree_jax import common
 from datafree_jax import models
+from datafree_jax.models import generators
 
 FEATURES = {"lenet5": 120, "lenet5_half": 60, "lenet5_bn": 120, "lenet5_half_bn": 60,
             "hinton": 1200, "hinton_half": 800, "resnet18": 32, "resnet34": 32}
@@ -59,8 +61,6 @@ def test_unknown_model_is_a_clear_error():
 
 def test_upsample_conv_is_upsample_then_conv():
   """UpsampleConv == nearest x2 then a padded 3x3 nn.Conv: same params, outputs, gradients."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from datafree_jax.models import generators  # pylint: disable=g-import-not-at-top
 
   class Reference(nn.Module):
     @nn.compact
