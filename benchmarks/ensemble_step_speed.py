@@ -1,7 +1,7 @@
 """Seconds per generator-ensemble step: one step of G generators vs G separate jitted steps.
 
     python benchmarks/ensemble_step_speed.py                  # mnist5k setting, every lowering
-    python benchmarks/ensemble_step_speed.py --width=32 --reps=5
+    python benchmarks/ensemble_step_speed.py --lowerings=separate,unroll --rounds=10
 
 One step of the ensemble updates all G generators (params, BN state, optimiser state stacked on
 a leading axis) in one jitted call, lowered as `vmap` over the stacked axis or as a loop
@@ -9,8 +9,9 @@ a leading axis) in one jitted call, lowered as `vmap` over the stacked axis or a
 what the ensemble replaces: G separate jitted single-generator steps called one after another.
 Uses the mnist5k config (configs/mnist5k.py:method=ensemble) with a randomly initialised
 LeNet-5-BN teacher and BN statistics of random images: the cost of a step does not depend on
-what the teacher learned. Prints a markdown table (median over --reps timed steps, after one
-untimed compiling call).
+what the teacher learned. Every row is compiled first (its first call, reported), then timed in
+--rounds rounds of --reps steps, the rows taking turns within each round. Prints a markdown
+table: the median over all timed steps of a row and the range of its per-round medians.
 """
 from __future__ import annotations
 
@@ -52,17 +53,31 @@ def random_teacher(model_name: str, info):
 
 
 def time_steps(step, state, reps: int):
-  t = time.perf_counter()
-  state, _ = step(state)
-  jax.block_until_ready(state)
-  first = time.perf_counter() - t
+  """(state, seconds of each of `reps` calls of `step`)."""
   times = []
   for _ in range(reps):
     t = time.perf_counter()
     state, _ = step(state)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
-  return first, float(np.median(times))
+  return state, times
+
+
+def build_steps(cfg, teacher, info, lowering: str, g: int):
+  """(name, step, initial state) of one row: `separate` or an ensemble lowering."""
+  if lowering == "separate":
+    cfg.ensemble.lowering, cfg.ensemble.num_generators = "unroll", 1
+    one = ensemble.build(cfg, teacher, info)
+    cfg.ensemble.num_generators = g
+    states = [jax.tree.map(jnp.copy, one.state) for _ in range(g)]
+
+    def step(states):
+      out = [one.step(s) for s in states]
+      return [o[0] for o in out], out[-1][1]
+    return f"{g} separate jitted single-generator steps", step, states
+  cfg.ensemble.lowering = lowering
+  ens = ensemble.build(cfg, teacher, info)
+  return f"one ensemble step of {g} generators, lowering {lowering}", ens.step, ens.state
 
 
 def main():
@@ -70,7 +85,10 @@ def main():
   p.add_argument("--generators", type=int, default=10)
   p.add_argument("--width", type=int, default=0, help="generator width (0: the config's)")
   p.add_argument("--batch", type=int, default=0, help="images per generator (0: the config's)")
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--reps", type=int, default=5, help="timed steps per row and round")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="rounds; each times every row once, in turn, so that a slow spell of "
+                      "the machine hits all rows alike")
   p.add_argument("--lowerings", default="separate,unroll,vmap")
   args = p.parse_args()
 
@@ -85,32 +103,30 @@ def main():
   g = args.generators
   rows = []
   for lowering in args.lowerings.split(","):
-    if lowering == "separate":
-      cfg.ensemble.lowering, cfg.ensemble.num_generators = "unroll", 1
-      one = ensemble.build(cfg, teacher, info)
-      cfg.ensemble.num_generators = g
-      states = [jax.tree.map(jnp.copy, one.state) for _ in range(g)]
-
-      def step(states, one=one):
-        out = [one.step(s) for s in states]
-        return [o[0] for o in out], out[-1][1]
-      first, median = time_steps(step, states, args.reps)
-      name = f"{g} separate jitted single-generator steps"
-    else:
-      cfg.ensemble.lowering = lowering
-      ens = ensemble.build(cfg, teacher, info)
-      first, median = time_steps(ens.step, ens.state, args.reps)
-      name = f"one ensemble step of {g} generators, lowering {lowering}"
-    rows.append((name, median, first))
-    print(f"{name}: {median:.3f} s/step (first call {first:.1f} s)", flush=True)
+    name, step, state = build_steps(cfg, teacher, info, lowering, g)
+    t = time.perf_counter()
+    state, _ = step(state)
+    jax.block_until_ready(state)
+    first = time.perf_counter() - t
+    rows.append({"name": name, "step": step, "state": state, "first": first, "times": [],
+                 "round_medians": []})
+    print(f"{name}: first call (compile) {first:.1f} s", flush=True)
+  for r in range(args.rounds):
+    for row in rows:
+      row["state"], times = time_steps(row["step"], row["state"], args.reps)
+      row["times"] += times
+      row["round_medians"].append(float(np.median(times)))
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+        f"{row['round_medians'][-1]:.3f}" for row in rows) + " s/step", flush=True)
 
   print(f"\n{jax.devices()[0].platform} ({jax.device_count()} device(s)), generator width "
         f"{cfg.generator.width}, {cfg.ensemble.batch_per_generator} images per generator, "
-        f"teacher {cfg.teacher.model}, median of {args.reps} steps")
-  print("| step | s/step | first call (compile) s |")
-  print("|---|---|---|")
-  for name, median, first in rows:
-    print(f"| {name} | {median:.3f} | {first:.1f} |")
+        f"teacher {cfg.teacher.model}, {args.rounds} rounds of {args.reps} timed steps per row")
+  print("| step | s/step (median of all) | round medians, min - max | first call (compile) s |")
+  print("|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['name']} | {np.median(row['times']):.3f} | {min(row['round_medians']):.3f} - "
+          f"{max(row['round_medians']):.3f} | {row['first']:.1f} |")
 
 
 if __name__ == "__main__":
