@@ -245,7 +245,7 @@ def agreement(config, teacher, info, t_teacher, check_after: int):
     sp = params_from_torch(_lenet_pairs(ref.student))
     images_t_nhwc = jnp.asarray(images_t.detach().numpy().transpose(0, 2, 3, 1))
     images, terms, g_grads, s_grads = jax_grads(gp, sp, z, images_t_nhwc)
-    rows.append((when, "generated images, max |jax - torch|",
+    rows.append((when, "generated images, largest absolute difference",
                  f"{float(jnp.max(jnp.abs(images - images_t_nhwc))):.1e}"))
     for k in ("l_oh", "l_a", "l_ie", "loss_kd"):
       rows.append((when, f"{k}: jax / torch", f"{float(terms[k]):.6f} / {t_terms[k]:.6f}"))
@@ -261,7 +261,7 @@ def agreement(config, teacher, info, t_teacher, check_after: int):
                       float(t.grad.abs().max())) for (a, b), t in _gen_pairs(ref.gen).items()
                   if (a, b) in BIASES_BEFORE_BN)
     rows.append((when, "conv1, conv2 biases (a BatchNorm follows: gradient 0 up to rounding), largest "
-                 "|gradient|, both", f"{largest:.1e}"))
+                 "absolute gradient, both", f"{largest:.1e}"))
 
   z0 = jax.random.normal(common.step_key(config.seed, dafl.STAGE_SALT, 0),
                          (config.student.batch_size, config.generator.latent_dim))
