@@ -1,7 +1,18 @@
 """Shared fixtures: tiny configs that run the real code paths in seconds on a 2-core CPU."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the test session, set before jax is imported and
+# inherited by the command-line subprocesses the tests start: a program that several tests (or
+# a reference run and the CLI runs it is compared with) compile is compiled once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="datafree_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
