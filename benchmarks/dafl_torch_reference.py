@@ -160,7 +160,7 @@ class TorchDAFL:
 
   def __init__(self, config, teacher, info):
     g, s = config.generator, config.student
-    self.g_cfg, self.batch = g, s.batch_size
+    self.g_cfg = g
     self.teacher = teacher
     self.gen = TorchGenerator(g.width, g.latent_dim, info.image_size, info.channels)
     self.student = TorchLeNet5(LENET5_HALF, info.num_classes)
@@ -260,8 +260,8 @@ def agreement(config, teacher, info, t_teacher, check_after: int):
     largest = max(max(float(jnp.max(jnp.abs(g_grads[a][b]))),
                       float(t.grad.abs().max())) for (a, b), t in _gen_pairs(ref.gen).items()
                   if (a, b) in BIASES_BEFORE_BN)
-    rows.append((when, "conv1, conv2 biases (a BatchNorm follows: gradient 0 up to rounding), largest "
-                 "absolute gradient, both", f"{largest:.1e}"))
+    rows.append((when, "conv1, conv2 biases (a BatchNorm follows: gradient 0 up to rounding), "
+                 "largest absolute gradient, both", f"{largest:.1e}"))
 
   z0 = jax.random.normal(common.step_key(config.seed, dafl.STAGE_SALT, 0),
                          (config.student.batch_size, config.generator.latent_dim))
@@ -347,6 +347,11 @@ def main():
     config = get_config(f"method=dafl,seed={seed}", args.set)
     if (config.teacher.model, config.student.model) != ("lenet5", "lenet5_half"):
       p.error("the PyTorch reference has the LeNet-5 teacher and LeNet-5-half student only")
+    if (config.student.temperature != 1.0 or config.generator.optimizer != "adam"
+        or config.student.optimizer != "adam"
+        or config.student.schedule not in ("constant", "cosine")):
+      p.error("the PyTorch reference is the authors' MNIST loop: KD at temperature 1, Adam for "
+              "both, a constant or cosine student schedule")
     if args.steps:
       config.student.steps = args.steps
     teacher = teacher_stage.load(config, teacher_dir, info)
