@@ -8,7 +8,6 @@ Uses a randomly initialised LeNet-5 teacher (speed does not depend on its weight
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -18,16 +17,12 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from datafree_jax import common, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import common, config_lib, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def config():
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs",
-                                                                    "mnist5k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("")
+  return config_lib.load_config_file(os.path.join(REPO, "configs", "mnist5k.py"))
 
 
 def time_step(width, batch, latent, steps):

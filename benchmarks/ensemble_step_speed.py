@@ -16,7 +16,6 @@ table: the median over all timed steps of a row and the range of its per-round m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -29,16 +28,13 @@ sys.path.insert(0, REPO)
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from datafree_jax import bn_stats, common, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import bn_stats, common, config_lib, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def mnist5k_ensemble_config():
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs",
-                                                                    "mnist5k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("method=ensemble")
+  return config_lib.load_config_file(os.path.join(REPO, "configs", "mnist5k.py"),
+                                     "method=ensemble")
 
 
 def random_teacher(model_name: str, info):

@@ -27,7 +27,6 @@ reuse finished stages in the workdir.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from datafree_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import config_lib, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 METHODS = ("kd_data", "kd_noise", "dafl")
 # name: (config method, overrides, label)
@@ -61,11 +60,7 @@ SPECS = {
 
 
 def get_config(arg: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs",
-                                                                    "mnist5k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = config_lib.load_config_file(os.path.join(REPO, "configs", "mnist5k.py"), arg)
   c.log_every_secs = 60.0
   for item in overrides:
     key, value = item.split("=", 1)

@@ -6,6 +6,9 @@ ConfigDict with the values converted to the defaults' types. Unknown keys are er
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -31,6 +34,17 @@ def _convert(key, value: str, default):
     except ValueError:
       raise ConfigError(f"config argument {key}={value!r}: expected a number") from None
   return value
+
+
+def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file at `path` (what --config=path:arg loads)."""
+  name = "config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

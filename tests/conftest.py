@@ -21,12 +21,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(method="dafl", **overrides):
   """configs/mnist5k.py shrunk to a few steps, with flat 'a.b' overrides."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("mnist5k_cfg",
-                                                os.path.join(REPO_ROOT, "configs", "mnist5k.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(f"method={method}")
+  from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py"),
+                                  f"method={method}")
   c.teacher.steps = 40
   c.teacher.batch_size = 32
   c.teacher.eval_every = 0

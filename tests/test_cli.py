@@ -1,7 +1,9 @@
-"""The command line, run as a user would: a subprocess of `python -m datafree_jax.main`."""
+"""The command line as a user runs it (`python -m datafree_jax.main` subprocesses); config files."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO_ROOT
 
@@ -46,3 +48,14 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       "error: unknown config field: 'stepz' Did you mean \"steps\" instead of \"stepz\"?")
   assert "Traceback" not in r.stderr
+
+
+def test_load_config_file_calls_get_config_with_its_argument(tmp_path):
+  from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py"),
+                                  "method=ensemble")
+  assert c.method == "ensemble"
+  assert config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py")).method \
+      == "dafl"
+  with pytest.raises(config_lib.ConfigError, match="missing.py"):
+    config_lib.load_config_file(str(tmp_path / "missing.py"))
