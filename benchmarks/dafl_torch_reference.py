@@ -277,47 +277,51 @@ def agreement(config, teacher, info, t_teacher, check_after: int):
 TORCH, JAX = "PyTorch (authors' loop)", "JAX (stages/dafl.py)"
 
 
-def train_both(config, teacher, info, t_teacher, test, eval_every: int, impls):
-  """{impl: ([(step, accuracy)], seconds per step)} for PyTorch and/or JAX."""
+def train_both(config, teacher, info, t_teacher, test, test_torch, eval_every: int, impls):
+  """{impl: ([(step, accuracy)], seconds per step)} for PyTorch and/or JAX.
+
+  test_torch: the test split as (NCHW images, labels) tensors.
+  """
   out = {}
-  images_nchw = torch.tensor(np.ascontiguousarray(test.images.transpose(0, 3, 1, 2)))
-  labels = torch.tensor(test.labels.astype(np.int64))
   if "torch" in impls:
-    out[TORCH] = _train_torch(config, t_teacher, info, images_nchw, labels, eval_every)
+    out[TORCH] = _train_torch(config, t_teacher, info, test_torch, eval_every)
   if "jax" in impls:
     out[JAX] = _train_jax(config, teacher, info, test, eval_every)
   return out
 
 
-def _train_torch(config, t_teacher, info, images_nchw, labels, eval_every):
-  steps = config.student.steps
-  torch.manual_seed(config.seed)
-  ref = TorchDAFL(config, t_teacher, info)
+def _timed_steps(steps: int, step, accuracy, eval_every: int, label: str):
+  """Runs step() `steps` times: ([(step, accuracy())], seconds per step, the first excluded)."""
   curve, elapsed = [], 0.0
   for i in range(steps):
     t = time.perf_counter()
-    ref.step(torch.randn(config.student.batch_size, config.generator.latent_dim))
+    step()
     elapsed += time.perf_counter() - t if i else 0.0
     if (i + 1) % eval_every == 0 or i + 1 == steps:
-      curve.append((i + 1, torch_accuracy(ref.student, images_nchw, labels)))
-      print(f"  PyTorch step {i + 1}: student {curve[-1][1]:.2%}", flush=True)
+      curve.append((i + 1, accuracy()))
+      print(f"  {label} step {i + 1}: student {curve[-1][1]:.2%}", flush=True)
   return curve, elapsed / max(steps - 1, 1)
+
+
+def _train_torch(config, t_teacher, info, test_torch, eval_every):
+  torch.manual_seed(config.seed)
+  ref = TorchDAFL(config, t_teacher, info)
+  return _timed_steps(
+      config.student.steps,
+      lambda: ref.step(torch.randn(config.student.batch_size, config.generator.latent_dim)),
+      lambda: torch_accuracy(ref.student, *test_torch), eval_every, "PyTorch")
 
 
 def _train_jax(config, teacher, info, test, eval_every):
-  steps = config.student.steps
   state, step_jit, student, _, mesh = dafl.build(config, teacher, info)
   eval_fn = distill.make_student_eval(student, test, mesh)
-  curve, elapsed = [], 0.0
-  for i in range(steps):
-    t = time.perf_counter()
-    state, _ = step_jit(state, None)
-    jax.block_until_ready(state)
-    elapsed += time.perf_counter() - t if i else 0.0
-    if (i + 1) % eval_every == 0 or i + 1 == steps:
-      curve.append((i + 1, float(eval_fn(state)["accuracy"])))
-      print(f"  JAX step {i + 1}: student {curve[-1][1]:.2%}", flush=True)
-  return curve, elapsed / max(steps - 1, 1)
+  box = {"state": state}
+
+  def step():
+    box["state"], _ = step_jit(box["state"], None)
+    jax.block_until_ready(box["state"])
+  return _timed_steps(config.student.steps, step,
+                      lambda: float(eval_fn(box["state"])["accuracy"]), eval_every, "JAX")
 
 
 def main():
@@ -339,6 +343,8 @@ def main():
   torch.set_num_threads(os.cpu_count() or 1)
   test = input_pipeline.load_dataset("mnist5k", "test")
   info = test.info
+  test_torch = (torch.tensor(np.ascontiguousarray(test.images.transpose(0, 3, 1, 2))),
+                torch.tensor(test.labels.astype(np.int64)))
   results = {}
   for n, seed in enumerate(seeds):
     teacher_dir = os.path.join(args.workdir, f"seed{seed}", "teacher_only")
@@ -356,8 +362,7 @@ def main():
       config.student.steps = args.steps
     teacher = teacher_stage.load(config, teacher_dir, info)
     t_teacher = torch_teacher(teacher, info)
-    images_nchw = torch.tensor(np.ascontiguousarray(test.images.transpose(0, 3, 1, 2)))
-    t_acc = torch_accuracy(t_teacher, images_nchw, torch.tensor(test.labels.astype(np.int64)))
+    t_acc = torch_accuracy(t_teacher, *test_torch)
     print(f"seed {seed}: teacher {summary['teacher']['test_accuracy']:.2%} (JAX), "
           f"{t_acc:.2%} (its PyTorch copy)", flush=True)
     if n == 0:
@@ -367,8 +372,8 @@ def main():
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
       print(flush=True)
     if not args.skip_training:
-      results[seed] = train_both(config, teacher, info, t_teacher, test, args.eval_every,
-                                 args.impls.split(","))
+      results[seed] = train_both(config, teacher, info, t_teacher, test, test_torch,
+                                 args.eval_every, args.impls.split(","))
   if not results:
     return
   print(f"\nmnist5k DAFL, {config.student.steps} steps, generator width "

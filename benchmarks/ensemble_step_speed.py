@@ -100,10 +100,7 @@ def main():
   rows = []
   for lowering in args.lowerings.split(","):
     name, step, state = build_steps(cfg, teacher, info, lowering, g)
-    t = time.perf_counter()
-    state, _ = step(state)
-    jax.block_until_ready(state)
-    first = time.perf_counter() - t
+    state, (first,) = time_steps(step, state, 1)
     rows.append({"name": name, "step": step, "state": state, "first": first, "times": [],
                  "round_medians": []})
     print(f"{name}: first call (compile) {first:.1f} s", flush=True)

@@ -38,10 +38,12 @@ def _convert(key, value: str, default):
 
 def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
   """`get_config(arg)` of the config file at `path` (what --config=path:arg loads)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
   name = "config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None or not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist")
+  if spec is None:
+    raise ConfigError(f"config file {path!r} is not a Python file")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
