@@ -7,6 +7,7 @@ ConfigDict with the values converted to the defaults' types. Unknown keys are er
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -80,44 +81,261 @@ def check_non_negative(name: str, value):
     raise ConfigError(f"{name} must be >= 0, got {value}")
 
 
+# --- The config schema: every field, its default and its domain -----------------------------
+#
+# Each field of every section is declared once, with its default and a `Domain` that checks a
+# value (type, range or choice). `base_config()` builds the defaults from the table and
+# `check_config(config)` checks every field of a config against it, before a run writes
+# anything; a field the table does not know is an error too.
+
+METHODS = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
+STAGES = ("all", "teacher", "generators", "distill", "train")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+GENERATOR_STYLES = ("dafl", "luo")
+ENSEMBLE_LOSSES = ("luo", "dafl")
+LOWERINGS = ("auto", "vmap", "unroll")
+SINGLE_TARGETS = ("random", "argmax")
+MM_FORMS = ("l2", "kl")  # losses.BN_MOMENT_FORMS (tests/test_config_schema.py checks they agree)
+
+
+def _type_name(kind) -> str:
+  return {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+          tuple: "a tuple of numbers"}[kind]
+
+
+class Domain:
+  """The values a config field may take; `check(name, value)` raises ConfigError otherwise."""
+
+  kind: type = object
+
+  def check(self, name: str, value):
+    raise NotImplementedError
+
+  def bad_values(self) -> list:
+    """Values outside the domain (of the right type), for the tests that try every field."""
+    return []
+
+  def _check_type(self, name, value):
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          bool: lambda v: isinstance(v, bool),
+          tuple: lambda v: isinstance(v, (tuple, list))}[self.kind](value)
+    if not ok:
+      raise ConfigError(f"{name} must be {_type_name(self.kind)}, got {value!r}")
+
+
+class Number(Domain):
+  """An int or float in a range: `low` < value (or <= with low_inclusive), value < `high`."""
+
+  def __init__(self, kind=float, low=None, low_inclusive=True, high=None, note=""):
+    self.kind, self.low, self.low_inclusive, self.high, self.note = (
+        kind, low, low_inclusive, high, note)
+
+  def check(self, name, value):
+    self._check_type(name, value)
+    if self.kind is float and not math.isfinite(value):
+      raise ConfigError(f"{name} must be a finite number, got {value}")
+    low, high = self.low, self.high
+    if low is not None:
+      if low == 0 and not self.low_inclusive and not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+      if low == 0 and self.low_inclusive and not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+      if low != 0 and not (value > low if not self.low_inclusive else value >= low):
+        op = ">" if not self.low_inclusive else ">="
+        raise ConfigError(f"{name} must be {op} {low}{self.note}, got {value}")
+    if high is not None and not value < high:
+      raise ConfigError(f"{name} must be < {high}, got {value}")
+
+  def bad_values(self):
+    out = []
+    if self.low is not None:
+      out.append(self.kind(self.low) - 1 if self.low_inclusive else self.kind(self.low))
+    if self.high is not None:
+      out.append(self.kind(self.high))
+    if self.kind is float:
+      out.append(float("nan"))
+    return out
+
+
+class Choice(Domain):
+  """One of a fixed set of strings; `choices` may be a function (registries read lazily)."""
+
+  kind = str
+
+  def __init__(self, choices, label=None, listing="choose one of"):
+    self._choices, self.label, self.listing = choices, label, listing
+
+  def choices(self):
+    return tuple(self._choices() if callable(self._choices) else self._choices)
+
+  def check(self, name, value):
+    self._check_type(name, value)
+    choices = self.choices()
+    if value not in choices:
+      label = self.label or name
+      raise ConfigError(f"unknown {label} {value!r}; {self.listing}: {', '.join(choices)}")
+
+  def bad_values(self):
+    return ["no_such_choice"]
+
+
+class Flag(Domain):
+  kind = bool
+
+  def check(self, name, value):
+    self._check_type(name, value)
+
+
+class Text(Domain):
+  """Any string (a path; whether it exists is checked where it is used)."""
+  kind = str
+
+  def check(self, name, value):
+    self._check_type(name, value)
+
+
+class Fractions(Domain):
+  """A non-decreasing tuple of fractions of the run, each in (0, 1) (step schedule boundaries)."""
+  kind = tuple
+
+  def check(self, name, value):
+    self._check_type(name, value)
+    for v in value:
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ConfigError(f"{name} must hold fractions of the run in (0, 1), got {tuple(value)}")
+    if list(value) != sorted(value):
+      raise ConfigError(f"{name} must be in increasing order, got {tuple(value)}")
+
+  def bad_values(self):
+    return [(0.8, 0.4), (0.5, 1.5)]
+
+
+def _datasets():
+  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return sorted(input_pipeline.DATASETS)
+
+
+def _models():
+  from datafree_jax.models import classifiers  # pylint: disable=g-import-not-at-top
+  return sorted(classifiers.CLASSIFIERS)
+
+
+POSITIVE = Number(float, 0, low_inclusive=False)
+NON_NEGATIVE = Number(float, 0)
+POSITIVE_INT = Number(int, 0, low_inclusive=False)
+NON_NEGATIVE_INT = Number(int, 0)
+FRACTION = Number(float, 0, high=1)  # [0, 1): momentum, Adam's betas
+OFF_OR_STEP = Number(int, -1, note=" (-1 = off)")
+
+
+def _optimizer_fields(lr, schedule="constant", **extra):
+  return dict(optimizer=("adam", Choice(OPTIMIZERS)), lr=(lr, POSITIVE),
+              schedule=(schedule, Choice(SCHEDULES)), weight_decay=(0.0, NON_NEGATIVE), **extra)
+
+
+def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):
+  return dict(
+      model=(model, Choice(_models, label=f"{role} model", listing="known models")),
+      width=(0, NON_NEGATIVE_INT),  # ResNets' base width; 0 = 64. Ignored by other models.
+      steps=(steps, POSITIVE_INT), batch_size=(batch_size, POSITIVE_INT),
+      **_optimizer_fields(lr, schedule),
+      boundaries=((0.4, 0.8), Fractions()),  # schedule 'step': x0.1 at each fraction of steps
+      momentum=(0.9, FRACTION),              # SGD only
+      eval_every=(0, NON_NEGATIVE_INT), **extra)
+
+
+SCHEMA = {
+    "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
+    "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
+    "method": ("dafl", Choice(METHODS, label="method")),
+    "stage": ("all", Choice(STAGES, label="stage")),  # see train.py
+    "generator_checkpoint": ("", Text()),  # stage=distill of method ensemble: '' = <workdir>/generators
+    "seed": (0, NON_NEGATIVE_INT),
+    "log_every_secs": (10.0, NON_NEGATIVE),
+    "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between periodic checkpoints; 0 = final only
+    "debug_nan_at_step": (-1, OFF_OR_STEP),       # tests: make the loss NaN at this step of each stage
+    "debug_stop_after_steps": (-1, OFF_OR_STEP),  # tests: stop each stage after this many steps
+    "teacher": _classifier_fields(
+        "teacher", "lenet5", 1000, 128, 1e-3, "cosine",
+        augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag()),
+        bn_stats_per_class=(100, POSITIVE_INT)),
+    "student": _classifier_fields(
+        "student", "lenet5_half", 1000, 256, 2e-3, "constant", temperature=(1.0, POSITIVE)),
+    "generator": dict(
+        style=("dafl", Choice(GENERATOR_STYLES)), latent_dim=(100, POSITIVE_INT),
+        width=(128, POSITIVE_INT), num_upsample=(2, NON_NEGATIVE_INT),
+        **_optimizer_fields(0.2), b1=(0.9, FRACTION), b2=(0.999, FRACTION),
+        w_oh=(1.0, NON_NEGATIVE), w_a=(0.1, NON_NEGATIVE), w_ie=(5.0, NON_NEGATIVE)),
+    # Luo et al.'s per-class generator ensemble (method 'ensemble', stages/ensemble.py). The
+    # generators take latent_dim/width/num_upsample from `generator`, the style from here.
+    "ensemble": dict(
+        num_generators=(0, NON_NEGATIVE_INT),  # 0 = one per class; 1 = one for all classes
+        single_target=("random", Choice(SINGLE_TARGETS)),  # G = 1: target class per sample
+        style=("luo", Choice(GENERATOR_STYLES)),
+        loss=("luo", Choice(ENSEMBLE_LOSSES)),  # inceptionism + moment matching | DAFL's terms
+        steps=(150, POSITIVE_INT), batch_per_generator=(32, POSITIVE_INT),
+        **_optimizer_fields(0.01), b1=(0.9, FRACTION), b2=(0.999, FRACTION),
+        w_tv=(0.0, NON_NEGATIVE), w_l2=(0.0, NON_NEGATIVE), w_mm=(1.0, NON_NEGATIVE),
+        mm_form=("l2", Choice(MM_FORMS)),
+        lowering=("auto", Choice(LOWERINGS)),  # auto: unroll on CPU, vmap elsewhere
+        max_generators_per_device_at_once=(0, NON_NEGATIVE_INT),  # 0 = all local at once
+        eval_every=(50, NON_NEGATIVE_INT)),
+}
+
+
+def schema_fields():
+  """[(dotted name, default, Domain)] for every field of every section, in table order."""
+  out = []
+  for key, entry in SCHEMA.items():
+    if isinstance(entry, dict):
+      out.extend((f"{key}.{k}", d, dom) for k, (d, dom) in entry.items())
+    else:
+      out.append((key, entry[0], entry[1]))
+  return out
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key a config may set, with defaults; experiment configs override what they need."""
   c = ml_collections.ConfigDict()
-  c.dataset = "mnist5k"
-  c.data_dir = ""              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
-  c.method = "dafl"            # dafl | ensemble | kd_data | kd_noise | teacher
-  c.stage = "all"              # all | teacher | train | generators | distill (see train.py)
-  c.generator_checkpoint = ""  # stage=distill of method ensemble: '' = <workdir>/generators
-  c.seed = 0
-  c.log_every_secs = 10.0
-  c.checkpoint_every = 500     # steps between periodic checkpoints of every stage
-  c.debug_nan_at_step = -1     # tests: make the loss NaN at this step of each stage
-  c.debug_stop_after_steps = -1  # tests: stop each stage after this many steps, as if killed
-
-  c.teacher = ml_collections.ConfigDict(dict(
-      model="lenet5", width=0, steps=1000, batch_size=128, optimizer="adam", lr=1e-3,
-      schedule="cosine", boundaries=(0.4, 0.8), weight_decay=0.0, momentum=0.9,
-      augment_shift=0, augment_flip=False,
-      eval_every=0, bn_stats_per_class=100))
-  c.student = ml_collections.ConfigDict(dict(
-      model="lenet5_half", width=0, steps=1000, batch_size=256, optimizer="adam", lr=2e-3,
-      schedule="constant", boundaries=(0.4, 0.8), weight_decay=0.0, momentum=0.9,
-      temperature=1.0, eval_every=0))
-  c.generator = ml_collections.ConfigDict(dict(
-      style="dafl", latent_dim=100, width=128, num_upsample=2, optimizer="adam", lr=0.2,
-      schedule="constant", b1=0.9, b2=0.999, weight_decay=0.0,
-      w_oh=1.0, w_a=0.1, w_ie=5.0))
-  # Luo et al.'s per-class generator ensemble (method 'ensemble', stages/ensemble.py). The
-  # generators take latent_dim/width/num_upsample from `generator`, the style from here.
-  c.ensemble = ml_collections.ConfigDict(dict(
-      num_generators=0,          # 0 = one per class; 1 = one generator for all classes
-      single_target="random",    # G = 1: target class per sample, 'random' | 'argmax'
-      style="luo", loss="luo",   # loss: 'luo' (inceptionism + moment matching) | 'dafl'
-      steps=150, batch_per_generator=32,
-      optimizer="adam", lr=0.01, schedule="constant", b1=0.9, b2=0.999, weight_decay=0.0,
-      # Sized for mnist5k on a 2-core CPU; this combination was measured (configs/mnist5k.py).
-      w_tv=0.0, w_l2=0.0, w_mm=1.0, mm_form="l2",
-      lowering="auto",           # auto (unroll on CPU, vmap elsewhere) | vmap | unroll
-      max_generators_per_device_at_once=0,  # 0 = all local generators in one vmap/unroll
-      eval_every=50))
+  for key, entry in SCHEMA.items():
+    if isinstance(entry, dict):
+      c[key] = ml_collections.ConfigDict({k: d for k, (d, _) in entry.items()})
+    else:
+      c[key] = entry[0]
   return c
+
+
+def check_section(config, section: str):
+  """Checks every field of one section (a dict of the table) of `config`; raises ConfigError."""
+  entry = SCHEMA[section]
+  values = config[section]
+  unknown = sorted(set(values.keys()) - set(entry))
+  if unknown:
+    raise ConfigError(f"unknown config field {section}.{unknown[0]}; {section} has: "
+                      f"{', '.join(entry)}")
+  missing = [k for k in entry if k not in values]
+  if missing:
+    raise ConfigError(f"config field {section}.{missing[0]} is missing")
+  for key, (_, domain) in entry.items():
+    domain.check(f"{section}.{key}", values[key])
+
+
+def check_config(config):
+  """Checks every field of every section of `config` against SCHEMA; raises ConfigError.
+
+  Only each field's own domain: what depends on several fields (stage vs method, image size vs
+  upsampling, batch vs devices) is checked by train.validate.
+  """
+  unknown = sorted(set(config.keys()) - set(SCHEMA))
+  if unknown:
+    raise ConfigError(f"unknown config field {unknown[0]!r}; a config has: {', '.join(SCHEMA)}")
+  for key, entry in SCHEMA.items():
+    if key not in config:
+      raise ConfigError(f"config field {key} is missing")
+    if isinstance(entry, dict):
+      check_section(config, key)
+    else:
+      entry[1].check(key, config[key])

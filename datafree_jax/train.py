@@ -16,6 +16,7 @@ checkpoint in config.generator_checkpoint, default <workdir>/generators; for kd_
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -28,40 +29,37 @@ from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
 
-METHODS = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
-STAGES = ("all", "teacher", "generators", "distill", "train")
+METHODS = config_lib.METHODS
+STAGES = config_lib.STAGES
 # The stages of each method after the teacher that `config.stage` may name on their own.
 _OWN_STAGES = {"ensemble": ("generators", "distill"), "kd_data": ("distill",),
                "kd_noise": ("distill",)}
 
 
 def validate(config):
-  """Checks the config before anything is written; raises ConfigError."""
-  config_lib.check_choice("method", config.method, METHODS)
-  config_lib.check_choice("stage", config.stage, STAGES)
-  input_pipeline.dataset_info(config.dataset)
-  from datafree_jax import models  # pylint: disable=g-import-not-at-top
-  for role in ("teacher", "student"):
-    name = config[role].model
-    if name not in models.CLASSIFIERS:
-      raise config_lib.ConfigError(
-          f"unknown {role} model {name!r}; known models: {', '.join(sorted(models.CLASSIFIERS))}")
-    for key in ("lr", "steps", "batch_size"):
-      config_lib.check_positive(f"{role}.{key}", config[role][key])
-    config_lib.check_non_negative(f"{role}.weight_decay", config[role].weight_decay)
-  config_lib.check_positive("generator.lr", config.generator.lr)
-  for key in ("w_oh", "w_a", "w_ie"):
-    config_lib.check_non_negative(f"generator.{key}", config.generator[key])
+  """Checks the config before anything is written; raises ConfigError.
+
+  Every field against its domain (config_lib.SCHEMA), then what depends on several fields.
+  """
+  config_lib.check_config(config)
+  info = input_pipeline.dataset_info(config.dataset)
   if config.stage in ("generators", "distill") and config.stage not in _OWN_STAGES.get(
       config.method, ()):
     raise config_lib.ConfigError(
         f"stage {config.stage!r} does not apply to method {config.method!r}; it is a stage of "
         + " and ".join(sorted(m for m, st in _OWN_STAGES.items() if config.stage in st))
         + " (use stage=all, teacher or train)")
+  ups = config.generator.num_upsample
+  if info.image_size % 2**ups:
+    largest = int(math.log2(info.image_size & -info.image_size))
+    raise config_lib.ConfigError(
+        f"generator.num_upsample={ups} does not fit the {info.image_size}x{info.image_size} "
+        f"images of dataset {config.dataset!r}: the image size must be a multiple of 2^{ups} "
+        f"(use num_upsample <= {largest})")
   if config.method == "ensemble":
     import jax  # pylint: disable=g-import-not-at-top
+    from datafree_jax import models  # pylint: disable=g-import-not-at-top
     from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
-    info = input_pipeline.dataset_info(config.dataset)
     teacher = models.get_classifier(config.teacher.model, info.num_classes,
                                     config.teacher.get("width", 0))
     shapes = jax.eval_shape(lambda: teacher.init(

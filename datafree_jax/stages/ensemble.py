@@ -69,9 +69,7 @@ STAGE_SALT = 4          # rng of the generator steps
 INIT_SALT = 40          # rng of the generators' initialisation
 SAMPLE_SEED = 1234      # fixed latents of the evaluation samples and grids
 SAMPLES_PER_ROW = 10    # samples per generator in the grids (visualize's 10 columns)
-LOSSES = ("luo", "dafl")
-LOWERINGS = ("auto", "vmap", "unroll")
-SINGLE_TARGETS = ("random", "argmax")
+LOWERINGS = config_lib.LOWERINGS
 ALL_CLASSES = -1        # class id of a generator trained on all classes (G = 1)
 
 
@@ -87,18 +85,9 @@ def checkpoint_to_distill(config, workdir: str) -> str:
 def validate(config, teacher_has_bn: Optional[bool] = None):
   """Checks config.ensemble; raises ConfigError. `teacher_has_bn` enables the BN check."""
   e = config.ensemble
-  config_lib.check_choice("ensemble.style", e.style, ("dafl", "luo"))
-  config_lib.check_choice("ensemble.loss", e.loss, LOSSES)
-  config_lib.check_choice("ensemble.mm_form", e.mm_form, losses.BN_MOMENT_FORMS)
-  config_lib.check_choice("ensemble.lowering", e.lowering, LOWERINGS)
-  config_lib.check_choice("ensemble.single_target", e.single_target, SINGLE_TARGETS)
-  for key in ("steps", "batch_per_generator", "lr"):
-    config_lib.check_positive(f"ensemble.{key}", e[key])
-  for key in ("num_generators", "w_tv", "w_l2", "w_mm", "max_generators_per_device_at_once",
-              "eval_every"):
-    config_lib.check_non_negative(f"ensemble.{key}", e[key])
+  config_lib.check_section(config, "ensemble")
   if e.loss == "dafl":
-    dafl.check_weights(config.generator, ("w_oh", "w_a", "w_ie"))
+    config_lib.check_section(config, "generator")
   if teacher_has_bn is False and e.w_mm > 0:
     raise config_lib.ConfigError(
         f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "

@@ -1,0 +1,110 @@
+"""The config schema: every field of every section is checked before anything is written, and
+every config file, with every method, loads and validates.
+
+The bad values are generated from the schema (config_lib.SCHEMA), so a field added to the
+table is tried here without editing this file.
+"""
+import glob
+import os
+
+import pytest
+
+from conftest import REPO_ROOT, tiny_config
+from datafree_jax import config_lib
+from datafree_jax import losses
+from datafree_jax import train
+from test_bad_input import assert_rejected
+
+FIELDS = config_lib.schema_fields()
+# A value of the wrong type for each kind of field.
+WRONG_TYPE = {int: 1.5, float: "fast", str: 3, bool: "yes", tuple: "0.4"}
+
+
+def _cases():
+  for name, default, domain in FIELDS:
+    for value in domain.bad_values() + [WRONG_TYPE[domain.kind]]:
+      yield pytest.param(name, value, domain, id=f"{name}={value!r}")
+
+
+def _set(config, name, value):
+  node = config
+  *parents, leaf = name.split(".")
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def test_the_schema_is_the_base_config():
+  base = config_lib.base_config()
+  flat = {f"{k}.{kk}" if isinstance(v, dict) else k
+          for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
+  assert flat == {name for name, _, _ in FIELDS}
+  assert len(FIELDS) == 68
+  for name, default, domain in FIELDS:
+    domain.check(name, default)  # Every default is inside its own domain.
+  assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
+
+
+@pytest.mark.parametrize("name,value,domain", list(_cases()))
+def test_every_bad_field_value_is_rejected_before_anything_is_written(tmp_path, capsys, name,
+                                                                      value, domain):
+  config = tiny_config("ensemble", **{"teacher.model": "lenet5_bn"})
+  _set(config, name, value)
+  workdir = tmp_path / "w"
+  line = assert_rejected(config, workdir, capsys, "")
+  label = getattr(domain, "label", None)
+  assert name in line or (label and f"unknown {label} {value!r}" in line), line
+  assert not workdir.exists()
+
+
+def test_unknown_and_missing_fields_are_errors():
+  config = tiny_config("dafl")
+  config.teacher.stepz = 3
+  with pytest.raises(config_lib.ConfigError, match="unknown config field teacher.stepz"):
+    config_lib.check_config(config)
+  config = tiny_config("dafl")
+  config.learning_rate = 0.1
+  with pytest.raises(config_lib.ConfigError, match="unknown config field 'learning_rate'"):
+    config_lib.check_config(config)
+  config = tiny_config("dafl")
+  del config.student["temperature"]
+  with pytest.raises(config_lib.ConfigError, match="student.temperature is missing"):
+    config_lib.check_config(config)
+
+
+@pytest.mark.parametrize("ups,ok", [(0, True), (5, True), (6, False)])
+def test_generator_upsampling_must_fit_the_image_size(ups, ok):
+  config = tiny_config("dafl", **{"generator.num_upsample": ups})
+  if ok:
+    train.validate(config)
+  else:
+    with pytest.raises(config_lib.ConfigError, match="num_upsample=6 does not fit the 32x32"):
+      train.validate(config)
+
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+# (config file, argument) pairs that are refused on purpose, with the reason's text.
+REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5"}
+
+
+def _arguments(path):
+  """Every method, and for mnist.py every model, of a config file."""
+  models = ("lenet5", "hinton") if os.path.basename(path) == "mnist.py" else (None,)
+  for model in models:
+    for method in config_lib.METHODS:
+      yield f"model={model},method={method}" if model else f"method={method}"
+
+
+@pytest.mark.parametrize("path,arg", [(p, a) for p in CONFIG_FILES for a in _arguments(p)],
+                         ids=lambda x: os.path.basename(x) if str(x).endswith(".py") else x)
+def test_every_config_file_validates_with_every_method(path, arg):
+  assert len(CONFIG_FILES) == 4
+  refused = REFUSED.get((os.path.basename(path), arg))
+  if refused:
+    with pytest.raises(config_lib.ConfigError, match=refused):
+      train.validate(config_lib.load_config_file(path, arg))
+    return
+  config = config_lib.load_config_file(path, arg)
+  assert config.method == arg.split("method=")[1]
+  train.validate(config)
