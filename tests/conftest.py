@@ -13,6 +13,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# As flax's examples do in their tests: XLA compiles the tiny programs without most of its
+# optimisation passes (much faster to compile, the same results up to float rounding). Also
+# inherited by the subprocesses, so their programs are the in-process ones, bit for bit.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -46,3 +50,50 @@ def tiny_config(method="dafl", **overrides):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def ensemble_config(**overrides):
+  """The tiny ensemble config: 3 generators of width 8, batch 8 each, 4 steps (LeNet-5-BN
+  teacher, LeNet-5-half-BN student: mnist5k's choice for method=ensemble)."""
+  base = {"ensemble.num_generators": 3, "ensemble.batch_per_generator": 8,
+          "ensemble.steps": 4, "ensemble.eval_every": 2, "ensemble.lowering": "vmap",
+          "ensemble.w_tv": 0.1, "ensemble.w_l2": 0.1, "ensemble.w_mm": 0.5}
+  base.update(overrides)
+  return tiny_config("ensemble", **base)
+
+
+def copy_stages(src, dst, *stages):
+  """Copies the stage directories `stages` (e.g. 'teacher') of workdir `src` into `dst`."""
+  for stage in stages:
+    shutil.copytree(os.path.join(str(src), stage), os.path.join(str(dst), stage))
+  return str(dst)
+
+
+# Trained once per test session and shared, read-only: tests copy what they change.
+
+@pytest.fixture(scope="session")
+def lenet5_teacher_workdir(tmp_path_factory):
+  """A workdir with a finished tiny LeNet-5 teacher (tiny_config('teacher'): 40 steps)."""
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("lenet5_teacher"))
+  train.train_and_evaluate(tiny_config("teacher"), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def bn_teacher_workdir(tmp_path_factory):
+  """A workdir with a finished tiny LeNet-5-BN teacher (10 steps) and its BN statistics."""
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("bn_teacher"))
+  train.train_and_evaluate(ensemble_config(stage="teacher", **{
+      "teacher.steps": 10, "checkpoint_every": 1000}), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def generators_workdir(bn_teacher_workdir, tmp_path_factory):
+  """(workdir, summary): stage=generators of ensemble_config() ran after the BN teacher."""
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = copy_stages(bn_teacher_workdir, tmp_path_factory.mktemp("generators"), "teacher")
+  summary = train.train_and_evaluate(ensemble_config(stage="generators"), workdir)
+  return workdir, summary

@@ -61,14 +61,9 @@ def ens_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(generators_workdir):
   """A workdir with a finished tiny LeNet-5-BN teacher and finished tiny generators."""
-  workdir = str(tmp_path_factory.mktemp("finished"))
-  config = ens_config(stage="generators", **{"teacher.steps": 4})
-  config.stage = "teacher"
-  train.train_and_evaluate(config, workdir)
-  config.stage = "generators"
-  train.train_and_evaluate(config, workdir)
+  workdir, _ = generators_workdir
   assert os.path.isdir(ensemble.directory(workdir))
   return workdir
 

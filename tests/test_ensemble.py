@@ -1,4 +1,5 @@
 """Luo et al.'s generator ensemble: the stacked step, both stages, checkpoints, config errors."""
+import functools
 import os
 import shutil
 
@@ -8,11 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import tiny_config
+from conftest import ensemble_config, tiny_config
 from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import input_pipeline
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import train
@@ -21,22 +23,9 @@ from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
 
 
-def ensemble_config(**overrides):
-  """The tiny ensemble config: 3 generators of width 8, batch 8 each, 4 steps."""
-  base = {"ensemble.num_generators": 3, "ensemble.batch_per_generator": 8,
-          "ensemble.steps": 4, "ensemble.eval_every": 2, "ensemble.lowering": "vmap",
-          "ensemble.w_tv": 0.1, "ensemble.w_l2": 0.1, "ensemble.w_mm": 0.5}
-  base.update(overrides)
-  return tiny_config("ensemble", **base)
-
-
 @pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("teacher_bn"))
-  config = tiny_config("teacher", **{"teacher.model": "lenet5_bn", "teacher.steps": 10,
-                                     "checkpoint_every": 1000})
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def teacher_workdir(bn_teacher_workdir):
+  return bn_teacher_workdir
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +41,32 @@ def _np(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+# Variants of the tiny ensemble (2 generators, SGD) whose first step is compared with
+# independent single-generator updates. SGD: Adam's first update is lr * g / (|g| + eps), which
+# maps the float noise on gradients that are exactly 0 in exact arithmetic (the conv biases
+# before a BN) to +-lr. Sharding over 8 devices is checked in test_ensemble_multidevice.py.
+VARIANTS = {
+    "vmap": {},
+    "unroll": {"ensemble.lowering": "unroll"},
+    "vmap_chunked": {"ensemble.max_generators_per_device_at_once": 1},
+    "kl": {"ensemble.mm_form": "kl"},
+    "one_generator_random": {"ensemble.num_generators": 1},
+    "one_generator_argmax": {"ensemble.num_generators": 1, "ensemble.single_target": "argmax"},
+}
+
+
+def variant_config(name):
+  return ensemble_config(**{"ensemble.optimizer": "sgd", "ensemble.lr": 0.05,
+                            "ensemble.num_generators": 2, **VARIANTS[name]})
+
+
 @pytest.fixture(scope="module")
 def one_step(setup):
-  """Initial state and the state after one step, for each lowering (SGD, see below)."""
+  """{variant: (config, ensemble, state before, state after one step, metrics)}."""
   info, teacher = setup
   out = {}
-  # SGD: Adam's first update is lr * g / (|g| + eps), which maps the float noise on gradients
-  # that are exactly 0 in exact arithmetic (the conv biases before a BN) to +-lr.
-  # Two generators keep the compilation of the unrolled step short. Chunking and sharding are
-  # checked against the vmapped step in test_ensemble_multidevice.py.
-  for name, kw in {"vmap": {}, "unroll": {"ensemble.lowering": "unroll"}}.items():
-    config = ensemble_config(**{"ensemble.optimizer": "sgd", "ensemble.lr": 0.05,
-                                "ensemble.num_generators": 2}, **kw)
+  for name in VARIANTS:
+    config = variant_config(name)
     ens = ensemble.build(config, teacher, info)
     before = _np(ens.state)
     state, metrics = ens.step(ens.state)
@@ -77,106 +80,214 @@ def _assert_trees_close(a, b, atol=1e-5):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0)
 
 
-def test_vmap_and_unroll_lowerings_give_the_same_step(one_step):
+@pytest.mark.parametrize("name", ["unroll", "vmap_chunked"])
+def test_lowerings_and_chunking_give_the_same_step(one_step, name):
   _, ens, before, ref, ref_metrics = one_step["vmap"]
-  assert ens.lowering == "vmap" and one_step["unroll"][1].lowering == "unroll"
-  for name in ("unroll",):
-    _, _, _, state, metrics = one_step[name]
-    _assert_trees_close(ref["params"], state["params"])
-    _assert_trees_close(ref["batch_stats"], state["batch_stats"])
-    assert metrics.keys() == ref_metrics.keys()
-    for k in metrics:
-      np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-5)
+  config, other, _, state, metrics = one_step[name]
+  assert ens.lowering == "vmap" and other.lowering == config.ensemble.lowering
+  _assert_trees_close(ref["params"], state["params"])
+  _assert_trees_close(ref["batch_stats"], state["batch_stats"])
+  assert metrics.keys() == ref_metrics.keys()
+  for k in metrics:
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-5)
   # The step changed every generator.
   a, b = before["params"]["fc"]["kernel"], ref["params"]["fc"]["kernel"]
   assert all(np.abs(a[k] - b[k]).max() > 1e-4 for k in range(2))
 
 
-def test_step_equals_independent_single_generator_updates(one_step, setup):
-  """Each member's update is an ordinary one-generator update with its own class and rng."""
-  _, teacher = setup
-  config, ens, before, after, metrics = one_step["vmap"]
+def _teacher_view(tmodel, tvars, images):
+  """Teacher logits and the batch moments of each BN layer's input, computed without the
+  'bn_inputs' recording: in LeNet-5-BN the input of bn<i> is the output of conv<i>."""
+  logits, inter = tmodel.apply(tvars, images, train=False, capture_intermediates=True,
+                               mutable=["intermediates"])
+  moments = {}
+  for i in (1, 2, 3):
+    x = inter["intermediates"][f"conv{i}"]["__call__"][0]
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    moments[f"bn{i}"] = {"mean": mean, "var": jnp.mean((x - mean) ** 2, axis=(0, 1, 2))}
+  return logits, moments
+
+
+def _moment_matching(moments, targets, form):
+  """L_mm by hand: sum over layers of ||mu - mu_t|| + ||var - var_t|| ('l2'), or of the mean
+  over channels of KL(N(mu, var) || N(mu_t, var_t)) with 1e-5 added to the variances ('kl')."""
+  total = 0.0
+  for layer, m in moments.items():
+    t = targets[layer]
+    if form == "l2":
+      total += (jnp.sqrt(jnp.sum((m["mean"] - t["mean"]) ** 2)) +
+                jnp.sqrt(jnp.sum((m["var"] - t["var"]) ** 2)))
+    else:
+      v, vt = m["var"] + 1e-5, t["var"] + 1e-5
+      total += jnp.mean(0.5 * (jnp.log(vt / v) + (v + (m["mean"] - t["mean"]) ** 2) / vt - 1))
+  return total
+
+
+@pytest.mark.parametrize("name", ["vmap", "kl", "one_generator_random",
+                                  "one_generator_argmax"])
+def test_step_equals_independent_single_generator_updates(one_step, setup, name):
+  """Each member's update is an ordinary one-generator update with its own class and rng:
+  target-class CE (G = 1: a random class per image, or the teacher's argmax) + TV and l2
+  priors + moment matching against its class's BN statistics (G = 1: the global ones)."""
+  info, teacher = setup
+  config, ens, before, after, metrics = one_step[name]
   e = config.ensemble
   gen, tmodel, tvars = ens.gen, teacher["model"], teacher["variables"]
-  tx = optax.sgd(e.lr)
+  assert ens.num_generators == (1 if name.startswith("one_") else 2)
 
-  @jax.jit
-  def update(params, batch_stats, targets, z, k):
+  @functools.partial(jax.jit, static_argnums=4)
+  def update(params, batch_stats, targets, key, k):
+    z = jax.random.normal(jax.random.split(key)[0], (e.batch_per_generator, gen.latent_dim))
+
     def loss_fn(p):
       images, upd = gen.apply({"params": p, "batch_stats": batch_stats}, z, train=True,
                               mutable=["batch_stats"])
-      logits, _, moments = common.teacher_forward(tmodel, tvars, images, moments=True)
-      labels = jnp.full((z.shape[0],), k)
-      loss = (losses.inceptionism_loss(logits, labels, images, e.w_tv, e.w_l2) +
-              e.w_mm * losses.bn_moment_matching(moments, targets, form=e.mm_form))
+      logits, moments = _teacher_view(tmodel, tvars, images)
+      if k >= 0:
+        labels = jnp.full((z.shape[0],), k)
+      elif e.single_target == "argmax":
+        labels = jnp.argmax(logits, -1)
+      else:
+        labels = jax.random.randint(jax.random.split(key)[1], (z.shape[0],), 0,
+                                    info.num_classes)
+      ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+      loss = (ce + e.w_tv * losses.total_variation(images) +
+              e.w_l2 * losses.image_l2_prior(images) +
+              e.w_mm * _moment_matching(moments, targets, e.mm_form))
       return loss, upd["batch_stats"]
     (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates), new_bs, loss
+    return jax.tree.map(lambda p, g: p - e.lr * g, params, grads), new_bs, loss
 
   member_losses = []
   for k in range(ens.num_generators):
     member = lambda x, k=k: x[k]
-    key = ensemble.member_key(config.seed, 0, k)
-    z = jax.random.normal(jax.random.split(key)[0], (e.batch_per_generator, gen.latent_dim))
+    stats = teacher["bn_stats"]
+    targets = stats["global"] if ens.num_generators == 1 else bn_stats.for_class(stats, k)
     params, new_bs, loss = update(jax.tree.map(member, before["params"]),
-                                  jax.tree.map(member, before["batch_stats"]),
-                                  bn_stats.for_class(teacher["bn_stats"], k), z, k)
+                                  jax.tree.map(member, before["batch_stats"]), targets,
+                                  ensemble.member_key(config.seed, 0, k),
+                                  -1 if ens.num_generators == 1 else k)
     _assert_trees_close(jax.tree.map(member, after["params"]), _np(params))
     _assert_trees_close(jax.tree.map(member, after["batch_stats"]), _np(new_bs))
     member_losses.append(float(loss))
   np.testing.assert_allclose(metrics["loss"], np.mean(member_losses), rtol=1e-5)
 
 
-def test_dafl_loss_option_uses_dafls_generator_objective(setup):
+def test_lowerings_agree_after_several_adam_steps(setup):
+  """vmap and unroll, 3 Adam steps: the generated images agree. (Parameters are not compared:
+  Adam turns float noise on exactly-zero gradients, the conv biases before a BN, into +-lr
+  steps that change no image.)"""
   info, teacher = setup
-  config = ensemble_config(**{"ensemble.loss": "dafl", "ensemble.w_mm": 0.0})
+  images = {}
+  for lowering in ("vmap", "unroll"):
+    config = ensemble_config(**{"ensemble.num_generators": 2, "ensemble.lowering": lowering})
+    ens = ensemble.build(config, teacher, info)
+    state = ens.state
+    for _ in range(3):
+      state, _ = ens.step(state)
+    images[lowering] = np.asarray(ens.sample(state, 4))
+  assert images["vmap"].shape == (2, 4, 32, 32, 1)
+  np.testing.assert_allclose(images["vmap"], images["unroll"], atol=1e-4, rtol=0)
+
+
+def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setup):
+  info, teacher = setup
+  config = ensemble_config(**{"ensemble.loss": "dafl", "ensemble.w_mm": 0.7,
+                              "generator.w_a": 0.3, "generator.w_ie": 2.0})
+  g = config.generator
   gen = ensemble.make_generator(config, info)
   params, batch_stats = dafl.init_generator(gen, jax.random.key(5))
   tmodel, tvars = teacher["model"], teacher["variables"]
+  targets = bn_stats.for_class(teacher["bn_stats"], 2)
 
   @jax.jit
   def both(key):
     loss, (_, metrics) = ensemble.member_loss(config, gen, tmodel, tvars, params, batch_stats,
-                                              {}, 2, key, 8, info.num_classes)
+                                              targets, 2, key, 8, info.num_classes)
     z = jax.random.normal(jax.random.split(key)[0], (8, gen.latent_dim))
-    ref, (_, _, _, terms) = dafl.generator_dafl_loss(gen, tmodel, tvars, config.generator,
-                                                     params, batch_stats, z)
+    images, _ = gen.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+                          mutable=["batch_stats"])
+    logits, moments = _teacher_view(tmodel, tvars, images)
+    _, feats = tmodel.apply(tvars, images, train=False, features=True)
+    p = jax.nn.softmax(logits)
+    p_mean = jnp.mean(p, 0)
+    terms = {"l_oh": -jnp.mean(jnp.log(jnp.max(p, 1))), "l_a": -jnp.mean(jnp.abs(feats)),
+             "l_ie": jnp.sum(p_mean * jnp.log10(p_mean)),
+             "mm": _moment_matching(moments, targets, "l2")}
+    ref = (g.w_oh * terms["l_oh"] + g.w_a * terms["l_a"] + g.w_ie * terms["l_ie"] +
+           0.7 * terms["mm"])
     return loss, metrics, ref, terms
   loss, metrics, ref, terms = both(jax.random.key(6))
+  assert float(terms["mm"]) > 0.01  # The moment-matching term is there and not negligible.
   np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
-  for k in ("l_oh", "l_a", "l_ie"):
+  for k in ("l_oh", "l_a", "l_ie", "mm"):
     np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5)
 
 
-def test_class_balanced_batches_from_the_generators():
-  """Every generator gives batch // G or batch // G + 1 images of a batch, in turn."""
-
-  class Fake:  # A "generator" whose images are filled with its parameter (its index).
-    latent_dim = 2
-
-    def apply(self, variables, z, train, mutable):
-      del train, mutable
-      return jnp.broadcast_to(variables["params"], (z.shape[0], 1, 1, 1)), {}
-
-  for g, batch in ((3, 32), (4, 32), (1, 5)):
-    gens = {"gen": Fake(), "meta": {"num_generators": g}}
-    fn = jax.jit(ensemble.make_images_fn(gens, "unroll"), static_argnums=1)
-    variables = {"params": jnp.arange(g, dtype=jnp.float32), "batch_stats": jnp.zeros(g)}
-    for seed in range(3):
-      images = np.asarray(fn(jax.random.key(seed), batch, variables))
-      assert images.shape == (batch, 1, 1, 1)
-      counts = np.bincount(images.reshape(-1).astype(int), minlength=g)
-      assert counts.sum() == batch and counts.max() - counts.min() <= 1, counts
+def expected_batch(gens, key, batch):
+  """The class-balanced batch of the frozen generators, computed without make_images_fn:
+  generator k draws n = ceil(batch / G) images from N(0, I) latents keyed fold_in(key, k);
+  image j of generator k goes to position j * G + (k - r) mod G, with r = 0 when G divides the
+  batch, else randint(fold_in(key, G), 0, G); the first `batch` positions are kept."""
+  gen, g = gens["gen"], int(gens["meta"]["num_generators"])
+  n = -(-batch // g)
+  r = 0 if batch % g == 0 else int(jax.random.randint(jax.random.fold_in(key, g), (), 0, g))
+  out = np.zeros((n * g,) + tuple(gens["meta"]["image_shape"]), np.float32)
+  apply = jax.jit(lambda v, z: gen.apply(v, z, train=True, mutable=["batch_stats"])[0])
+  for k in range(g):
+    v = {"params": jax.tree.map(lambda x, k=k: x[k], gens["params"]),
+         "batch_stats": jax.tree.map(lambda x, k=k: x[k], gens["batch_stats"])}
+    images = np.asarray(apply(v, jax.random.normal(jax.random.fold_in(key, k),
+                                                   (n, gen.latent_dim))))
+    for j in range(n):
+      out[j * g + (k - r) % g] = images[j]
+  return out[:batch]
 
 
 @pytest.fixture(scope="module")
-def generators_workdir(teacher_workdir, tmp_path_factory):
-  """A workdir where stage=generators of method=ensemble ran (4 steps, evaluated at 2 and 4)."""
-  workdir = str(tmp_path_factory.mktemp("generators"))
-  shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
-  summary = train.train_and_evaluate(ensemble_config(stage="generators"), workdir)
-  return workdir, summary
+def loaded_generators(generators_workdir):
+  workdir, _ = generators_workdir
+  return ensemble.load_generators(workdir, input_pipeline.dataset_info("mnist5k"))
+
+
+@pytest.mark.parametrize("batch", [9, 10, 5])
+def test_class_balanced_batches_from_the_generators(loaded_generators, batch):
+  gens = loaded_generators
+  assert gens["meta"]["num_generators"] == 3
+  fn = jax.jit(ensemble.make_images_fn(gens, "unroll"), static_argnums=1)
+  variables = {"params": gens["params"], "batch_stats": gens["batch_stats"]}
+  for seed in range(2):
+    key = jax.random.key(seed)
+    images = np.asarray(fn(key, batch, variables))
+    np.testing.assert_allclose(images, expected_batch(gens, key, batch), atol=1e-5, rtol=0)
+
+
+def test_make_eval_reports_the_teachers_view_of_the_samples(generators_workdir, setup,
+                                                            loaded_generators):
+  """The stage's final evaluation, recomputed from the saved generators: agreement is the
+  fraction of samples the teacher assigns to their generator's class, class_entropy the
+  entropy of the teacher's class histogram over all samples / log(10)."""
+  _, summary = generators_workdir
+  info, teacher = setup
+  gens = loaded_generators
+  gen = gens["gen"]
+  apply = jax.jit(lambda v, z: gen.apply(v, z, train=True, mutable=["batch_stats"])[0])
+  preds = []
+  for k in range(3):
+    v = {"params": jax.tree.map(lambda x, k=k: x[k], gens["params"]),
+         "batch_stats": jax.tree.map(lambda x, k=k: x[k], gens["batch_stats"])}
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(ensemble.SAMPLE_SEED), k),
+                          (ensemble_config().ensemble.batch_per_generator, gen.latent_dim))
+    logits = teacher["model"].apply(teacher["variables"], apply(v, z), train=False)
+    preds.append(np.asarray(jnp.argmax(logits, -1)))
+  preds = np.stack(preds)
+  agreement = np.mean(preds == np.arange(3)[:, None])
+  hist = np.bincount(preds.ravel(), minlength=10) / preds.size
+  hist = hist[hist > 0]
+  entropy = -np.sum(hist * np.log(hist)) / np.log(10)
+  evaluation = summary["generators"]["eval"]
+  np.testing.assert_allclose(evaluation["agreement"], agreement, rtol=1e-6)
+  np.testing.assert_allclose(evaluation["class_entropy"], entropy, rtol=1e-5)
 
 
 def test_generators_stage(generators_workdir):

@@ -47,10 +47,36 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   assert ckpt.restore_meta(7) == {"done": False}
 
 
+def _bn_inputs_by_capture(model, variables, images):
+  """The input of every BN layer, in evaluation mode, without the 'bn_inputs' recording.
+
+  Every BN layer of the ResNet follows a convolution (stem_conv -> stem_bn, convN -> bnN,
+  shortcut_conv -> shortcut_bn), so its input is that convolution's output, which flax's
+  capture_intermediates returns. {bn module path: (N, H, W, C) array}.
+  """
+  conv_to_bn = {"stem_conv": "stem_bn", "conv1": "bn1", "conv2": "bn2",
+                "shortcut_conv": "shortcut_bn"}
+
+  @jax.jit
+  def run(x):
+    return model.apply(variables, x, train=False,
+                       capture_intermediates=lambda mdl, method: mdl.name in conv_to_bn,
+                       mutable=["intermediates"])[1]["intermediates"]
+
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(run(jnp.asarray(images)))[0]:
+    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    assert keys[-1] == "__call__", keys
+    out["/".join(keys[:-2] + [conv_to_bn[keys[-2]]])] = np.asarray(value, np.float64)
+  return out
+
+
 def test_bn_statistics_of_a_tiny_resnet():
   model = models.get_classifier("resnet18", 3, width=4)
   params, batch_stats = common.init_model(model, jax.random.key(0), (8, 8, 3))
-  batch_stats = jax.tree.map(lambda x: x + 0.5, batch_stats)  # Not the init values.
+  # Not the init values: evaluation mode (running statistics) then differs from training mode
+  # (batch statistics) in the input of every BN layer after the first.
+  batch_stats = jax.tree.map(lambda x: x + 0.5, batch_stats)
   rng = np.random.default_rng(0)
   class_images = [rng.normal(size=(n, 8, 8, 3)).astype(np.float32) + k for k, n in
                   enumerate((4, 5, 6))]
@@ -73,11 +99,34 @@ def test_bn_statistics_of_a_tiny_resnet():
     var = ((conv - mean) ** 2).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(stats["class"]["stem_bn"]["mean"][k], mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stats["class"]["stem_bn"]["var"][k], var, rtol=1e-4, atol=1e-5)
+  # Every BN layer, deep ones included: the moments of its input in evaluation mode, over
+  # class k's images, with the input captured independently (one batch of all the classes:
+  # evaluation mode treats every image on its own).
+  inputs = _bn_inputs_by_capture(model, common.variables_of(params, batch_stats),
+                                 np.concatenate(class_images))
+  assert len(inputs) == 20
+  assert "stage4_block2/bn2" in inputs and "stage3_block1/shortcut_bn" in inputs
+  bounds = np.cumsum([0] + [len(x) for x in class_images])
+  for name, x in inputs.items():
+    node = stats["class"]
+    for part in name.split("/"):
+      node = node[part]
+    for k in range(3):
+      xk = x[bounds[k]:bounds[k + 1]]
+      mean = xk.mean(axis=(0, 1, 2))
+      var = ((xk - mean) ** 2).mean(axis=(0, 1, 2))
+      np.testing.assert_allclose(node["mean"][k], mean, rtol=1e-4, atol=1e-5, err_msg=name)
+      np.testing.assert_allclose(node["var"][k], var, rtol=1e-4, atol=1e-5, err_msg=name)
   # for_class / targets_for pick class k's statistics.
   np.testing.assert_array_equal(bn_stats.for_class(stats, 2)["stem_bn"]["mean"],
                                 stats["class"]["stem_bn"]["mean"][2])
+  np.testing.assert_array_equal(
+      bn_stats.for_class(stats, 1)["stage2_block1"]["bn2"]["var"],
+      stats["class"]["stage2_block1"]["bn2"]["var"][1])
   t = bn_stats.targets_for(stats, [2, 0])
   np.testing.assert_array_equal(t["stem_bn"]["var"][1], stats["class"]["stem_bn"]["var"][0])
+  np.testing.assert_array_equal(t["stage4_block2"]["bn2"]["mean"][0],
+                                stats["class"]["stage4_block2"]["bn2"]["mean"][2])
 
 
 def test_model_without_bn_has_empty_stats():

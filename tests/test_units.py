@@ -1,0 +1,380 @@
+"""Unit tests of small pieces: the CPU convolution's gradient, padded evaluation, BN statistics
+helpers, optimisers and schedules, random shifts."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from datafree_jax import bn_stats
+from datafree_jax import common
+from datafree_jax import loop
+from datafree_jax import models
+from datafree_jax import parallel
+from datafree_jax.models import cpu_conv
+from datafree_jax.stages import ensemble
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+# ------------------------------------------------------------------ cpu_conv vs XLA's gradient
+
+def _conv_case(cin, cout, ksize, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  # Non-square: with stride 2, 'SAME' pads H by (0, 1) and W by (1, 1), and strided windows
+  # do not tile W evenly.
+  x = jax.random.normal(keys[0], (2, 8, 9, cin), jnp.float32)
+  k = jax.random.normal(keys[1], (ksize, ksize, cin, cout), jnp.float32) / math.sqrt(
+      ksize * ksize * cin)
+  return x, k, keys[2]
+
+
+def _value_and_grads(conv, x, k, w):
+  """(out, d/dx, d/dk) of sum(sin(conv(x, k)) * w): a random, non-constant cotangent."""
+  def loss(x_, k_):
+    out = conv(x_, k_)
+    return jnp.sum(jnp.sin(out) * w), out
+  (_, out), (gx, gk) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, k)
+  return out, gx, gk
+
+
+def _assert_close_to_lax(conv, x, k, wkey, strides, padding):
+  ref_conv = lambda x_, k_: jax.lax.conv_general_dilated(x_, k_, strides, padding,
+                                                         dimension_numbers=_DN)
+  out_shape = jax.eval_shape(ref_conv, x, k).shape
+  w = jax.random.normal(wkey, out_shape, jnp.float32)
+  ref = _value_and_grads(ref_conv, x, k, w)
+  got = _value_and_grads(conv, x, k, w)
+  for name, a, b in zip(("output", "input gradient", "kernel gradient"), got, ref):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def _explicit(padding, x, k, strides):
+  if isinstance(padding, str):
+    return tuple(tuple(int(v) for v in p) for p in jax.lax.padtype_to_pads(
+        x.shape[1:3], k.shape[:2], strides, padding))
+  return padding
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 1), (1, 1)), ((2, 0), (0, 1))],
+                         ids=["same", "valid", "explicit", "asymmetric"])
+@pytest.mark.parametrize("ksize", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_conv_matches_lax_value_and_gradients(stride, ksize, padding):
+  x, k, wkey = _conv_case(16, 32, ksize)  # 16 * 32 = 512 >= MIN_CHANNEL_PRODUCT.
+  assert 16 * 32 >= cpu_conv.MIN_CHANNEL_PRODUCT
+  strides = (stride, stride)
+  # As flax's nn.Conv calls it: dimension numbers from the shapes.
+  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+  _assert_close_to_lax(
+      lambda x_, k_: cpu_conv.conv_general_dilated(x_, k_, strides, padding,
+                                                   dimension_numbers=dn),
+      x, k, wkey, strides, padding)
+  # conv_nhwc itself takes explicit padding only.
+  pads = _explicit(padding, x, k, strides)
+  _assert_close_to_lax(lambda x_, k_: cpu_conv.conv_nhwc(x_, k_, strides, pads),
+                       x, k, wkey, strides, padding)
+
+
+def test_cpu_conv_uses_its_own_gradient_only_above_the_channel_threshold():
+  """Above the threshold the custom kernel gradient is in the program; below it, lax's."""
+  def grad_jaxpr(cin, cout):
+    x, k, _ = _conv_case(cin, cout, 3)
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+    f = lambda k_: jnp.sum(cpu_conv.conv_general_dilated(x, k_, (1, 1), "SAME",
+                                                         dimension_numbers=dn) ** 2)
+    return str(jax.make_jaxpr(jax.grad(f))(k))
+  # Ours: the kernel gradient is 3 * 3 matrix products.
+  assert grad_jaxpr(16, 32).count("dot_general[") == 9
+  # lax's: the kernel gradient is a second convolution, no matrix product.
+  assert 4 * 8 < cpu_conv.MIN_CHANNEL_PRODUCT
+  theirs = grad_jaxpr(4, 8)
+  assert theirs.count("conv_general_dilated[") == 2 and "dot_general[" not in theirs
+  # And below the threshold the values are lax's.
+  x, k, wkey = _conv_case(4, 8, 3, seed=1)
+  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+  _assert_close_to_lax(
+      lambda x_, k_: cpu_conv.conv_general_dilated(x_, k_, (2, 2), "SAME",
+                                                   dimension_numbers=dn),
+      x, k, wkey, (2, 2), "SAME")
+
+
+# ------------------------------------------------------------------ evaluate_classifier padding
+
+_K = 3
+
+
+def _linear_logits(variables, x):
+  """A classifier whose predictions the test controls: logits = x[:, :K] @ w."""
+  return x.reshape((x.shape[0], -1))[:, :_K] @ variables["w"]
+
+
+@pytest.mark.parametrize("n,batch_size", [(7, 4), (13, 5)])
+def test_evaluate_classifier_masks_the_padded_last_batch(n, batch_size):
+  rng = np.random.default_rng(n)
+  images = rng.normal(size=(n, 2, 2, 1)).astype(np.float32)
+  w = rng.normal(size=(_K, _K)).astype(np.float32)
+  # Padded zero images give all-zero logits, i.e. argmax 0 and label 0 (correct, CE ln K), if
+  # they counted.
+  logits = images.reshape(n, -1)[:, :_K].astype(np.float64) @ w
+  labels = np.argmax(logits, -1).astype(np.int32)
+  labels[::3] = (labels[::3] + 1) % _K  # A third wrong, the rest right.
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want_acc = np.mean(np.argmax(logits, -1) == labels)
+  want_ce = -np.mean(logp[np.arange(n), labels])
+  assert 0 < want_acc < 1
+  got = loop.evaluate_classifier(_linear_logits, {"w": jnp.asarray(w)}, images, labels,
+                                 parallel.make_mesh("data"), batch_size=batch_size)
+  assert got["accuracy"] == pytest.approx(want_acc, abs=1e-6)
+  assert got["loss"] == pytest.approx(want_ce, rel=1e-5)
+
+
+# ------------------------------------------------------------------ BN statistics helpers
+
+@pytest.fixture(scope="module")
+def lenet_bn():
+  model = models.get_classifier("lenet5_half_bn", 4)
+  params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 1))
+  # Not the init values, and different across channels.
+  leaves, treedef = jax.tree.flatten(batch_stats)
+  rng = np.random.default_rng(1)
+  batch_stats = jax.tree.unflatten(treedef, [
+      jnp.asarray(x + 0.5 + rng.uniform(size=x.shape).astype(np.float32)) for x in leaves])
+  return model, params, batch_stats
+
+
+def _assert_tree_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bn_stats_class_without_images_gets_the_global_statistics(lenet_bn):
+  model, params, batch_stats = lenet_bn
+  rng = np.random.default_rng(0)
+  class_images = [rng.normal(size=(3, 32, 32, 1)).astype(np.float32),
+                  np.zeros((0, 32, 32, 1), np.float32),
+                  rng.normal(size=(3, 32, 32, 1)).astype(np.float32) + 1.0,
+                  np.zeros((0, 32, 32, 1), np.float32)]
+  stats = bn_stats.compute(model, params, batch_stats, class_images)
+  np.testing.assert_array_equal(stats["class_counts"], [3, 0, 3, 0])
+  for k in (1, 3):
+    _assert_tree_equal(bn_stats.for_class(stats, k), batch_stats)
+  # The classes with images have their own statistics (not the running ones).
+  for k in (0, 2):
+    got = bn_stats.for_class(stats, k)
+    assert not np.allclose(got["bn1"]["mean"], batch_stats["bn1"]["mean"])
+    assert not np.allclose(got["bn3"]["var"], batch_stats["bn3"]["var"])
+
+
+def test_bn_stats_global_only_targets_and_for_class(lenet_bn):
+  _, _, batch_stats = lenet_bn
+  stats = {"global": batch_stats}
+  _assert_tree_equal(bn_stats.for_class(stats, 3), batch_stats)
+  t = bn_stats.targets_for(stats, np.array([2, 0, 1], np.int32))
+  assert jax.tree.structure(t) == jax.tree.structure(batch_stats)
+  for leaf, ref in zip(jax.tree.leaves(t), jax.tree.leaves(batch_stats)):
+    assert leaf.shape == (3,) + ref.shape
+    for g in range(3):
+      np.testing.assert_array_equal(np.asarray(leaf[g]), np.asarray(ref))
+
+
+def test_ensemble_stack_targets_all_classes_member_gets_global_statistics(lenet_bn):
+  _, _, batch_stats = lenet_bn
+  num_classes = 4
+  # Distinct class statistics: class c's leaves are the global ones + 10 * (c + 1).
+  per_class = jax.tree.map(
+      lambda x: jnp.stack([x + 10.0 * (c + 1) for c in range(num_classes)]), batch_stats)
+  stats = {"global": batch_stats, "class": per_class,
+           "class_counts": jnp.ones((num_classes,), jnp.int32)}
+  class_ids = np.array([ensemble.ALL_CLASSES, 2, 0, 3], np.int32)
+  targets = ensemble._stack_targets(stats, class_ids)  # pylint: disable=protected-access
+  assert jax.tree.structure(targets) == jax.tree.structure(batch_stats)
+  for leaf, glob, cls in zip(jax.tree.leaves(targets), jax.tree.leaves(batch_stats),
+                             jax.tree.leaves(per_class)):
+    assert leaf.shape == (len(class_ids),) + glob.shape
+    np.testing.assert_array_equal(np.asarray(leaf[0]), np.asarray(glob))
+    for m in range(1, len(class_ids)):
+      np.testing.assert_array_equal(np.asarray(leaf[m]), np.asarray(cls[class_ids[m]]))
+  # Without an all-class member every member gets its class's statistics.
+  ids = np.array([1, 3], np.int32)
+  for leaf, cls in zip(jax.tree.leaves(ensemble._stack_targets(stats, ids)),  # pylint: disable=protected-access
+                       jax.tree.leaves(per_class)):
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(cls[ids]))
+  # The single all-class generator (G = 1) alone.
+  single = ensemble._stack_targets(stats, np.array([ensemble.ALL_CLASSES], np.int32))  # pylint: disable=protected-access
+  for leaf, glob in zip(jax.tree.leaves(single), jax.tree.leaves(batch_stats)):
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(glob)[None])
+
+
+# ------------------------------------------------------------------ make_optimizer
+
+def _opt_cfg(**kw):
+  base = {"optimizer": "sgd", "lr": 0.1, "schedule": "constant", "weight_decay": 0.0,
+          "momentum": 0.0, "b1": 0.9, "b2": 0.999, "boundaries": (0.4, 0.8)}
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def _grads(g, steps):
+  return np.broadcast_to(np.asarray(g, np.float64), (steps,))
+
+
+def _run_optimizer(cfg, total_steps, p0, g, steps):
+  """Applies `steps` updates of gradients g (a constant or one per step) to a scalar p0;
+  returns the updates."""
+  tx = common.make_optimizer(cfg, total_steps)
+  p = jnp.float32(p0)
+
+  @jax.jit
+  def step(p, state, g_t):
+    upd, state = tx.update(g_t, state, p)
+    return p + upd, state, upd
+
+  state = tx.init(p)
+  out = []
+  for g_t in _grads(g, steps):
+    p, state, upd = step(p, state, jnp.float32(g_t))
+    out.append(float(upd))
+  return np.asarray(out)
+
+
+def _lr_at(schedule, lr, t, total, boundaries=(0.4, 0.8)):
+  if schedule == "constant":
+    return lr
+  if schedule == "cosine":
+    return lr * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+  return lr * 0.1 ** sum(t >= int(f * total) for f in boundaries)
+
+
+def _torch_reference(optimizer, lr_fn, p0, g, steps, wd, momentum=0.0, b1=0.9, b2=0.999,
+                     eps=1e-8):
+  """PyTorch's SGD / Adam (L2 weight decay added to the gradient), in float64."""
+  p, buf, m, v, out = p0, 0.0, 0.0, 0.0, []
+  for t, g_t in enumerate(_grads(g, steps)):
+    d = g_t + wd * p
+    if optimizer == "sgd":
+      buf = momentum * buf + d if momentum else d
+      upd = -lr_fn(t) * buf
+    else:
+      m = b1 * m + (1 - b1) * d
+      v = b2 * v + (1 - b2) * d * d
+      upd = -lr_fn(t) * (m / (1 - b1 ** (t + 1))) / (math.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+    out.append(upd)
+    p += upd
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+@pytest.mark.parametrize("optimizer,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_make_optimizer_updates_match_pytorch_style_reference(optimizer, momentum, schedule, wd):
+  total, p0 = 10, 1.5
+  g = 0.3 * np.array([1.0, 2.0, -0.5, 3.0, 1.0, -2.0, 0.5, 1.5, 1.0, -1.0, 2.0, 0.7])
+  cfg = _opt_cfg(optimizer=optimizer, momentum=momentum, schedule=schedule, weight_decay=wd)
+  got = _run_optimizer(cfg, total, p0, g, len(g))  # Past the end: cosine stays at 0.
+  want = _torch_reference(optimizer, lambda t: _lr_at(schedule, 0.1, t, total), p0, g,
+                          len(g), wd, momentum)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_make_optimizer_schedules_by_hand():
+  g = 2.0
+  # SGD without momentum: the update is -lr_t * g.
+  cos = _run_optimizer(_opt_cfg(schedule="cosine", lr=0.4), 8, 0.0, g, 9)
+  np.testing.assert_allclose(cos[[0, 2, 4, 6, 8]] / -g,
+                             [0.4, 0.4 * 0.5 * (1 + math.cos(math.pi / 4)), 0.2,
+                              0.4 * 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0],
+                             rtol=1e-6, atol=1e-8)
+  # total 7: boundaries int(0.4 * 7) = 2 and int(0.8 * 7) = 5.
+  step = _run_optimizer(_opt_cfg(schedule="step", lr=0.4), 7, 0.0, g, 7)
+  np.testing.assert_allclose(step / -g, [0.4, 0.4, 0.04, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
+  custom = _run_optimizer(_opt_cfg(schedule="step", lr=0.4, boundaries=(0.5,)), 10, 0.0, g, 7)
+  np.testing.assert_allclose(custom / -g, [0.4] * 5 + [0.04] * 2, rtol=1e-6)
+  const = _run_optimizer(_opt_cfg(schedule="constant", lr=0.4), 3, 0.0, g, 5)
+  np.testing.assert_allclose(const / -g, [0.4] * 5, rtol=1e-6)
+  # Momentum 0.9: the second update is -lr * (g + 0.9 g).
+  mom = _run_optimizer(_opt_cfg(momentum=0.9, lr=0.4), 5, 0.0, g, 2)
+  np.testing.assert_allclose(mom, [-0.4 * g, -0.4 * 1.9 * g], rtol=1e-6)
+  # Adam on a constant gradient: every bias-corrected update is ~ -lr * sign(g).
+  adam = _run_optimizer(_opt_cfg(optimizer="adam", lr=0.01), 5, 0.0, -g, 3)
+  np.testing.assert_allclose(adam, [0.01] * 3, rtol=1e-4)
+
+
+def test_make_optimizer_sgd_weight_decay_is_added_to_the_gradient():
+  lr, wd, p0, g = 0.1, 0.01, 3.0, 0.5
+  for momentum in (0.0, 0.9):
+    first = _run_optimizer(_opt_cfg(lr=lr, weight_decay=wd, momentum=momentum), 10, p0, g, 1)
+    np.testing.assert_allclose(first, [-lr * (g + wd * p0)], rtol=1e-6)
+  # Without weight decay the parameter does not enter the update.
+  np.testing.assert_allclose(_run_optimizer(_opt_cfg(lr=lr), 10, p0, g, 1), [-lr * g], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ random_shift
+
+_shift = jax.jit(common.random_shift, static_argnums=(2, 3, 4))
+
+
+def _distinct_images(n, h=6, w=7, c=2):
+  return (np.arange(n * h * w * c, dtype=np.float32).reshape(n, h, w, c) + 1.0)
+
+
+def _find_shift(out, image, pad, fill):
+  """The unique (dy, dx) with out == image translated by (dy, dx), `fill` outside; or None."""
+  h, w, _ = image.shape
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+  found = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+           if np.array_equal(out, padded[pad - dy:pad - dy + h, pad - dx:pad - dx + w])]
+  assert len(found) <= 1
+  return found[0] if found else None
+
+
+def test_random_shift_translates_each_image_by_its_own_shift():
+  n, pad, fill = 64, 2, -5.0
+  images = _distinct_images(n)
+  out = np.asarray(_shift(jax.random.key(0), jnp.asarray(images), pad, fill, False))
+  assert out.shape == images.shape
+  shifts = []
+  for i in range(n):
+    s = _find_shift(out[i], images[i], pad, fill)
+    assert s is not None, f"image {i} is not a translation of its input"
+    shifts.append(s)
+  dys, dxs = np.array(shifts).T
+  # Every offset in [-pad, pad] occurs in both directions, independently of each other.
+  assert set(dys) == set(range(-pad, pad + 1))
+  assert set(dxs) == set(range(-pad, pad + 1))
+  assert len(set(shifts)) > 10
+  assert not np.all(dys == dxs)
+  # The fill value appears exactly where the shifted image does not cover the output.
+  for i in range(n):
+    dy, dx = shifts[i]
+    assert np.sum(out[i] == fill) == images.shape[3] * (
+        images.shape[1] * images.shape[2] - (images.shape[1] - abs(dy)) * (images.shape[2] - abs(dx)))
+  # Another key, other shifts.
+  out2 = np.asarray(_shift(jax.random.key(1), jnp.asarray(images), pad, fill, False))
+  assert not np.array_equal(out, out2)
+
+
+def test_random_shift_pad_zero_is_identity_and_flip_mirrors_about_half():
+  n = 64
+  images = _distinct_images(n)
+  same = np.asarray(_shift(jax.random.key(0), jnp.asarray(images), 0, 0.0, False))
+  np.testing.assert_array_equal(same, images)
+  flipped = np.asarray(_shift(jax.random.key(0), jnp.asarray(images), 0, 0.0, True))
+  mirror = images[:, :, ::-1, :]
+  is_same = np.array([np.array_equal(flipped[i], images[i]) for i in range(n)])
+  is_mirror = np.array([np.array_equal(flipped[i], mirror[i]) for i in range(n)])
+  assert np.all(is_same | is_mirror), "a flipped image is neither the input nor its mirror"
+  assert 0.25 * n < is_mirror.sum() < 0.75 * n
+  # Flip and shift together: each output is a translation of the input or of its mirror.
+  both = np.asarray(_shift(jax.random.key(2), jnp.asarray(images), 2, -1.0, True))
+  kinds = []
+  for i in range(n):
+    s, m = _find_shift(both[i], images[i], 2, -1.0), _find_shift(both[i], mirror[i], 2, -1.0)
+    assert (s is None) != (m is None)
+    kinds.append(m is not None)
+  assert 0 < sum(kinds) < n
