@@ -158,13 +158,16 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
         evaluate(step)
       if step == total_steps:
         break
-      if checkpoint_every and step % checkpoint_every == 0:
+      saved = bool(checkpoint_every) and step % checkpoint_every == 0
+      if saved:
         save(step, done=False)
-      if sigterm.received:
-        save(step, done=False)
+      if sigterm.received:  # (also while the periodic save above ran: that save is the one)
+        if not saved:
+          save(step, done=False)
         raise Preempted(stage, step, ckpt.directory)
       if stop_after_steps >= 0 and step - start >= stop_after_steps:
-        save(step, done=False)
+        if not saved:
+          save(step, done=False)
         return LoopResult(state, step, last_metrics, eval_metrics, resumed_from,
                           time.time() - t_start)
     evaluate(step)

@@ -31,6 +31,10 @@ from datafree_jax import loop
 
 METHODS = config_lib.METHODS
 STAGES = config_lib.STAGES
+# The stage directories each method writes under the workdir, in the order they run.
+METHOD_STAGES = {"teacher": ("teacher",), "dafl": ("teacher", "dafl"),
+                 "ensemble": ("teacher", "generators", "distill_generators"),
+                 "kd_data": ("teacher", "distill_data"), "kd_noise": ("teacher", "distill_noise")}
 # The stages of each method after the teacher that `config.stage` may name on their own.
 _OWN_STAGES = {"ensemble": ("generators", "distill"), "kd_data": ("distill",),
                "kd_noise": ("distill",)}

@@ -1,4 +1,17 @@
-"""Preemption and failure: SIGKILL/SIGTERM mid-run resume exactly; NaN stops cleanly."""
+"""Preemption and failure, in every stage of every method (train.METHOD_STAGES):
+
+- SIGKILL of the command line at a random checkpoint of the stage, then a resumed run, ends
+  bitwise where an uninterrupted run ends;
+- SIGTERM saves the reached step and exits with 143 (main_entry's code), and the rerun resumes
+  from it to the same end, bitwise;
+- a NaN in the stage's loss stops the run naming stage, step and term, keeping the last good
+  checkpoint.
+
+One uninterrupted in-process run of every method (one shared teacher) is the reference. The
+killed command-line runs log nothing to the console or TensorBoard before their stage ends
+(log_every_secs is huge), so they never import TensorFlow; the kill is timed by the stage's
+checkpoint directory appearing.
+"""
 import os
 import random
 import re
@@ -6,61 +19,74 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT
 from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import config_lib
 from datafree_jax import loop
 from datafree_jax import train
-from datafree_jax.stages import dafl
 from datafree_jax.stages import teacher as teacher_stage
 
-# A tiny pipeline on the command line: checkpoints every 3 steps, a console line every step.
-TINY_FLAGS = ["--config.teacher.steps=24", "--config.teacher.batch_size=16",
-              "--config.teacher.eval_every=0", "--config.teacher.bn_stats_per_class=4",
-              "--config.student.steps=15", "--config.student.batch_size=16",
-              "--config.student.eval_every=0", "--config.generator.width=4",
-              "--config.checkpoint_every=3", "--config.log_every_secs=0"]
+# A tiny pipeline of every method on the LeNet-5-BN teacher (moment matching needs BN), with a
+# checkpoint every 3 steps.
+FLAGS = ["--config.teacher.steps=24", "--config.teacher.batch_size=16",
+         "--config.teacher.eval_every=0", "--config.teacher.bn_stats_per_class=4",
+         "--config.student.steps=15", "--config.student.batch_size=16",
+         "--config.student.eval_every=0", "--config.generator.width=4",
+         "--config.ensemble.num_generators=2", "--config.ensemble.batch_per_generator=4",
+         "--config.ensemble.steps=15", "--config.ensemble.eval_every=0",
+         "--config.checkpoint_every=3", "--config.log_every_secs=1e9"]
+TOTAL = {"teacher": 24, "generators": 15}  # other stages: student.steps = 15
+
+# How each stage runs alone: (method, config stage, stage directories it needs from earlier).
+STAGE_RUNS = {"teacher": ("teacher", "all", ()),
+              "dafl": ("dafl", "train", ("teacher",)),
+              "generators": ("ensemble", "generators", ("teacher",)),
+              "distill_generators": ("ensemble", "distill", ("teacher", "generators")),
+              "distill_data": ("kd_data", "train", ("teacher",)),
+              "distill_noise": ("kd_noise", "train", ("teacher",))}
+ALL_STAGES = sorted({s for stages in train.METHOD_STAGES.values() for s in stages})
 
 
-def _start(workdir, method):
-  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.Popen(
-      [sys.executable, "-m", "datafree_jax.main", f"--config=configs/mnist5k.py:method={method}",
-       f"--workdir={workdir}", *TINY_FLAGS], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+def test_the_stage_table_names_every_stage_of_every_method():
+  assert set(train.METHOD_STAGES) == set(config_lib.METHODS)
+  assert sorted(STAGE_RUNS) == ALL_STAGES
 
 
-def _run_until(workdir, method, stage, step, sig):
-  """Runs the CLI and sends `sig` once it printed '<stage> step <step>/'; returns the output."""
-  proc = _start(workdir, method)
-  out = []
-  for line in proc.stdout:
-    out.append(line)
-    if re.match(rf"{stage} step {step}/", line):
-      proc.send_signal(sig)
-      break
-  out.extend(proc.stdout)
-  proc.wait(timeout=300)
-  return proc.returncode, "".join(out)
+def _config_arg(method):
+  return f"method={method},teacher=lenet5_bn"
 
 
-def _run(workdir, method):
-  proc = _start(workdir, method)
-  out = proc.stdout.read()
-  assert proc.wait(timeout=600) == 0, out[-3000:]
-  return out
+def cli_config(method, stage="all"):
+  """The config the command line builds from FLAGS, for runs in this process."""
+  c = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py"),
+                                  _config_arg(method))
+  for flag in FLAGS:
+    key, value = flag[len("--config."):].split("=")
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value)
+  c.stage = stage
+  return c
 
 
 def _final_state(directory):
   ckpt = ckpt_lib.StageCheckpoints(directory, create=False)
   step = ckpt.latest_step()
   shapes = ckpt.item_shapes(step, "state")
-  return step, ckpt.restore(step, "state", ckpt_lib.abstract_like(
+  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
       shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  meta = ckpt.restore_meta(step)
+  ckpt.close()
+  return step, state, meta
 
 
 def _assert_same(a, b):
@@ -70,112 +96,167 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _config_from_flags(method):
-  """The config the CLI builds from TINY_FLAGS, for reference runs in this process."""
-  c = tiny_config(method)
-  for flag in TINY_FLAGS:
-    key, value = flag[len("--config."):].split("=")
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value)
-  return c
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One workdir where every method ran uninterrupted (the teacher trained once)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  for method in train.METHOD_STAGES:
+    train.train_and_evaluate(cli_config(method), workdir)
+  assert sorted(n for n in os.listdir(workdir) if n in ALL_STAGES) == ALL_STAGES
+  return workdir
 
 
-def test_sigkill_at_a_random_step_of_each_stage_then_resume_is_exact(tmp_path):
-  rng = random.Random(1234)
-  ref, killed, killed_kd = (str(tmp_path / d) for d in ("ref", "killed", "killed_kd"))
-  # Uninterrupted reference runs (in this process: the same XLA programs as the CLI's).
-  train.train_and_evaluate(_config_from_flags("dafl"), ref)
-  train.train_and_evaluate(_config_from_flags("kd_data"), ref)
-  # Teacher and DAFL's joint stage: SIGKILL at a random step of each, then run to the end.
-  for stage, total in (("teacher", 24), ("dafl", 15)):
-    rc, out = _run_until(killed, "dafl", stage, rng.randint(4, total - 2), signal.SIGKILL)
-    assert rc == -signal.SIGKILL, out[-2000:]
-  out = _run(killed, "dafl")
-  assert "dafl: resuming from step" in out
-  # Distillation (KD with data, which also checks the data order): same, from the teacher above.
-  shutil.copytree(os.path.join(killed, "teacher"), os.path.join(killed_kd, "teacher"))
-  rc, out = _run_until(killed_kd, "kd_data", "distill_data", rng.randint(4, 13), signal.SIGKILL)
-  assert rc == -signal.SIGKILL, out[-2000:]
-  out = _run(killed_kd, "kd_data")
-  assert "distill_data: resuming from step" in out
-  for run, d in ((killed, "teacher"), (killed, "dafl"), (killed_kd, "distill_data")):
-    step_a, state_a = _final_state(os.path.join(ref, d))
-    step_b, state_b = _final_state(os.path.join(run, d))
-    assert step_a == step_b
-    _assert_same(state_a, state_b)
+def _prepare(reference, workdir, stage):
+  method, config_stage, needs = STAGE_RUNS[stage]
+  os.makedirs(workdir, exist_ok=True)
+  for d in needs:
+    shutil.copytree(os.path.join(reference, d), os.path.join(workdir, d))
+  return method, config_stage, TOTAL.get(stage, 15)
 
 
-def test_sigterm_saves_at_the_reached_step_and_resumes(tmp_path):
-  workdir = str(tmp_path)
-  rc, out = _run_until(workdir, "teacher", "teacher", 7, signal.SIGTERM)
-  assert rc == 143, out[-2000:]
+def _wait_for(path, proc=None, timeout=120.0):
+  deadline = time.monotonic() + timeout
+  while not os.path.isdir(path):
+    if proc is not None and proc.poll() is not None:
+      raise AssertionError(f"the run ended (code {proc.returncode}) before {path} appeared:\n"
+                           + proc.stdout.read()[-3000:])
+    assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+    time.sleep(0.002)
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_sigkill_in_every_stage_then_resume_is_exact(reference, tmp_path, capsys, stage):
+  workdir = str(tmp_path / "w")
+  method, config_stage, total = _prepare(reference, workdir, stage)
+  kill_after = random.Random(stage).choice([3, 6])
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "datafree_jax.main",
+       f"--config=configs/mnist5k.py:{_config_arg(method)},stage={config_stage}",
+       f"--workdir={workdir}", *FLAGS], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for(os.path.join(workdir, stage, str(kill_after)), proc)
+    proc.kill()
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), create=False).latest_step()
+  assert kill_after <= killed_at < total, (kill_after, killed_at)
+  # Resume (the same config, in this process) and end where the uninterrupted run ended.
+  capsys.readouterr()
+  train.train_and_evaluate(cli_config(method, config_stage), workdir)
+  assert f"{stage}: resuming from step {killed_at}" in capsys.readouterr().out
+  step_a, state_a, meta_a = _final_state(os.path.join(reference, stage))
+  step_b, state_b, meta_b = _final_state(os.path.join(workdir, stage))
+  assert step_a == step_b == total and meta_a["done"] and meta_b["done"]
+  _assert_same(state_a, state_b)
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_sigterm_in_every_stage_saves_exits_143_and_resumes(reference, tmp_path, capsys, stage):
+  workdir = str(tmp_path / "w")
+  method, config_stage, total = _prepare(reference, workdir, stage)
+  config = cli_config(method, config_stage)
+
+  def preempt():  # SIGTERM to this process once the stage's first checkpoint exists
+    _wait_for(os.path.join(workdir, stage, "3"))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  late = []
+  # A SIGTERM arriving after the stage's loop (which handles it) must not end pytest.
+  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+  try:
+    thread = threading.Thread(target=preempt)
+    thread.start()
+    capsys.readouterr()
+    code = train.main_entry(config, workdir)
+    thread.join()
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  err = capsys.readouterr().err
+  assert code == 143 and not late, err
+  m = re.search(rf"^{stage}: preempted \(SIGTERM\) at step (\d+); checkpoint saved in "
+                rf"{re.escape(os.path.abspath(os.path.join(workdir, stage)))}\. Run the same "
+                r"command again to resume\.$", err, re.M)
+  assert m, err
+  step = int(m.group(1))
+  assert 3 < step < total
+  saved_step, _, meta = _final_state(os.path.join(workdir, stage))
+  assert saved_step == step and not meta["done"]
+  assert train.main_entry(config, workdir) == 0
+  assert f"{stage}: resuming from step {step}" in capsys.readouterr().out
+  step_a, state_a, _ = _final_state(os.path.join(reference, stage))
+  step_b, state_b, _ = _final_state(os.path.join(workdir, stage))
+  assert step_a == step_b == total
+  _assert_same(state_a, state_b)
+
+
+def test_sigterm_on_the_command_line_exits_143(reference, tmp_path):
+  """The exit code as the shell sees it, for the teacher stage of the real command line."""
+  workdir = str(tmp_path / "w")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "datafree_jax.main",
+       f"--config=configs/mnist5k.py:{_config_arg('teacher')}", f"--workdir={workdir}", *FLAGS],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for(os.path.join(workdir, "teacher", "3"), proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, out[-2000:]
   m = re.search(r"teacher: preempted \(SIGTERM\) at step (\d+); checkpoint saved", out)
   assert m, out[-2000:]
-  step = int(m.group(1))
-  assert step >= 7
   ckpt = ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir), create=False)
-  assert ckpt.latest_step() == step
-  assert not ckpt.restore_meta(step)["done"]
-  out = _run(workdir, "teacher")
-  assert f"teacher: resuming from step {step}" in out
-  assert ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir)).restore_meta()["done"]
+  assert ckpt.latest_step() == int(m.group(1)) and not ckpt.restore_meta()["done"]
 
 
-def test_nan_stops_with_stage_step_and_term_and_keeps_last_checkpoint(tmp_path):
-  config = tiny_config("teacher", debug_nan_at_step=25, checkpoint_every=10)
-  data = train.load_data(config)
-  workdir = str(tmp_path)
+# The metric that turns non-finite when the stage's loss is NaN at a step.
+NAN_TERM = {"teacher": "loss", "dafl": "loss_g", "generators": "loss",
+            "distill_generators": "loss_kd", "distill_data": "loss_kd", "distill_noise": "loss_kd"}
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path, stage):
+  workdir = str(tmp_path / "w")
+  method, config_stage, _ = _prepare(reference, workdir, stage)
+  config = cli_config(method, config_stage)
+  config.debug_nan_at_step = 7
   with pytest.raises(loop.NonFiniteError,
-                     match=r"teacher: non-finite loss at step 25 .*step 20\) is kept"):
-    teacher_stage.train(config, workdir, data, writer=None)
-  ckpt = ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir), create=False)
-  assert ckpt.latest_step() == 20
-  step, state = _final_state(teacher_stage.directory(workdir))
-  assert step == 20 and int(state["step"]) == 20
+                     match=rf"^{stage}: non-finite .*{NAN_TERM[stage]}.* at step 7 .*the last good "
+                           rf"checkpoint in .*{stage} \(step 6\) is kept$"):
+    train.train_and_evaluate(config, workdir)
+  step, state, meta = _final_state(os.path.join(workdir, stage))
+  assert step == 6 and int(state["step"]) == 6 and not meta["done"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
-  # Without the injected NaN the same command resumes from step 20 and finishes.
+  # Without the injected NaN the same run resumes from step 6 and ends where the reference did.
   config.debug_nan_at_step = -1
-  out = teacher_stage.train(config, workdir, data, writer=None)
-  assert out["meta"]["done"] and out["meta"]["step"] == 40
+  train.train_and_evaluate(config, workdir)
+  _assert_same(_final_state(os.path.join(reference, stage))[1],
+               _final_state(os.path.join(workdir, stage))[1])
 
 
-def test_nan_in_the_dafl_generator_loss_names_it(tmp_path):
-  config = tiny_config("dafl", debug_nan_at_step=3)
-  config.teacher.steps = 5
-  data = train.load_data(config)
-  teacher = teacher_stage.train(tiny_config("teacher", **{"teacher.steps": 5}), str(tmp_path),
-                                data, writer=None)
-  with pytest.raises(loop.NonFiniteError, match=r"dafl: non-finite .*loss_g.* at step 3"):
-    dafl.train(config, str(tmp_path), teacher, data, writer=None)
-
-
-ENSEMBLE_FLAGS = ["--config.teacher.model=lenet5_bn", "--config.student.model=lenet5_half_bn",
-                  "--config.ensemble.num_generators=2", "--config.ensemble.batch_per_generator=4",
-                  "--config.ensemble.steps=12", "--config.ensemble.eval_every=0",
-                  "--config.student.steps=6"]
-
-
-def test_sigkill_in_the_generators_stage_then_resume_is_exact(tmp_path, monkeypatch):
-  """The ensemble's generators stage (stacked params, BN and optimiser state): SIGKILL at a
-  random step, resume, and end bitwise where an uninterrupted run ends."""
-  monkeypatch.setattr(sys.modules[__name__], "TINY_FLAGS", TINY_FLAGS + ENSEMBLE_FLAGS)
-  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  config = _config_from_flags("ensemble")  # TINY_FLAGS now include ENSEMBLE_FLAGS.
-  assert config.teacher.model == "lenet5_bn" and config.ensemble.steps == 12
-  config.stage = "teacher"
-  train.train_and_evaluate(config, ref)
-  shutil.copytree(os.path.join(ref, "teacher"), os.path.join(killed, "teacher"))
-  config.stage = "generators"
-  train.train_and_evaluate(config, ref)
-  rc, out = _run_until(killed, "ensemble", "generators", random.Random(7).randint(4, 10),
-                       signal.SIGKILL)
-  assert rc == -signal.SIGKILL, out[-2000:]
-  out = _run(killed, "ensemble")
-  assert "generators: resuming from step" in out
-  step_a, state_a = _final_state(os.path.join(ref, "generators"))
-  step_b, state_b = _final_state(os.path.join(killed, "generators"))
-  assert step_a == step_b == 12
-  _assert_same(state_a, state_b)
+@pytest.mark.parametrize("signal_in_step", [2, 3])
+def test_sigterm_in_a_periodic_checkpoint_step_saves_once(tmp_path, signal_in_step):
+  """SIGTERM received in the step that reaches step 3, a periodic checkpoint step
+  (checkpoint_every=3), is answered with that checkpoint (orbax refuses a second save of the
+  same step); received in the step that reaches step 2, with a checkpoint of step 2."""
+  def step_fn(state, _):
+    if int(state["step"]) == signal_in_step - 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: it sets a flag
+    return {"step": state["step"] + 1, "w": state["w"] * 2.0}, {"loss": state["w"].sum()}
+  ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / "stage"))
+  state = {"step": jax.numpy.zeros((), jax.numpy.int32), "w": jax.numpy.ones(3)}
+  with pytest.raises(loop.Preempted) as err:
+    loop.run(stage="toy", ckpt=ckpt, state=state, step_fn=step_fn, total_steps=9,
+             checkpoint_every=3, log_every_secs=1e9)
+  assert err.value.step == signal_in_step
+  assert ckpt.latest_step() == signal_in_step
+  restored = ckpt.restore(signal_in_step, "state", ckpt_lib.abstract_like(state))
+  np.testing.assert_array_equal(np.asarray(restored["w"]), 2.0 ** signal_in_step)
+  ckpt.close()
