@@ -28,8 +28,11 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   elif cfg.schedule == "cosine":
     lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
   else:
-    lr = optax.piecewise_constant_schedule(
-        cfg.lr, {int(f * total_steps): 0.1 for f in cfg.get("boundaries", (0.4, 0.8))})
+    scales: dict = {}  # Boundaries that fall on the same step multiply: x0.1 each.
+    for f in cfg.get("boundaries", (0.4, 0.8)):
+      step = int(f * total_steps)
+      scales[step] = scales.get(step, 1.0) * 0.1
+    lr = optax.piecewise_constant_schedule(cfg.lr, scales)
   wd = cfg.get("weight_decay", 0.0)
   if cfg.optimizer == "adam":
     tx = optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))

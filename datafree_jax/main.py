@@ -40,7 +40,15 @@ def main(argv):
   # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
   logging.set_verbosity(logging.ERROR)
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    print(f"error: unexpected arguments: {' '.join(argv[1:])} (the options are --config, "
+          "--config.<field>=<value>, --workdir and --debug)", file=sys.stderr)
+    return 2
+  # config_flags loads the file lazily and fails on first use with a traceback; its
+  # "FILE:ARGS" is split at the first ':' as config_flags does.
+  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
+  if not os.path.isfile(path):
+    print(f"error: config file {path!r} does not exist", file=sys.stderr)
+    return 2
   from datafree_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or os.path.join(

@@ -150,6 +150,8 @@ def _cli(*args):
      "error: unknown config argument 'methd'; this config takes:"),
     (["--config.teacher.lr=fast"], "error: "),
     (["--config.teacher.stepz=3"], "error: unknown config field: 'stepz'"),
+    (["--config.student.optimizer=adamx"], "error: unknown student.optimizer 'adamx'; choose "
+                                           "one of: adam, sgd"),
 ])
 def test_bad_config_syntax_on_the_command_line(work, args, expected):
   before = snapshot(work)
@@ -276,7 +278,17 @@ def test_teacher_and_dataset_disagree(work, capsys, changes, expected, stage):
   assert_rejected(ens_config(stage=stage), work, capsys, expected)
 
 
+def test_teacher_checkpoint_unfinished(work, capsys):
+  _rewrite_meta(teacher_stage.directory(str(work)), done=False)
+  assert_rejected(ens_config(stage="train"), work, capsys, "is unfinished (step ")
+
+
 # --- the generator checkpoint --------------------------------------------------------------
+
+def test_generator_checkpoint_unfinished(work, capsys):
+  _rewrite_meta(ensemble.directory(str(work)), done=False)
+  assert_rejected(ens_config(stage="distill"), work, capsys, "are unfinished (step ")
+
 
 def test_distill_with_no_generators_to_load(work, capsys):
   shutil.rmtree(ensemble.directory(str(work)))

@@ -31,15 +31,39 @@ def test_unknown_config_argument_is_a_clear_error(tmp_path):
 
 
 def test_teacher_only_run_prints_where_results_are(tmp_path):
-  workdir = tmp_path / "w"
-  r = _run("--config=configs/mnist5k.py:method=teacher", f"--workdir={workdir}",
-           "--config.teacher.steps=20", "--config.teacher.batch_size=32")
+  """Run from another directory without --workdir: the default workdir is
+  ./workdir/<dataset>-<method>-seed<seed> there."""
+  r = _run("--config.method=teacher", "--config.teacher.steps=20",
+           "--config.teacher.batch_size=32", cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
+  workdir = tmp_path / "workdir" / "mnist5k-teacher-seed0"
   assert f"checkpoint: {workdir}/teacher" in r.stdout
   assert f"TensorBoard logs: {workdir}/tensorboard" in r.stdout
   assert "teacher step 20/20" in r.stdout  # the console progress line, with steps/s and ETA
   assert "steps/s | ETA" in r.stdout
   assert os.listdir(workdir / "tensorboard")
+  assert sorted(os.listdir(workdir / "teacher")) == ["20"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/nope.py:method=dafl"], "error: config file 'configs/nope.py' does not exist"),
+    (["extra", "words"], "error: unexpected arguments: extra words"),
+])
+def test_missing_config_file_and_extra_arguments(tmp_path, args, expected):
+  r = _run(*args, f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]  # one line
+  assert r.stderr.strip().startswith(expected), r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_debug_shows_the_traceback_and_the_error_line(tmp_path):
+  r = _run("--config=configs/mnist5k.py:method=dafll", f"--workdir={tmp_path / 'w'}", "--debug")
+  assert r.returncode == 2
+  assert "Traceback (most recent call last)" in r.stderr
+  assert "config_lib.ConfigError: unknown method 'dafll'" in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: unknown method 'dafll'")
+  assert not (tmp_path / "w").exists()
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):

@@ -295,6 +295,9 @@ def test_make_optimizer_schedules_by_hand():
   np.testing.assert_allclose(step / -g, [0.4, 0.4, 0.04, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
   custom = _run_optimizer(_opt_cfg(schedule="step", lr=0.4, boundaries=(0.5,)), 10, 0.0, g, 7)
   np.testing.assert_allclose(custom / -g, [0.4] * 5 + [0.04] * 2, rtol=1e-6)
+  # Two boundaries on the same step (int(0.4 * 10) == int(0.45 * 10)): x0.01 there.
+  same = _run_optimizer(_opt_cfg(schedule="step", lr=0.4, boundaries=(0.4, 0.45)), 10, 0.0, g, 6)
+  np.testing.assert_allclose(same / -g, [0.4] * 4 + [0.004] * 2, rtol=1e-5)
   const = _run_optimizer(_opt_cfg(schedule="constant", lr=0.4), 3, 0.0, g, 5)
   np.testing.assert_allclose(const / -g, [0.4] * 5, rtol=1e-6)
   # Momentum 0.9: the second update is -lr * (g + 0.9 g).
