@@ -32,10 +32,19 @@ def test_mnist5k_arrays_resized_and_normalised():
 def test_batches_are_a_function_of_the_step():
   ds = ip.load_dataset("mnist5k", "test")
   b = ip.StepBatches(ds, 64, seed=3)
-  x1, y1 = b(17)
-  x2, y2 = ip.StepBatches(ds, 64, seed=3)(17)
-  np.testing.assert_array_equal(x1, x2)
-  np.testing.assert_array_equal(y1, y2)
+  # Step 17 of batch 64 over 1,000 images: examples 1088..1151, i.e. positions 88..151 of the
+  # second epoch's permutation, np.random.default_rng([seed, epoch]).
+  perm1 = np.random.default_rng([3, 1]).permutation(1000)
+  x, y = b(17)
+  np.testing.assert_array_equal(y, ds.labels[perm1[88:152]])
+  np.testing.assert_array_equal(x, ds.images[perm1[88:152]])
+  # Step 15 straddles the epochs: the last 40 of epoch 0, then the first 24 of epoch 1.
+  perm0 = np.random.default_rng([3, 0]).permutation(1000)
+  np.testing.assert_array_equal(ip.batch_indices(15, 64, 1000, 3),
+                                np.concatenate([perm0[960:], perm1[:24]]))
+  # The order in which steps are asked for does not matter (a resumed run asks step 17 first).
+  b(3), b(40)
+  np.testing.assert_array_equal(b(17)[1], y)
   # One epoch of batches covers every example exactly once (1000 = 15 * 64 + 40).
   seen = np.concatenate([ip.batch_indices(s, 64, 1000, 3) for s in range(16)])[:1000]
   assert sorted(seen.tolist()) == list(range(1000))

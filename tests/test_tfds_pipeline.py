@@ -117,13 +117,17 @@ def test_mocked_load_dataset(name, metadata_dir, tmp_path):
 
 
 def test_mocked_arrays_are_this_process_shard(metadata_dir):
-  # Single process: the shard is the whole split; arrays uint8 NHWC and int32.
-  assert tfds.split_for_jax_process("train") == tfds.even_splits("train", n=1)[0]
+  # Single process: the shard is the whole split, in tfds' order; arrays uint8 NHWC and int32.
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, data_dir=metadata_dir):
     images, labels = tfds_pipeline.load_tfds_arrays("cifar100", "test")
+    examples = list(tfds.as_numpy(tfds.builder("cifar100").as_dataset(split="test",
+                                                                      shuffle_files=False)))
   assert images.shape == (NUM_EXAMPLES, 32, 32, 3) and images.dtype == np.uint8
   assert labels.shape == (NUM_EXAMPLES,) and labels.dtype == np.int32
-  assert labels.max() < 100  # the 100 fine labels, not the 20 coarse ones
+  np.testing.assert_array_equal(images, np.stack([ex["image"] for ex in examples]))
+  # The 100 fine labels, not the 20 coarse ones.
+  np.testing.assert_array_equal(labels, [ex["label"] for ex in examples])
+  assert not np.array_equal(labels, [ex["coarse_label"] for ex in examples])
 
 
 def test_mock_without_metadata_is_not_prepared():
