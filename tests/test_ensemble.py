@@ -19,6 +19,7 @@ from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import train
 from datafree_jax.stages import dafl
+from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
 
@@ -309,40 +310,96 @@ def test_generators_stage(generators_workdir):
   assert again["generators"] == g
 
 
-def test_distill_stage_alone_from_a_generator_checkpoint(generators_workdir, teacher_workdir,
-                                                         tmp_path):
+def _stage_state(workdir, stage):
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), create=False)
+  step = ckpt.latest_step()
+  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
+      ckpt.item_shapes(step, "state"), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  meta = ckpt.restore_meta(step)
+  ckpt.close()
+  return state, meta
+
+
+DISTILL = {"student.steps": 10, "student.eval_every": 5}
+
+
+@pytest.fixture(scope="module")
+def distilled_alone(generators_workdir, teacher_workdir, tmp_path_factory):
+  """(workdir, summary) of stage=distill from the shared generators, in another workdir."""
   gen_workdir, _ = generators_workdir
-  workdir = str(tmp_path)
+  workdir = str(tmp_path_factory.mktemp("distill_alone"))
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
-  config = ensemble_config(**{"stage": "distill", "student.steps": 10,
-                              "student.eval_every": 5,
+  config = ensemble_config(**{"stage": "distill", **DISTILL,
                               "generator_checkpoint": ensemble.directory(gen_workdir)})
-  summary = train.train_and_evaluate(config, workdir)
+  return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_distill_stage_alone_from_a_generator_checkpoint(distilled_alone, generators_workdir):
+  workdir, summary = distilled_alone
+  gen_workdir, _ = generators_workdir
   assert summary["student"]["steps"] == 10
-  assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
   assert "generators" not in summary
   assert not os.path.exists(ensemble.directory(workdir))  # Only distillation ran here.
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "distill_generators"), create=False)
-  meta = ckpt.restore_meta()
-  ckpt.close()
+  _, meta = _stage_state(workdir, "distill_generators")
   assert meta["done"] and meta["source"] == "generators" and meta["num_generators"] == 3
-  gens = ensemble.load_generators(gen_workdir, train.load_data(config)["test"].info)
+  assert meta["generators"] == ensemble.directory(gen_workdir)
+  assert meta["eval"]["accuracy"] == summary["student"]["test_accuracy"]
+  gens = ensemble.load_generators(gen_workdir, input_pipeline.dataset_info("mnist5k"))
   assert jax.tree.leaves(gens["params"])[0].shape[0] == 3  # A workdir path works too.
 
 
-def test_stage_train_runs_generators_then_distillation(teacher_workdir, tmp_path):
-  """stage=train (and so stage=all after the teacher) runs both stages of the method, for real;
-  stage=generators and stage=distill alone are tested above."""
+def test_distillation_learns_from_the_loaded_generators(generators_workdir, teacher_workdir,
+                                                        loaded_generators, setup, tmp_path):
+  """One SGD step of stage=distill equals a step on KL(teacher || student) over the batch
+  that expected_batch draws from the saved generators (the student in training mode)."""
+  info, teacher = setup
+  gen_workdir, _ = generators_workdir
   workdir = str(tmp_path)
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
-  config = ensemble_config(**{"stage": "train", "ensemble.steps": 2, "student.steps": 4})
-  summary = train.train_and_evaluate(config, workdir)
-  assert summary["generators"]["steps"] == 2 and summary["generators"]["num_generators"] == 3
-  assert summary["student"]["steps"] == 4
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "distill_generators"), create=False)
-  meta = ckpt.restore_meta()
-  ckpt.close()
+  config = ensemble_config(**{"stage": "distill", "student.steps": 1, "student.lr": 0.5,
+                              "student.optimizer": "sgd", "student.batch_size": 10,
+                              "generator_checkpoint": ensemble.directory(gen_workdir)})
+  train.train_and_evaluate(config, workdir)
+  state, _ = _stage_state(workdir, "distill_generators")
+
+  student = models.get_classifier(config.student.model, info.num_classes)
+  params, batch_stats = common.init_model(
+      student, jax.random.fold_in(jax.random.key(config.seed), distill.STAGE_SALT),
+      info.image_shape)
+  x = expected_batch(loaded_generators, common.step_key(config.seed, distill.STAGE_SALT, 0), 10)
+  t_logits = teacher["model"].apply(teacher["variables"], x, train=False)
+
+  def kd(p):
+    logits, upd = student.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
+                                mutable=["batch_stats"])
+    pt = jax.nn.softmax(t_logits)
+    return jnp.sum(pt * (jnp.log(pt) - jax.nn.log_softmax(logits))) / 10, upd["batch_stats"]
+  grads, new_bs = jax.jit(jax.grad(kd, has_aux=True))(params)
+  expected = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+  _assert_trees_close(_np(state["student"]["params"]), _np(expected), atol=2e-5)
+  _assert_trees_close(_np(state["student"]["batch_stats"]), _np(new_bs), atol=1e-5)
+  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(params), jax.tree.leaves(expected))) > 1e-3  # it did move
+
+
+def test_stage_train_runs_generators_then_distillation(teacher_workdir, generators_workdir,
+                                                       distilled_alone, tmp_path):
+  """stage=train (and so stage=all after the teacher) is stage=generators then stage=distill:
+  the same generators and the same student, bit for bit, as the two stages run alone."""
+  workdir = str(tmp_path)
+  shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
+  summary = train.train_and_evaluate(ensemble_config(stage="train", **DISTILL), workdir)
+  assert summary["generators"]["steps"] == 4 and summary["generators"]["num_generators"] == 3
+  assert summary["student"]["steps"] == 10
+  state, meta = _stage_state(workdir, "distill_generators")
   assert meta["done"] and meta["generators"] == ensemble.directory(os.path.abspath(workdir))
+  alone, _ = _stage_state(distilled_alone[0], "distill_generators")
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(alone)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  gens, _ = _stage_state(workdir, "generators")
+  gens_alone, _ = _stage_state(generators_workdir[0], "generators")
+  for a, b in zip(jax.tree.leaves(gens), jax.tree.leaves(gens_alone)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _fake_generator_checkpoint(directory, image_shape, num_classes):
