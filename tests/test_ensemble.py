@@ -295,7 +295,7 @@ def test_generators_stage(generators_workdir):
   workdir, summary = generators_workdir
   g = summary["generators"]
   assert g["num_generators"] == 3 and g["members"] == 3 and g["steps"] == 4
-  assert 0.0 <= g["eval"]["agreement"] <= 1.0 and 0.0 <= g["eval"]["class_entropy"] <= 1.0
+  assert sorted(g["eval"]) == ["agreement", "class_entropy"]  # (values: test_make_eval_...)
   assert "student" not in summary  # stage=generators stops before distillation.
   samples = sorted(os.listdir(os.path.join(workdir, "samples")))
   assert samples == ["generators_step000002.png", "generators_step000004.png"]
