@@ -47,7 +47,9 @@ def test_unprepared_dataset_fails_fast_with_clear_message(name, tmp_path):
   with pytest.raises(tfds_pipeline.DatasetNotPreparedError) as err:
     input_pipeline.load_dataset(name, "train", data_dir=str(tmp_path))
   elapsed = time.monotonic() - start
-  assert elapsed < 10, f"took {elapsed:.1f} s"
+  # The check reads the data dir and gives up; a download attempt hangs here for minutes. The
+  # bound leaves room for a slow, busy machine importing tfds for the first time.
+  assert elapsed < 60, f"took {elapsed:.1f} s"
   msg = str(err.value)
   assert repr(name) in msg and str(tmp_path) in msg
   assert f"tfds build {name} --data_dir={tmp_path}" in msg
