@@ -70,10 +70,17 @@ class StageCheckpoints:
           f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
   def item_shapes(self, step: int, name: str):
-    """The saved (shape, dtype) tree of item `name`, as ShapeDtypeStructs without sharding."""
+    """The saved (shape, dtype) tree of item `name`, as ShapeDtypeStructs without sharding.
+
+    Read from the item's own metadata: the manager knows no handler for an item it has not
+    saved or restored in this process and answers None (a restore target of None restores the
+    saved shardings, which fails on another device count).
+    """
     try:
-      meta = self.manager.item_metadata(step)[name]
-      tree = meta.tree if hasattr(meta, "tree") else meta
+      with ocp.StandardCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(os.path.join(self.directory, str(step), name))
+      tree = getattr(meta, "item_metadata", meta)
+      tree = getattr(tree, "tree", tree)
       return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f"cannot read {name!r} of checkpoint {self.directory}/{step}") from e
