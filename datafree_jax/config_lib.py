@@ -138,14 +138,10 @@ class Number(Domain):
     if self.kind is float and not math.isfinite(value):
       raise ConfigError(f"{name} must be a finite number, got {value}")
     low, high = self.low, self.high
-    if low is not None:
-      if low == 0 and not self.low_inclusive and not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
-      if low == 0 and self.low_inclusive and not value >= 0:
-        raise ConfigError(f"{name} must be >= 0, got {value}")
-      if low != 0 and not (value > low if not self.low_inclusive else value >= low):
-        op = ">" if not self.low_inclusive else ">="
-        raise ConfigError(f"{name} must be {op} {low}{self.note}, got {value}")
+    if low is not None and not (value >= low if self.low_inclusive else value > low):
+      bound = ("positive" if low == 0 and not self.low_inclusive else
+               f"{'>=' if self.low_inclusive else '>'} {low}{self.note}")
+      raise ConfigError(f"{name} must be {bound}, got {value}")
     if high is not None and not value < high:
       raise ConfigError(f"{name} must be < {high}, got {value}")
 
@@ -252,12 +248,13 @@ SCHEMA = {
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
     "method": ("dafl", Choice(METHODS, label="method")),
     "stage": ("all", Choice(STAGES, label="stage")),  # see train.py
-    "generator_checkpoint": ("", Text()),  # stage=distill of method ensemble: '' = <workdir>/generators
+    # stage=distill of method ensemble: '' = <workdir>/generators
+    "generator_checkpoint": ("", Text()),
     "seed": (0, NON_NEGATIVE_INT),
     "log_every_secs": (10.0, NON_NEGATIVE),
-    "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between periodic checkpoints; 0 = final only
-    "debug_nan_at_step": (-1, OFF_OR_STEP),       # tests: make the loss NaN at this step of each stage
-    "debug_stop_after_steps": (-1, OFF_OR_STEP),  # tests: stop each stage after this many steps
+    "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between checkpoints; 0 = final only
+    "debug_nan_at_step": (-1, OFF_OR_STEP),       # tests: the loss is NaN at this step
+    "debug_stop_after_steps": (-1, OFF_OR_STEP),  # tests: each stage stops after this many steps
     "teacher": _classifier_fields(
         "teacher", "lenet5", 1000, 128, 1e-3, "cosine",
         augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag()),

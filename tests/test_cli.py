@@ -46,7 +46,8 @@ def test_teacher_only_run_prints_where_results_are(tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--config=configs/nope.py:method=dafl"], "error: config file 'configs/nope.py' does not exist"),
+    (["--config=configs/nope.py:method=dafl"],
+     "error: config file 'configs/nope.py' does not exist"),
     (["extra", "words"], "error: unexpected arguments: extra words"),
 ])
 def test_missing_config_file_and_extra_arguments(tmp_path, args, expected):
