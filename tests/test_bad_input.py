@@ -148,8 +148,10 @@ def _cli(*args):
      "error: config argument seed='abc': expected an integer"),
     (["--config=configs/mnist5k.py:methd=dafl"],
      "error: unknown config argument 'methd'; this config takes:"),
-    (["--config.teacher.lr=fast"], "error: "),
-    (["--config.teacher.stepz=3"], "error: unknown config field: 'stepz'"),
+    (["--config.teacher.lr=fast"],
+     "error: flag --config.teacher.lr=fast: could not convert string to float: 'fast'"),
+    (["--config.teacher.stepz=3"],
+     "error: unknown config field: 'stepz' Did you mean \"steps\" instead of \"stepz\"?"),
     (["--config.student.optimizer=adamx"], "error: unknown student.optimizer 'adamx'; choose "
                                            "one of: adam, sgd"),
 ])
@@ -161,13 +163,6 @@ def test_bad_config_syntax_on_the_command_line(work, args, expected):
   lines = r.stderr.strip().splitlines()
   assert lines[-1].startswith(expected), lines[-1]
   assert snapshot(work) == before
-
-
-def test_wrong_type_names_the_field(work):
-  r = _cli("--config.teacher.lr=fast", f"--workdir={work}")
-  assert r.returncode == 2
-  last = r.stderr.strip().splitlines()[-1]
-  assert "teacher.lr" in last and "fast" in last, last
 
 
 # --- the workdir ---------------------------------------------------------------------------
