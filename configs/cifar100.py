@@ -6,11 +6,7 @@ Arguments: method = dafl | kd_data | kd_noise | teacher; seed; stage.
 Published (Chen et al. 2019): teacher 77.84, DAFL student 74.47 (users of the official code
 report 53-62%).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax.configs import cifar10
 
 
 def get_config(arg=None):

@@ -37,10 +37,34 @@ def _convert(key, value: str, default):
   return value
 
 
+def packaged_configs() -> dict:
+  """{name: path} of the configs installed with the package (datafree_jax.configs)."""
+  spec = importlib.util.find_spec("datafree_jax.configs")
+  if spec is None or not spec.submodule_search_locations:
+    return {}
+  folder = list(spec.submodule_search_locations)[0]
+  return {n[:-3]: os.path.join(folder, n) for n in sorted(os.listdir(folder))
+          if n.endswith(".py") and not n.startswith("_")}
+
+
+def resolve_config_path(spec: str) -> str:
+  """The file of a --config value: an existing path, or the name of a packaged config
+  ('mnist5k', also 'mnist5k.py' or 'configs/mnist5k.py' when no such file is here)."""
+  if os.path.isfile(spec):
+    return spec
+  name = os.path.basename(spec)
+  name = name[:-3] if name.endswith(".py") else name
+  packaged = packaged_configs()
+  if name in packaged and os.path.dirname(spec) in ("", "configs"):
+    return packaged[name]
+  raise ConfigError(f"config file {spec!r} does not exist (packaged configs: "
+                    f"{', '.join(packaged) or 'none'})")
+
+
 def load_config_file(path: str, arg: str = "") -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file at `path` (what --config=path:arg loads)."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist")
+  """`get_config(arg)` of the config file at `path`, or of the packaged config of that name
+  (what --config=path:arg loads)."""
+  path = resolve_config_path(path)
   name = "config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None:

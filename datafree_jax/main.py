@@ -1,4 +1,8 @@
-"""Command line: python -m datafree_jax.main [--config=configs/NAME.py[:args]] [--workdir=DIR]."""
+"""Command line: python -m datafree_jax.main [--config=NAME|FILE.py[:args]] [--workdir=DIR].
+
+NAME is a config installed with the package (configs/NAME.py: mnist5k, mnist, cifar10, ...);
+FILE.py any config file.
+"""
 from __future__ import annotations
 
 import os
@@ -9,10 +13,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "mnist5k.py")
+from datafree_jax import config_lib
 
-
+DEFAULT_CONFIG = config_lib.resolve_config_path("mnist5k")
 
 def _config_field_error(e: Exception):
   """--config.a.b=... naming a field the config lacks: one line, exit code 2."""
@@ -29,7 +32,7 @@ def _config_field_error(e: Exception):
 try:  # config_flags applies --config.* overrides to the default config already here.
   config_flags.DEFINE_config_file(
       "config", DEFAULT_CONFIG,
-      "Config file, optionally with ':args' (default: configs/mnist5k.py).", lock_config=True)
+      "Config name or file, optionally with ':args' (default: mnist5k).", lock_config=True)
 except (KeyError, AttributeError) as err:
   _config_field_error(err)
 flags.DEFINE_string("workdir", None, "Output directory (default: ./workdir/<dataset>-<method>).")
@@ -46,8 +49,10 @@ def main(argv):
   # config_flags loads the file lazily and fails on first use with a traceback; its
   # "FILE:ARGS" is split at the first ':' as config_flags does.
   path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
-  if not os.path.isfile(path):
-    print(f"error: config file {path!r} does not exist", file=sys.stderr)
+  try:
+    config_lib.resolve_config_path(path)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
     return 2
   from datafree_jax import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
@@ -56,8 +61,25 @@ def main(argv):
   return train.main_entry(config, workdir, debug=flags.FLAGS.debug)
 
 
+def _with_config_paths(argv):
+  """argv with --config=NAME[:args] (a packaged config's name) replaced by its file."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    prefix = "--config=" if a.startswith("--config=") else None
+    if prefix is None and a == "--config" and i + 1 < len(out):
+      i, a, prefix = i + 1, out[i + 1], ""
+    if prefix is not None:
+      spec, sep, args = a[len(prefix):].partition(":")
+      try:
+        out[i] = prefix + config_lib.resolve_config_path(spec) + sep + args
+      except config_lib.ConfigError:
+        pass  # main() reports it as one line
+  return out
+
+
 def _parse_flags(argv):
   """absl flag parsing with a config error shown as one line (all of it with --debug)."""
+  argv = _with_config_paths(argv)
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:

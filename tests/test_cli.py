@@ -1,5 +1,6 @@
 """The command line as a user runs it (`python -m datafree_jax.main` subprocesses); config files."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,3 +70,34 @@ def test_load_config_file_calls_get_config_with_its_argument(tmp_path):
       == "dafl"
   with pytest.raises(config_lib.ConfigError, match="missing.py"):
     config_lib.load_config_file(str(tmp_path / "missing.py"))
+  # A packaged config by name, from any directory.
+  assert config_lib.load_config_file("cifar100", "method=kd_data").dataset == "cifar100"
+
+
+def test_packaged_configs_by_name_after_a_non_editable_install(tmp_path):
+  """`pip install .` (not -e, as Colab does) and a run from another directory: the default
+  config and --config=NAME are found inside the installed package; cifar100 imports cifar10."""
+  # From a copy of the source: setuptools builds in the tree and reuses an old build/ there.
+  source = tmp_path / "source"
+  shutil.copytree(REPO_ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", "build", "dist", "*.egg-info", "workdir", "__pycache__", ".pytest_cache"))
+  target = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                  "--no-build-isolation", "--target", str(target), str(source)],
+                 check=True, capture_output=True, timeout=300)
+  assert sorted(p.name for p in (target / "datafree_jax" / "configs").glob("*.py")) == [
+      "__init__.py", "cifar10.py", "cifar100.py", "mnist.py", "mnist5k.py"]
+  env = dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="3")
+  run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,
+                                     capture_output=True, text=True, timeout=300)
+  r = run("-c", "import datafree_jax, sys; print(datafree_jax.__file__)")
+  assert r.stdout.strip() == str(target / "datafree_jax" / "__init__.py")
+  # The default config (mnist5k) is loaded, then the bad method is refused: one line.
+  r = run("-m", "datafree_jax.main", "--config.method=dafll", "--workdir=w")
+  assert r.returncode == 2 and "error: unknown method 'dafll'" in r.stderr, r.stderr[-2000:]
+  r = run("-m", "datafree_jax.main", "--config=cifar100:method=teacher", "--workdir=w",
+          f"--config.data_dir={tmp_path / 'no_data'}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "error: TFDS dataset 'cifar100' is not prepared"), r.stderr[-2000:]
+  assert not (tmp_path / "w").exists()

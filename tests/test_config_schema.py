@@ -83,7 +83,8 @@ def test_generator_upsampling_must_fit_the_image_size(ups, ok):
       train.validate(config)
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py"))
+                      if not os.path.basename(p).startswith("_"))
 # (config file, argument) pairs that are refused on purpose, with the reason's text.
 REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5"}
 
@@ -100,6 +101,8 @@ def _arguments(path):
                          ids=lambda x: os.path.basename(x) if str(x).endswith(".py") else x)
 def test_every_config_file_validates_with_every_method(path, arg):
   assert len(CONFIG_FILES) == 4
+  assert sorted(config_lib.packaged_configs()) == sorted(
+      os.path.basename(p)[:-3] for p in CONFIG_FILES)
   refused = REFUSED.get((os.path.basename(path), arg))
   if refused:
     with pytest.raises(config_lib.ConfigError, match=refused):
