@@ -14,7 +14,8 @@ Arguments (`:k=v,k=v`):
 
 Expected on a 2-core CPU: LeNet-5 teacher ~97.8% test accuracy in 1.5-3 minutes, then 800 DAFL
 steps in 3-5 minutes (0.24-0.4 s/step, depending on the machine's day); the DAFL student's
-accuracy varies widely with the seed (2026-11-29, seeds 0/1/2: 50.1/81.4/92.2%; README).
+accuracy varies widely with the seed (2026-11-29, seeds 0/1/2: 50.1/81.4/92.2%;
+benchmarks/RESULTS.md).
 method=ensemble (config.ensemble's defaults: 10 per-class generators of width 16, batch 32
 each, 150 steps, target-class CE + class-conditional BN moment matching, w_mm 1): 0.2-0.35 s
 per generator step on a quiet 2-core CPU; measured once (seed 0, LeNet-5-BN teacher at 98.2%): the
