@@ -10,6 +10,7 @@ In a multi-process run each process loads only its shard of every split (see tfd
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 from typing import Optional
@@ -44,6 +45,7 @@ class DatasetInfo:
   num_classes: int
   mean: tuple
   std: tuple
+  class_names: tuple = ()  # optional; a registered dataset may name its classes
 
   @property
   def image_shape(self):
@@ -117,6 +119,68 @@ def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
   return ((images01 - mean) / std).astype(np.float32)
 
 
+# Datasets given as arrays (register_dataset): name -> {split: (images, labels)}.
+_REGISTERED: dict = {}
+
+
+def register_dataset(name: str, test, train=None, *, mean=None, std=None, class_names=()):
+  """Makes in-memory arrays usable as `config.dataset = name`, without editing the package.
+
+  `test` and `train` are (images, labels): images (N, S, S, C) uint8 (0-255) or float in
+  [0, 1], square and of one size; labels (N,) integers in [0, K). `train` may be None: the
+  data-free stages (dafl, ensemble, kd_noise after a teacher exists) never read it, and only
+  the teacher stage and kd_data ask for it. K is len(class_names), else the largest label + 1.
+  mean/std (per channel, of images in [0, 1]) default to those of the training images (of
+  the test images without a training split). Registering a name again replaces it.
+
+  Raises:
+    ValueError: a built-in name, or arrays of the wrong shape, type or range.
+  """
+  if name in DATASETS and name not in _REGISTERED:
+    raise ValueError(f"{name!r} is a built-in dataset; register the arrays under another name")
+  splits = {"test": test} if train is None else {"train": train, "test": test}
+  arrays, shape = {}, None
+  for split, (images, labels) in splits.items():
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+      raise ValueError(f"{split} images must be (N, S, S, C), got shape {images.shape}")
+    if shape is not None and images.shape[1:] != shape:
+      raise ValueError(f"train and test images differ in shape: {shape} vs {images.shape[1:]}")
+    shape = images.shape[1:]
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"{split} labels must be ({len(images)},) integers, got "
+                       f"{labels.dtype} {labels.shape}")
+    if images.dtype == np.uint8:
+      images = images.astype(np.float32) / 255.0
+    images = images.astype(np.float32)
+    if images.size and not (images.min() >= 0.0 and images.max() <= 1.0):
+      raise ValueError(f"{split} images must be uint8 or floats in [0, 1]")
+    arrays[split] = (images, labels.astype(np.int32))
+  num_classes = len(class_names) or int(max(int(y.max()) for _, y in arrays.values()) + 1)
+  for split, (_, labels) in arrays.items():
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"{split} labels must be in [0, {num_classes})")
+  source = arrays.get("train", arrays["test"])[0]
+  mean = tuple(mean) if mean is not None else tuple(float(m) for m in source.mean(axis=(0, 1, 2)))
+  std = tuple(std) if std is not None else tuple(
+      max(float(v), 1e-6) for v in source.std(axis=(0, 1, 2)))
+  DATASETS[name] = dict(image_size=shape[0], channels=shape[2], num_classes=num_classes,
+                        mean=mean, std=std, class_names=tuple(class_names))
+  _REGISTERED[name] = arrays
+
+
+def _registered_split(name: str, split: str):
+  """This process's part of a registered split, as ([0, 1] float images, int32 labels)."""
+  if split not in _REGISTERED[name]:
+    raise UnknownDatasetError(
+        f"dataset {name!r} was registered without a {split} split; the teacher stage and "
+        "method kd_data read it (the data-free stages do not)")
+  import jax  # pylint: disable=g-import-not-at-top
+  images, labels = _REGISTERED[name][split]
+  part = np.array_split(np.arange(len(labels)), jax.process_count())[jax.process_index()]
+  return images[part], labels[part]
+
+
 def _load_mnist5k(split: str):
   x, y = _mnist_raw()
   train_idx, test_idx = mnist5k_split_indices()
@@ -130,6 +194,9 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None) -> Datas
   info = dataset_info(name)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if name in _REGISTERED:
+    images01, labels = _registered_split(name, split)
+    return Dataset(images=normalize(images01, info), labels=labels, info=info)
   if name == "mnist5k":
     images, labels = _load_mnist5k(split)
   else:
@@ -137,6 +204,31 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None) -> Datas
     images, labels = tfds_pipeline.load_tfds_arrays(name, split, data_dir)
   images = normalize(resize_images(images, info.image_size), info)
   return Dataset(images=images, labels=labels.astype(np.int32), info=info)
+
+
+class Splits(collections.abc.Mapping):
+  """{'train': Dataset, 'test': Dataset} of one dataset, each split loaded on first use (the
+  data-free stages never read the training split)."""
+
+  def __init__(self, name: str, data_dir: Optional[str] = None):
+    self.name, self.data_dir, self._loaded = name, data_dir, {}
+
+  def __getitem__(self, split: str) -> Dataset:
+    if split not in ("train", "test"):
+      raise KeyError(split)
+    if split not in self._loaded:
+      self._loaded[split] = load_dataset(self.name, split, self.data_dir)
+    return self._loaded[split]
+
+  def __iter__(self):
+    return iter(("train", "test"))
+
+  def __len__(self):
+    return 2
+
+  def loaded(self) -> tuple:
+    """The splits read so far."""
+    return tuple(sorted(self._loaded))
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -113,10 +113,9 @@ def _writable(directory: str) -> bool:
     return False
 
 
-def load_data(config) -> dict:
-  data_dir = config.data_dir or None
-  return {"train": input_pipeline.load_dataset(config.dataset, "train", data_dir),
-          "test": input_pipeline.load_dataset(config.dataset, "test", data_dir)}
+def load_data(config) -> input_pipeline.Splits:
+  """The dataset's splits, each read on first use."""
+  return input_pipeline.Splits(config.dataset, config.data_dir or None)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -135,6 +134,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     teacher = teacher_stage.check_existing(config, workdir, info)
   else:
     teacher = teacher_stage.load(config, workdir, info)
+  if teacher is None or config.method == "kd_data":
+    _ = data["train"]  # Read now, before anything is written; the data-free stages never do.
   loaded_generators = None
   if config.method == "ensemble" and config.stage == "distill":
     loaded_generators = ensemble.load_generators(ensemble.checkpoint_to_distill(config, workdir),
