@@ -146,7 +146,7 @@ def _sigterm_run(config, workdir, stage, after_step):
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_sigkill_then_sigterm_in_every_stage_then_resume_is_exact(reference, tmp_path, capsys,
                                                                   stage):
-  """The command line killed (SIGKILL) at a random checkpoint of the stage; the same run
+  """The command line killed (SIGKILL) once the stage's first checkpoint exists; the same run
   resumed, then preempted (SIGTERM: checkpoint of the reached step, exit code 143); resumed
   again to the end: bitwise the uninterrupted run's final state."""
   workdir = str(tmp_path / "w")
