@@ -91,18 +91,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def check_choice(name: str, value, choices):
-  if value not in choices:
-    raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+  Choice(choices).check(name, value)
 
 
 def check_positive(name: str, value):
-  if not value > 0:
-    raise ConfigError(f"{name} must be positive, got {value}")
+  POSITIVE.check(name, value)
 
 
 def check_non_negative(name: str, value):
-  if not value >= 0:
-    raise ConfigError(f"{name} must be >= 0, got {value}")
+  NON_NEGATIVE.check(name, value)
 
 
 # --- The config schema: every field, its default and its domain -----------------------------

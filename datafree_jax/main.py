@@ -65,16 +65,19 @@ def _with_config_paths(argv):
   """argv with --config=NAME[:args] (a packaged config's name) replaced by its file."""
   out = list(argv)
   for i, a in enumerate(out):
-    prefix = "--config=" if a.startswith("--config=") else None
-    if prefix is None and a == "--config" and i + 1 < len(out):
-      i, a, prefix = i + 1, out[i + 1], ""
-    if prefix is not None:
-      spec, sep, args = a[len(prefix):].partition(":")
-      try:
-        out[i] = prefix + config_lib.resolve_config_path(spec) + sep + args
-      except config_lib.ConfigError:
-        pass  # main() reports it as one line
+    if a.startswith("--config="):
+      out[i] = "--config=" + _config_path(a[len("--config="):])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = _config_path(out[i + 1])
   return out
+
+
+def _config_path(value: str) -> str:
+  spec, sep, args = value.partition(":")
+  try:
+    return config_lib.resolve_config_path(spec) + sep + args
+  except config_lib.ConfigError:
+    return value  # main() reports it as one line
 
 
 def _parse_flags(argv):

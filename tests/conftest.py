@@ -62,6 +62,19 @@ def ensemble_config(**overrides):
   return tiny_config("ensemble", **base)
 
 
+def stage_state(directory):
+  """(step, 'state' item, meta) of the latest checkpoint of a stage directory, on 1 device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  ckpt = ckpt_lib.StageCheckpoints(str(directory), create=False)
+  step = ckpt.latest_step()
+  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
+      ckpt.item_shapes(step, "state"), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  meta = ckpt.restore_meta(step)
+  ckpt.close()
+  return step, state, meta
+
+
 def copy_stages(src, dst, *stages):
   """Copies the stage directories `stages` (e.g. 'teacher') of workdir `src` into `dst`."""
   for stage in stages:

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
-from datafree_jax import checkpoints as ckpt_lib
+from conftest import stage_state, tiny_config
 from datafree_jax import common
 from datafree_jax import loop
 from datafree_jax import models
@@ -166,12 +165,8 @@ def test_methods_run_end_to_end(teacher_workdir, tmp_path, method):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["student"]["test_accuracy"] == student["test_accuracy"]
   # The reported accuracy is the final checkpoint's student, evaluated again here.
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, STAGE_DIRS[method]), create=False)
-  assert ckpt.latest_step() == 30 and ckpt.restore_meta()["done"]
-  shapes = ckpt.item_shapes(30, "state")
-  state = ckpt.restore(30, "state", ckpt_lib.abstract_like(
-      shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-  ckpt.close()
+  step, state, meta = stage_state(os.path.join(workdir, STAGE_DIRS[method]))
+  assert step == 30 and meta["done"]
   data = train.load_data(config)
   model = models.get_classifier(config.student.model, 10)
   again = loop.evaluate_classifier(

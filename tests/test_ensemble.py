@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ensemble_config, tiny_config
+from conftest import ensemble_config, stage_state, tiny_config
 from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
@@ -311,12 +311,7 @@ def test_generators_stage(generators_workdir):
 
 
 def _stage_state(workdir, stage):
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), create=False)
-  step = ckpt.latest_step()
-  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
-      ckpt.item_shapes(step, "state"), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-  meta = ckpt.restore_meta(step)
-  ckpt.close()
+  _, state, meta = stage_state(os.path.join(workdir, stage))
   return state, meta
 
 

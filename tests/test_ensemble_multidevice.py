@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import train
 from datafree_jax.stages import distill
@@ -23,12 +24,7 @@ import multidevice_check as check  # pylint: disable=g-import-not-at-top,wrong-i
 
 def _restore_state(directory):
   """(step, 'state' item) of the latest checkpoint in `directory`, restored on 1 device."""
-  ckpt = ckpt_lib.StageCheckpoints(directory, create=False)
-  step = ckpt.latest_step()
-  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
-      ckpt.item_shapes(step, "state"), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-  ckpt.close()
-  return step, state
+  return stage_state(directory)[:2]
 
 
 def _meta(directory):

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import config_lib
 from datafree_jax import loop
@@ -74,17 +74,6 @@ def cli_config(method, stage="all"):
     node[leaf] = type(node[leaf])(value)
   c.stage = stage
   return c
-
-
-def _final_state(directory):
-  ckpt = ckpt_lib.StageCheckpoints(directory, create=False)
-  step = ckpt.latest_step()
-  shapes = ckpt.item_shapes(step, "state")
-  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
-      shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-  meta = ckpt.restore_meta(step)
-  ckpt.close()
-  return step, state, meta
 
 
 def _assert_same(a, b):
@@ -183,13 +172,13 @@ def test_sigkill_then_sigterm_in_every_stage_then_resume_is_exact(reference, tmp
   assert m, err
   preempted_at = int(m.group(1))
   assert next_checkpoint <= preempted_at < total
-  saved_step, _, meta = _final_state(stage_dir)
+  saved_step, _, meta = stage_state(stage_dir)
   assert saved_step == preempted_at and not meta["done"]
 
   assert train.main_entry(config, workdir) == 0
   assert f"{stage}: resuming from step {preempted_at}" in capsys.readouterr().out
-  step_a, state_a, meta_a = _final_state(os.path.join(reference, stage))
-  step_b, state_b, meta_b = _final_state(stage_dir)
+  step_a, state_a, meta_a = stage_state(os.path.join(reference, stage))
+  step_b, state_b, meta_b = stage_state(stage_dir)
   assert step_a == step_b == total and meta_a["done"] and meta_b["done"]
   _assert_same(state_a, state_b)
 
@@ -231,7 +220,7 @@ def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path
                      match=rf"^{stage}: non-finite .*{NAN_TERM[stage]}.* at step 7 .*the last good "
                            rf"checkpoint in .*{stage} \(step 6\) is kept$"):
     train.train_and_evaluate(config, workdir)
-  step, state, meta = _final_state(os.path.join(workdir, stage))
+  step, state, meta = stage_state(os.path.join(workdir, stage))
   assert step == 6 and int(state["step"]) == 6 and not meta["done"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
