@@ -223,6 +223,11 @@ def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path
   step, state, meta = stage_state(os.path.join(workdir, stage))
   assert step == 6 and int(state["step"]) == 6 and not meta["done"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+  if stage == "teacher":  # (resumption itself is the SIGKILL/SIGTERM test's subject)
+    config.debug_nan_at_step = -1  # Without the NaN the same run resumes and finishes.
+    train.train_and_evaluate(config, workdir)
+    step, _, meta = stage_state(os.path.join(workdir, stage))
+    assert step == TOTAL["teacher"] and meta["done"]
 
 
 @pytest.mark.parametrize("signal_in_step", [2, 3])
