@@ -226,10 +226,6 @@ class Splits(collections.abc.Mapping):
   def __len__(self):
     return 2
 
-  def loaded(self) -> tuple:
-    """The splits read so far."""
-    return tuple(sorted(self._loaded))
-
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)

@@ -17,6 +17,7 @@ from datafree_jax import config_lib
 
 DEFAULT_CONFIG = config_lib.resolve_config_path("mnist5k")
 
+
 def _config_field_error(e: Exception):
   """--config.a.b=... naming a field the config lacks: one line, exit code 2."""
   if "--debug" in sys.argv:

@@ -22,8 +22,9 @@ copy of the step per local member). The unrolled update runs the teacher per mem
 which XLA:CPU runs faster than the members folded into one teacher batch
 (benchmarks/ensemble_step_speed.py). lowering='auto' is 'unroll' on the CPU backend and 'vmap'
 elsewhere. With max_generators_per_device_at_once > 0 the local members are updated in chunks
-in sequence (lax.map over chunks) to bound memory. Member k's randomness is the stage key with the step
-and k folded in, so results do not depend on the lowering, the device count or the chunking.
+in sequence (lax.map over chunks) to bound memory. Member k's randomness is the stage key with
+the step and k folded in, so results do not depend on the lowering, the device count or the
+chunking.
 
 Padding: when G is not a multiple of the device count, the ensemble is padded with extra members
 (member k, k >= G, trains towards class k mod num_classes). They cost compute, are left out of
