@@ -1,12 +1,16 @@
-"""Seconds per generator-ensemble step: one step of G generators vs G separate jitted steps.
+"""Seconds per generator-ensemble step, each lowering of one step of G generators side by side.
 
-    python benchmarks/ensemble_step_speed.py                  # mnist5k setting, every lowering
-    python benchmarks/ensemble_step_speed.py --lowerings=separate,unroll --rounds=10
+    python benchmarks/ensemble_step_speed.py                  # mnist5k setting
+    python benchmarks/ensemble_step_speed.py --lowerings=loop,unroll,separate --rounds=10
 
-One step of the ensemble updates all G generators (params, BN state, optimiser state stacked on
-a leading axis) in one jitted call, lowered as `vmap` over the stacked axis or as a loop
-`unroll`ed inside the jit ('auto' picks unroll on CPU, vmap on accelerators). The baseline is
-what the ensemble replaces: G separate jitted single-generator steps called one after another.
+Rows (all update the same G generators with the package's `ensemble.member_update`):
+  loop      the 'loop' lowering (the CPU default): a Python loop over one jitted member update,
+            on the stacked state (cut into members and restacked every step)
+  vmap      the 'vmap' lowering (the accelerator default): one jitted step, members vmapped
+  unroll    one jitted step tracing every member's update in a Python loop inside the jit:
+            the CPU default before the 'loop' lowering, kept here as the baseline
+  separate  G independent single-generator states, one jitted step each: the floor of 'loop'
+            (no cutting and restacking)
 Uses the mnist5k config (configs/mnist5k.py:method=ensemble) with a randomly initialised
 LeNet-5-BN teacher and BN statistics of random images: the cost of a step does not depend on
 what the teacher learned. Every row is compiled first (its first call, reported), then timed in
@@ -16,6 +20,7 @@ table: the median over all timed steps of a row and the range of its per-round m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -53,27 +58,47 @@ def time_steps(step, state, reps: int):
   times = []
   for _ in range(reps):
     t = time.perf_counter()
-    state, _ = step(state)
+    state, _ = step(state, None)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
   return state, times
 
 
-def build_steps(cfg, teacher, info, lowering: str, g: int):
-  """(name, step, initial state) of one row: `separate` or an ensemble lowering."""
-  if lowering == "separate":
-    cfg.ensemble.lowering, cfg.ensemble.num_generators = "unroll", 1
-    one = ensemble.build(cfg, teacher, info)
+def unrolled_step(ens, spec, teacher):
+  """The former CPU default: one jit, each member's whole update traced in a Python loop."""
+  def step_fn(state, consts, tvars):
+    members = {k: state[k] for k in ensemble.MEMBER_KEYS}
+    cs = {k: consts[k] for k in ("targets", "class_id", "index")}
+    new, per_member = ensemble.map_members(
+        functools.partial(ensemble.member_update, spec), (members, cs), "loop",
+        shared=(tvars, state["step"]))
+    g = ens.num_generators
+    metrics = {k: jnp.sum(v * consts["real"]) / g for k, v in per_member.items()}
+    return dict(new, step=state["step"] + 1), metrics
+  step_jit = jax.jit(step_fn, donate_argnums=(0,))
+  return lambda state, _: step_jit(state, ens.consts, teacher["variables"])
+
+
+def build_steps(cfg, teacher, info, row: str, g: int):
+  """(name, step, initial state) of one row."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("gen",))
+  if row == "separate":
+    cfg.ensemble.lowering, cfg.ensemble.num_generators = "loop", 1
+    one = ensemble.build(cfg, teacher, info, mesh)
     cfg.ensemble.num_generators = g
     states = [jax.tree.map(jnp.copy, one.state) for _ in range(g)]
 
-    def step(states):
-      out = [one.step(s) for s in states]
+    def step(states, _):
+      out = [one.step(s, None) for s in states]
       return [o[0] for o in out], out[-1][1]
     return f"{g} separate jitted single-generator steps", step, states
-  cfg.ensemble.lowering = lowering
-  ens = ensemble.build(cfg, teacher, info)
-  return f"one ensemble step of {g} generators, lowering {lowering}", ens.step, ens.state
+  cfg.ensemble.lowering = "loop" if row == "unroll" else row
+  ens = ensemble.build(cfg, teacher, info, mesh)
+  if row == "unroll":
+    spec = ensemble.member_spec(cfg, info, teacher["model"])
+    return (f"one step of {g} generators, unrolled in one jit (former CPU default)",
+            unrolled_step(ens, spec, teacher), ens.state)
+  return f"one step of {g} generators, lowering '{row}'", ens.step, ens.state
 
 
 def main():
@@ -85,7 +110,8 @@ def main():
   p.add_argument("--rounds", type=int, default=3,
                  help="rounds; each times every row once, in turn, so that a slow spell of "
                       "the machine hits all rows alike")
-  p.add_argument("--lowerings", default="separate,unroll,vmap")
+  p.add_argument("--lowerings", default="loop,unroll,separate",
+                 help="rows, comma-separated: loop, vmap, unroll, separate")
   args = p.parse_args()
 
   cfg = mnist5k_ensemble_config()
@@ -98,8 +124,8 @@ def main():
   teacher = random_teacher(cfg.teacher.model, info)
   g = args.generators
   rows = []
-  for lowering in args.lowerings.split(","):
-    name, step, state = build_steps(cfg, teacher, info, lowering, g)
+  for row in args.lowerings.split(","):
+    name, step, state = build_steps(cfg, teacher, info, row, g)
     state, (first,) = time_steps(step, state, 1)
     rows.append({"name": name, "step": step, "state": state, "first": first, "times": [],
                  "round_medians": []})
@@ -112,7 +138,7 @@ def main():
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
         f"{row['round_medians'][-1]:.3f}" for row in rows) + " s/step", flush=True)
 
-  print(f"\n{jax.devices()[0].platform} ({jax.device_count()} device(s)), generator width "
+  print(f"\n{jax.devices()[0].platform}, one device, generator width "
         f"{cfg.generator.width}, {cfg.ensemble.batch_per_generator} images per generator, "
         f"teacher {cfg.teacher.model}, {args.rounds} rounds of {args.reps} timed steps per row")
   print("| step | s/step (median of all) | round medians, min - max | first call (compile) s |")

@@ -12,15 +12,11 @@ Arguments (`:k=v,k=v`):
   teacher  lenet5 (default) | lenet5_bn (the default for method=ensemble: moment matching
            needs a teacher with BatchNorm)
 
-Expected on a 2-core CPU: LeNet-5 teacher ~97.8% test accuracy in 1.5-3 minutes, then 800 DAFL
-steps in 3-5 minutes (0.24-0.4 s/step, depending on the machine's day); the DAFL student's
-accuracy varies widely with the seed (2026-11-29, seeds 0/1/2: 50.1/81.4/92.2%;
-benchmarks/RESULTS.md).
-method=ensemble (config.ensemble's defaults: 10 per-class generators of width 16, batch 32
-each, 150 steps, target-class CE + class-conditional BN moment matching, w_mm 1): 0.2-0.35 s
-per generator step on a quiet 2-core CPU; measured once (seed 0, LeNet-5-BN teacher at 98.2%): the
-teacher assigns 99% of generated images to their generator's class, and the LeNet-5-half-BN
-student reaches 89.3% after 300 of the 800 distillation steps.
+The defaults are the paper's MNIST settings at a smaller generator width (16 instead of 128, a
+sixteenth of the compute). method=ensemble takes config.ensemble's defaults: 10 per-class
+generators of width 16, batch 32 each, 150 steps, target-class CE + class-conditional BN
+moment matching (w_mm 1). What they reach, and how long they take, is measured in
+benchmarks/RESULTS.md (DAFL's student varies widely with the seed; the ensemble's does not).
 """
 from datafree_jax import config_lib
 
@@ -45,7 +41,7 @@ def get_config(arg=None):
   c.teacher.eval_every = 500
 
   c.student.model = "lenet5_half_bn" if a.teacher.endswith("_bn") else "lenet5_half"
-  c.student.steps = 800             # DAFL: ~0.4 s/step on a 2-core CPU.
+  c.student.steps = 800
   c.student.batch_size = 256
   c.student.optimizer = "adam"
   c.student.lr = 2e-3
@@ -53,7 +49,7 @@ def get_config(arg=None):
   c.student.eval_every = 250
 
   c.generator.latent_dim = 100
-  c.generator.width = 16            # the paper's 128 is ~16x the compute (see benchmarks/).
+  c.generator.width = 16            # the paper's 128 costs ~16x the compute.
   c.generator.lr = 0.2
   c.generator.w_oh = 1.0
   c.generator.w_a = 0.1

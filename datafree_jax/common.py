@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from datafree_jax import config_lib
+from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax.models import BN_INPUTS
 
@@ -17,12 +17,10 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   """Optimiser from a config block with optimizer/lr/schedule/weight_decay/momentum/b1/b2.
 
   schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step' (x0.1 at each fraction of
-  total_steps in cfg.boundaries; the default (0.4, 0.8) is DAFL's CIFAR student schedule). SGD's weight decay is the PyTorch kind (added to the gradient).
+  total_steps in cfg.boundaries; the default (0.4, 0.8) is DAFL's CIFAR student schedule). SGD's
+  weight decay is the PyTorch kind (added to the gradient). The values were checked against
+  config_lib.SCHEMA before.
   """
-  config_lib.check_choice("optimizer", cfg.optimizer, ("adam", "sgd"))
-  config_lib.check_choice("schedule", cfg.schedule, ("constant", "cosine", "step"))
-  config_lib.check_positive("learning rate (lr)", cfg.lr)
-  config_lib.check_non_negative("weight_decay", cfg.get("weight_decay", 0.0))
   if cfg.schedule == "constant":
     lr = cfg.lr
   elif cfg.schedule == "cosine":
@@ -58,6 +56,28 @@ def classifier_logits(model):
   return lambda variables, x: model.apply(variables, x, train=False)
 
 
+def make_classifier_eval(model, select, data, mesh):
+  """evaluate(state): test accuracy and loss of the classifier whose {'params', 'batch_stats'}
+  are select(state), over the test split of `data` (read on first use)."""
+  apply_logits = classifier_logits(model)
+
+  def evaluate(state):
+    v, test = select(state), data["test"]
+    return loop.evaluate_classifier(apply_logits, variables_of(v["params"], v["batch_stats"]),
+                                    test.images, test.labels, mesh)
+  return evaluate
+
+
+SAMPLE_SEED = 1234  # the fixed latents of sample grids and of the generators' evaluation
+
+
+def generate(gen, params, batch_stats, z):
+  """Images of a generator on latents `z`, its BN in training mode: (images, new batch_stats)."""
+  images, upd = gen.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+                          mutable=["batch_stats"])
+  return images, upd["batch_stats"]
+
+
 def teacher_forward(model, variables, x, *, moments: bool = False):
   """Frozen teacher in evaluation mode: (logits, features, bn input moments or None)."""
   if moments:
@@ -84,14 +104,19 @@ def random_shift(key, images, pad: int, fill: float, flip: bool = False):
   return images
 
 
+def student_kd_loss(model, params, batch_stats, images, teacher_logits, temperature: float):
+  """kd_loss(teacher, student) of `images`, the student's BN in training mode:
+  (loss, new batch_stats)."""
+  logits, upd = model.apply(variables_of(params, batch_stats), images, train=True,
+                            mutable=["batch_stats"])
+  return losses.kd_loss(teacher_logits, logits, temperature), upd.get("batch_stats", {})
+
+
 def student_kd_update(model, tx, params, batch_stats, opt_state, images, teacher_logits,
                       temperature: float):
-  """One student step on kd_loss(teacher, student) of `images`; returns new state and the loss."""
-  def loss_fn(p):
-    logits, upd = model.apply(variables_of(p, batch_stats), images, train=True,
-                              mutable=["batch_stats"])
-    return losses.kd_loss(teacher_logits, logits, temperature), upd.get("batch_stats", {})
-  (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  """One student step on student_kd_loss; returns new state, the loss and gradient norm."""
+  (loss, new_bs), grads = jax.value_and_grad(student_kd_loss, argnums=1, has_aux=True)(
+      model, params, batch_stats, images, teacher_logits, temperature)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), new_bs, opt_state, loss, optax.tree.norm(grads)
 

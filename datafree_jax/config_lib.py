@@ -94,14 +94,6 @@ def check_choice(name: str, value, choices):
   Choice(choices).check(name, value)
 
 
-def check_positive(name: str, value):
-  POSITIVE.check(name, value)
-
-
-def check_non_negative(name: str, value):
-  NON_NEGATIVE.check(name, value)
-
-
 # --- The config schema: every field, its default and its domain -----------------------------
 #
 # Each field of every section is declared once, with its default and a `Domain` that checks a
@@ -109,13 +101,11 @@ def check_non_negative(name: str, value):
 # `check_config(config)` checks every field of a config against it, before a run writes
 # anything; a field the table does not know is an error too.
 
-METHODS = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
-STAGES = ("all", "teacher", "generators", "distill", "train")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 GENERATOR_STYLES = ("dafl", "luo")
 ENSEMBLE_LOSSES = ("luo", "dafl")
-LOWERINGS = ("auto", "vmap", "unroll")
+LOWERINGS = ("auto", "vmap", "loop")
 SINGLE_TARGETS = ("random", "argmax")
 MM_FORMS = ("l2", "kl")  # losses.BN_MOMENT_FORMS (tests/test_config_schema.py checks they agree)
 
@@ -230,6 +220,16 @@ class Fractions(Domain):
     return [(0.8, 0.4), (0.5, 1.5)]
 
 
+def _methods():
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  return list(train.METHODS)
+
+
+def _stages():
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  return train.stage_selectors()
+
+
 def _datasets():
   from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   return sorted(input_pipeline.DATASETS)
@@ -245,7 +245,6 @@ NON_NEGATIVE = Number(float, 0)
 POSITIVE_INT = Number(int, 0, low_inclusive=False)
 NON_NEGATIVE_INT = Number(int, 0)
 FRACTION = Number(float, 0, high=1)  # [0, 1): momentum, Adam's betas
-OFF_OR_STEP = Number(int, -1, note=" (-1 = off)")
 
 
 def _optimizer_fields(lr, schedule="constant", **extra):
@@ -267,15 +266,13 @@ def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):
 SCHEMA = {
     "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
-    "method": ("dafl", Choice(METHODS, label="method")),
-    "stage": ("all", Choice(STAGES, label="stage")),  # see train.py
+    "method": ("dafl", Choice(_methods, label="method")),  # train.METHODS
+    "stage": ("all", Choice(_stages, label="stage")),  # see train.py
     # stage=distill of method ensemble: '' = <workdir>/generators
     "generator_checkpoint": ("", Text()),
     "seed": (0, NON_NEGATIVE_INT),
     "log_every_secs": (10.0, NON_NEGATIVE),
     "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between checkpoints; 0 = final only
-    "debug_nan_at_step": (-1, OFF_OR_STEP),       # tests: the loss is NaN at this step
-    "debug_stop_after_steps": (-1, OFF_OR_STEP),  # tests: each stage stops after this many steps
     "teacher": _classifier_fields(
         "teacher", "lenet5", 1000, 128, 1e-3, "cosine",
         augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag()),
@@ -298,10 +295,18 @@ SCHEMA = {
         **_optimizer_fields(0.01), b1=(0.9, FRACTION), b2=(0.999, FRACTION),
         w_tv=(0.0, NON_NEGATIVE), w_l2=(0.0, NON_NEGATIVE), w_mm=(1.0, NON_NEGATIVE),
         mm_form=("l2", Choice(MM_FORMS)),
-        lowering=("auto", Choice(LOWERINGS)),  # auto: unroll on CPU, vmap elsewhere
+        lowering=("auto", Choice(LOWERINGS)),  # auto: loop on CPU, vmap elsewhere
         max_generators_per_device_at_once=(0, NON_NEGATIVE_INT),  # 0 = all local at once
         eval_every=(50, NON_NEGATIVE_INT)),
 }
+
+
+def register_section(section: str, fields: dict):
+  """Adds config section `section` ({field: (default, Domain)}) to the schema: a method
+  registered from outside the package brings its own settings this way."""
+  if section in SCHEMA and SCHEMA[section] != fields:
+    raise ValueError(f"config section {section!r} exists already")
+  SCHEMA[section] = dict(fields)
 
 
 def schema_fields():

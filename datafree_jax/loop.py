@@ -36,13 +36,6 @@ class Preempted(Exception):
     self.step = step
 
 
-def poison(loss, step, nan_at_step: int):
-  """Adds NaN to `loss` at step `nan_at_step` (a test switch, config.debug_nan_at_step; -1 = off)."""
-  if nan_at_step < 0:
-    return loss
-  return loss + jnp.where(step == nan_at_step, jnp.nan, 0.0)
-
-
 class _SigtermFlag:
   """Records SIGTERM while installed (main thread only); restores the old handler on exit."""
 
@@ -80,13 +73,12 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
         eval_fn: Optional[Callable[[Any], Mapping[str, float]]] = None, eval_every: int = 0,
         checkpoint_every: int = 0, writer=None, meta: Optional[Mapping] = None,
         final_extras: Optional[Callable[[Any], Mapping]] = None, log_every_secs: float = 10.0,
-        scalars_every: int = 25, on_eval: Optional[Callable[[Any, int], None]] = None,
-        stop_after_steps: int = -1) -> LoopResult:
+        scalars_every: int = 25,
+        on_eval: Optional[Callable[[Any, int], None]] = None) -> LoopResult:
   """Runs `step_fn` from the latest checkpoint (or `state`) to `total_steps`.
 
   `final_extras(state)` returns extra items saved with the final checkpoint. `on_eval(state,
-  step)` runs beside each evaluation (sample grids). `stop_after_steps` ends the run early after
-  that many steps of this invocation without marking the stage done (tests of resumption).
+  step)` runs beside each evaluation (sample grids).
   """
   meta = dict(meta or {})
   t_start = time.time()
@@ -165,11 +157,6 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
         if not saved:
           save(step, done=False)
         raise Preempted(stage, step, ckpt.directory)
-      if stop_after_steps >= 0 and step - start >= stop_after_steps:
-        if not saved:
-          save(step, done=False)
-        return LoopResult(state, step, last_metrics, eval_metrics, resumed_from,
-                          time.time() - t_start)
     evaluate(step)
     save(step, done=True)
     if writer is not None:

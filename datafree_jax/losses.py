@@ -109,6 +109,14 @@ def information_entropy_loss(logits, base=10.0):
   return jnp.sum(p * log_p) / math.log(base)
 
 
+def dafl_generator_loss(logits, features, w_oh, w_a, w_ie):
+  """DAFL's generator objective w_oh * L_oh + w_a * L_a + w_ie * L_ie on the teacher's logits
+  and penultimate features of generated images; returns (loss, {'l_oh', 'l_a', 'l_ie'})."""
+  terms = {"l_oh": onehot_loss(logits), "l_a": activation_loss(features),
+           "l_ie": information_entropy_loss(logits)}
+  return w_oh * terms["l_oh"] + w_a * terms["l_a"] + w_ie * terms["l_ie"], terms
+
+
 def kd_loss(teacher_logits, student_logits, temperature=1.0):
   """Knowledge-distillation loss T^2 * KL(softmax(t/T) || softmax(s/T)), summed, / N.
 

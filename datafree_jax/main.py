@@ -1,108 +1,295 @@
-"""Command line: python -m datafree_jax.main [--config=NAME|FILE.py[:args]] [--workdir=DIR].
+"""Command line: python -m datafree_jax.main [--config=SPEC] [--config.FIELD=VALUE ...]
+                                            [--workdir=DIR] [--debug]
 
-NAME is a config installed with the package (configs/NAME.py: mnist5k, mnist, cifar10, ...);
-FILE.py any config file.
+  --config=NAME|FILE.py[:args]  the config (default: mnist5k). NAME is a config installed with
+                                the package (configs/NAME.py: mnist5k, mnist, cifar10, ...),
+                                FILE.py any config file; the file's get_config(args) gets the
+                                text after the first ':' ('' without one).
+  --config.a.b=VALUE            sets field a.b of the loaded config, VALUE read as the type of
+                                the field's value there: bool (true/false, yes/no, on/off, 1/0;
+                                a bare --config.a.b is true), int, float, str, tuple (0.3,0.6 or
+                                (0.3, 0.6)); a field that is None takes the string. Any number,
+                                applied in order after the config is loaded.
+  --workdir=DIR                 output directory (default: workdir/<dataset>-<method>-seed<seed>)
+  --debug, --nodebug            full tracebacks instead of one-line errors (default: --nodebug)
+  -h, --help                    this text
+
+--config, --config.a.b and --workdir also take their value as the next argument
+(--config FILE.py). Bad input is one line `error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+import ml_collections
 
 from datafree_jax import config_lib
 
-DEFAULT_CONFIG = config_lib.resolve_config_path("mnist5k")
+DEFAULT_CONFIG = "mnist5k"
+_OPTIONS = "(the options are --config, --config.<field>=<value>, --workdir and --debug)"
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
 
 
-def _config_field_error(e: Exception):
-  """--config.a.b=... naming a field the config lacks: one line, exit code 2."""
-  if "--debug" in sys.argv:
-    raise e
-  detail = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-  if len(detail) > 1 and detail[0] == detail[-1] == "'":  # The repr of a KeyError's message.
-    detail = detail[1:-1]
-  detail = detail.strip()
-  print(f"error: unknown config field: {detail}", file=sys.stderr)
-  sys.exit(2)
+class CommandLineError(ValueError):
+  """An argument the command line does not take; the message says which."""
 
 
-try:  # config_flags applies --config.* overrides to the default config already here.
-  config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG,
-      "Config name or file, optionally with ':args' (default: mnist5k).", lock_config=True)
-except (KeyError, AttributeError) as err:
-  _config_field_error(err)
-flags.DEFINE_string("workdir", None, "Output directory (default: ./workdir/<dataset>-<method>).")
-flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line errors.")
+# --- --config.a.b=VALUE ----------------------------------------------------------------------
 
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str | None):
+  """Sets field `key` ('a.b') of `config` to `text` read as the type of the field's value.
 
-def main(argv):
-  # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
-  logging.set_verbosity(logging.ERROR)
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])} (the options are --config, "
-          "--config.<field>=<value>, --workdir and --debug)", file=sys.stderr)
-    return 2
-  # config_flags loads the file lazily and fails on first use with a traceback; its
-  # "FILE:ARGS" is split at the first ':' as config_flags does.
-  path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
+  bool: true/false, yes/no, on/off, 1/0 (any case), and None (a bare `--config.a.b`) is true;
+  int; float; str as given; tuple or list: '0.3,0.6' or a Python literal '(0.3, 0.6)', each
+  element read as the type of the field's elements (when they share one); a field that is None
+  takes the string. Raises config_lib.ConfigError for a field `config` lacks and for a value
+  that is not of the field's type.
+  """
+  flag = f"--config.{key}" if text is None else f"--config.{key}={text}"
+  parts = key.split(".")
+  node = config
+  for i in range(len(parts) - 1):
+    node = _field(node, parts, i, flag)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise config_lib.ConfigError(
+          f"unknown config field: {parts[i + 1]!r} ({flag}; {'.'.join(parts[:i + 1])} is a "
+          "field, not a section of fields)")
+  current = _field(node, parts, len(parts) - 1, flag)
+  if isinstance(current, ml_collections.ConfigDict):
+    raise config_lib.ConfigError(f"flag {flag}: {key} is a section; set its fields, "
+                                 f"--config.{key}.<field>, one of: {', '.join(current.keys())}")
+  if text is None and not isinstance(current, bool):
+    raise config_lib.ConfigError(f"flag {flag} needs a value: {flag}=VALUE")
   try:
-    config_lib.resolve_config_path(path)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or os.path.join(
-      "workdir", f"{config.dataset}-{config.method}-seed{config.seed}")
-  return train.main_entry(config, workdir, debug=flags.FLAGS.debug)
+    value = True if text is None else _convert(current, text)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"flag {flag}: {e} ({key} is {_describe(current)})") from None
+  try:
+    node[parts[-1]] = value
+  except TypeError as e:  # A typed placeholder (None until set) given the string.
+    raise config_lib.ConfigError(f"flag {flag}: {e}") from None
 
 
-def _with_config_paths(argv):
-  """argv with --config=NAME[:args] (a packaged config's name) replaced by its file."""
-  out = list(argv)
-  for i, a in enumerate(out):
-    if a.startswith("--config="):
-      out[i] = "--config=" + _config_path(a[len("--config="):])
-    elif a == "--config" and i + 1 < len(out):
-      out[i + 1] = _config_path(out[i + 1])
+def _field(node: ml_collections.ConfigDict, parts: list, i: int, flag: str):
+  """node[parts[i]]; ConfigError if `node` (the section parts[:i]) has no such field."""
+  name = parts[i]
+  if name in node:
+    return node[name]
+  keys = [str(k) for k in node.keys()]
+  close = difflib.get_close_matches(name, keys, n=1)
+  if close:
+    hint = f" Did you mean \"{close[0]}\" instead of \"{name}\"? ({flag})"
+  else:
+    hint = f" ({flag}; {'.'.join(parts[:i]) or 'the config'} has: {', '.join(keys)})"
+  raise config_lib.ConfigError(f"unknown config field: {name!r}{hint}")
+
+
+def _convert(current, text: str):
+  """`text` as the type of `current`; ValueError (the reason) if it is not one."""
+  if current is None:
+    return text
+  if isinstance(current, (tuple, list)):
+    kinds = {_scalar_kind(v) for v in current}
+    kind = kinds.pop() if len(kinds) == 1 else float if kinds == {int, float} else None
+    items = [_convert_element(kind, item, text) for item in _tuple_items(text)]
+    return type(current)(items)
+  if _scalar_kind(current):
+    return _convert_scalar(_scalar_kind(current), text)
+  raise ValueError(f"a field holding a {type(current).__name__} cannot be set on the command "
+                   "line")
+
+
+def _scalar_kind(value) -> type | None:
+  """bool, int, float or str (numpy's scalars too: np.float64 is a float), or None."""
+  return next((k for k in (bool, int, float, str) if isinstance(value, k)), None)
+
+
+def _convert_scalar(kind: type, text: str):
+  if kind is bool:
+    if text.strip().lower() in _TRUE:
+      return True
+    if text.strip().lower() in _FALSE:
+      return False
+  elif kind is int:
+    try:
+      return int(text)
+    except ValueError:
+      pass
+  elif kind is float:
+    try:
+      return float(text)
+    except ValueError:
+      pass
+  elif kind is str:
+    return text
+  raise ValueError(f"could not convert string to {kind.__name__}: {text!r}")
+
+
+def _tuple_items(text: str) -> list:
+  """The elements of '0.3,0.6' (strings) or of a literal '(0.3, 0.6)' / '[0.3]' (values)."""
+  s = text.strip()
+  if s.startswith(("(", "[")):
+    try:
+      value = ast.literal_eval(s)
+    except Exception:  # pylint: disable=broad-except  (SyntaxError, ValueError, ...)
+      raise ValueError(f"could not read {text!r} as a tuple") from None
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+  items = [p.strip() for p in s.split(",")] if s else []
+  if len(items) > 1 and not items[-1]:  # '0.5,' is the tuple (0.5,)
+    items.pop()
+  return items
+
+
+def _convert_element(kind: type | None, item, text: str):
+  if isinstance(item, str) and kind is not str:
+    if kind is not None:
+      try:
+        return _convert_scalar(kind, item)
+      except ValueError as e:
+        raise ValueError(f"{e} in {text!r}") from None
+    try:
+      return ast.literal_eval(item)
+    except Exception:  # pylint: disable=broad-except
+      return item
+  ok = {None: lambda v: True,
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str)}
+  if not ok[kind](item):
+    raise ValueError(f"could not convert {item!r} to {kind.__name__} in {text!r}")
+  return float(item) if kind is float else item
+
+
+def _describe(current) -> str:
+  names = {bool: "a boolean: true/false, yes/no, on/off or 1/0", int: "an integer",
+           float: "a number", str: "a string"}
+  if isinstance(current, (tuple, list)):
+    kinds = {_scalar_kind(v) for v in current}
+    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    what = (plural.get(kinds.pop(), "values") if len(kinds) == 1 else
+            "numbers" if kinds == {int, float} else "values")
+    return f"a tuple of {what}, e.g. 0.3,0.6 or (0.3, 0.6)"
+  return names.get(_scalar_kind(current), f"a {type(current).__name__}")
+
+
+# --- The command line ------------------------------------------------------------------------
+
+def parse_command_line(args: list) -> dict:
+  """argv[1:] as {config, overrides: [(key, text or None)], workdir, debug, help}; raises
+  CommandLineError for an unknown flag, a positional argument or a flag without its value."""
+  out = {"config": DEFAULT_CONFIG, "overrides": [], "workdir": None, "debug": False,
+         "help": False}
+  unknown, positional = [], []
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    i += 1
+    if arg == "--":
+      positional.extend(args[i:])
+      break
+    if arg in ("-h", "--help"):
+      out["help"] = True
+      continue
+    if not arg.startswith("-") or arg == "-":
+      positional.append(arg)
+      continue
+    name, eq, value = arg.partition("=")
+    if name == "--debug" or (name == "--nodebug" and not eq):
+      if eq and value.strip().lower() not in _TRUE + _FALSE:
+        raise CommandLineError(f"flag {arg}: expected true or false")
+      out["debug"] = name == "--debug" and (not eq or value.strip().lower() in _TRUE)
+    elif name in ("--config", "--workdir") or name.startswith("--config."):
+      if not eq:
+        if i < len(args) and not args[i].startswith("--"):
+          value = args[i]
+          i += 1
+        elif name.startswith("--config."):
+          value = None  # A bare --config.a.b: a boolean field set to true.
+        else:
+          raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
+      if name == "--config":
+        out["config"] = value
+      elif name == "--workdir":
+        out["workdir"] = value
+      else:
+        out["overrides"].append((name[len("--config."):], value))
+    else:
+      unknown.append(name)
+  if out["help"]:
+    return out
+  if unknown:
+    raise CommandLineError(f"unknown flag{'s' if len(unknown) > 1 else ''}: "
+                           f"{' '.join(unknown)} {_OPTIONS}")
+  if positional:
+    raise CommandLineError(f"unexpected arguments: {' '.join(positional)} {_OPTIONS}")
   return out
 
 
-def _config_path(value: str) -> str:
-  spec, sep, args = value.partition(":")
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The locked config of --config=NAME|FILE.py[:args]; raises config_lib.ConfigError, also
+  (one line, the exception chained) when the config file's own code raises anything else."""
+  name, _, arg = spec.partition(":")
+  path = config_lib.resolve_config_path(name)
   try:
-    return config_lib.resolve_config_path(spec) + sep + args
+    config = config_lib.load_config_file(path, arg)
   except config_lib.ConfigError:
-    return value  # main() reports it as one line
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    lines = str(e).strip().splitlines()
+    raise config_lib.ConfigError(f"config file {path} failed: {type(e).__name__}"
+                                 + (f": {lines[0]}" if lines else "")) from e
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise config_lib.ConfigError(f"config file {path}: get_config returned a "
+                                 f"{type(config).__name__}, not a ConfigDict")
+  config.lock()  # --config.a.b cannot add a field.
+  return config
 
 
-def _parse_flags(argv):
-  """absl flag parsing with a config error shown as one line (all of it with --debug)."""
-  argv = _with_config_paths(argv)
+def main(argv) -> int:
+  # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
+  logging.set_verbosity(logging.ERROR)
   try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:
-    _config_field_error(e)
-  except flags.Error as e:
-    text = str(e).strip()
-    if "--debug" in argv:
-      print(text, file=sys.stderr)
-    # config_flags wraps the config file's own exception; its last line is "module.Error: msg".
-    last = text.splitlines()[-1].strip()
-    head, sep, rest = last.partition(": ")
-    if sep and "Error" in head.split(".")[-1]:
-      last = rest
-    print(f"error: {last}", file=sys.stderr)
-    sys.exit(2)
+    args = parse_command_line(list(argv[1:]))
+  except CommandLineError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args["help"]:
+    print(__doc__.strip())
+    return 0
+  try:
+    config = load_config(args["config"])
+    for key, text in args["overrides"]:
+      apply_override(config, key, text)
+  except config_lib.ConfigError as e:
+    if args["debug"]:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = args["workdir"] or os.path.join(
+      "workdir", f"{config.dataset}-{config.method}-seed{config.seed}")
+  return train.main_entry(config, workdir, debug=args["debug"])
+
+
+def _absl_flags_parser(argv):
+  """absl's own flags at their defaults (app.run needs them parsed); main() reads argv."""
+  flags.FLAGS(argv[:1])
+  return argv
 
 
 def cli():
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=_absl_flags_parser)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """The pipeline: `train_and_evaluate(config, workdir)` runs the stages a config asks for.
 
+Every method is the teacher stage followed by the method's own stages (METHODS, the one table):
+
     method      stages run
     teacher     teacher
     dafl        teacher -> dafl (joint generator + student)
-    ensemble    teacher -> generators (Luo et al.'s per-class ensemble) -> distill from them
-    kd_data     teacher -> distill from the real training images (baseline, upper bound)
-    kd_noise    teacher -> distill from N(0, 1) noise images (baseline, lower bound)
+    ensemble    teacher -> generators (Luo et al.'s per-class ensemble) -> distill_generators
+    kd_data     teacher -> distill_data (distill from the real training images: upper bound)
+    kd_noise    teacher -> distill_noise (distill from N(0, 1) noise images: lower bound)
 
-Each stage resumes from its own checkpoint directory under `workdir`; a finished stage is
-loaded, not rerun. `config.stage` runs them all ('all'), only 'teacher', only what comes after
-it ('train'), or, for method ensemble, only 'generators' or only 'distill' (from the generator
-checkpoint in config.generator_checkpoint, default <workdir>/generators; for kd_data/kd_noise
-'distill' is the same as 'train').
+A stage is an object with the interface of stage.Stage; `register_method` adds a method from
+outside the package. Each stage resumes from its own checkpoint directory under `workdir`; a
+finished stage is loaded, not rerun. `config.stage` runs them all ('all'), only 'teacher', only
+what comes after it ('train'), or one stage by its selector (method ensemble: 'generators', or
+'distill' from the generator checkpoint in config.generator_checkpoint, default
+<workdir>/generators; for kd_data/kd_noise 'distill' is the same as 'train').
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -28,52 +30,74 @@ from datafree_jax import config_lib
 from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
+from datafree_jax import stage as stage_lib
+from datafree_jax.stages import dafl
+from datafree_jax.stages import distill
+from datafree_jax.stages import ensemble
+from datafree_jax.stages import teacher as teacher_stage
 
-METHODS = config_lib.METHODS
-STAGES = config_lib.STAGES
-# The stage directories each method writes under the workdir, in the order they run.
-METHOD_STAGES = {"teacher": ("teacher",), "dafl": ("teacher", "dafl"),
-                 "ensemble": ("teacher", "generators", "distill_generators"),
-                 "kd_data": ("teacher", "distill_data"), "kd_noise": ("teacher", "distill_noise")}
-# The stages of each method after the teacher that `config.stage` may name on their own.
-_OWN_STAGES = {"ensemble": ("generators", "distill"), "kd_data": ("distill",),
-               "kd_noise": ("distill",)}
+TEACHER = teacher_stage.STAGE
+# method -> its stages in the order they run; the first is the teacher stage, which publishes
+# the frozen teacher (Context.teacher) that the others use.
+METHODS: dict[str, tuple] = {
+    "teacher": (TEACHER,),
+    "dafl": (TEACHER, dafl.STAGE),
+    "ensemble": (TEACHER, ensemble.GENERATORS, ensemble.DISTILL),
+    "kd_data": (TEACHER, distill.DATA),
+    "kd_noise": (TEACHER, distill.NOISE),
+}
+
+
+def register_method(name: str, stages, config_sections: dict | None = None):
+  """Adds method `name` that runs `stages` (stage.Stage objects, the teacher stage first, e.g.
+  train.TEACHER). `config_sections` ({section: {field: (default, config_lib.Domain)}}) adds
+  the method's own config sections to the schema, with their defaults (config_lib.base_config
+  then has them)."""
+  for section, fields in (config_sections or {}).items():
+    config_lib.register_section(section, fields)
+  METHODS[name] = tuple(stages)
+
+
+def method_stages(method: str) -> tuple:
+  """The stages of `method`, teacher first."""
+  return METHODS[method]
+
+
+def stage_selectors() -> list:
+  """What config.stage may say: all, teacher, train and every registered stage's selector."""
+  return ["all", "teacher", "train"] + sorted(
+      {s.selector for stages in METHODS.values() for s in stages[1:] if s.selector})
+
+
+def stages_to_run(config) -> tuple:
+  """The stages this config runs (config.stage of config.method); raises ConfigError."""
+  stages = method_stages(config.method)
+  if config.stage == "all":
+    return stages
+  if config.stage == "teacher":
+    return stages[:1]
+  if config.stage == "train":
+    return stages[1:]
+  chosen = tuple(s for s in stages[1:] if s.selector == config.stage)
+  if not chosen:
+    owners = sorted(m for m, st in METHODS.items()
+                    if any(s.selector == config.stage for s in st[1:]))
+    raise config_lib.ConfigError(
+        f"stage {config.stage!r} does not apply to method {config.method!r}; it is a stage of "
+        + " and ".join(owners) + " (use stage=all, teacher or train)")
+  return chosen
 
 
 def validate(config):
   """Checks the config before anything is written; raises ConfigError.
 
-  Every field against its domain (config_lib.SCHEMA), then what depends on several fields.
+  Every field against its domain (config_lib.SCHEMA), then each stage that will run checks
+  what depends on several fields (Stage.check).
   """
   config_lib.check_config(config)
   info = input_pipeline.dataset_info(config.dataset)
-  if config.stage in ("generators", "distill") and config.stage not in _OWN_STAGES.get(
-      config.method, ()):
-    raise config_lib.ConfigError(
-        f"stage {config.stage!r} does not apply to method {config.method!r}; it is a stage of "
-        + " and ".join(sorted(m for m, st in _OWN_STAGES.items() if config.stage in st))
-        + " (use stage=all, teacher or train)")
-  ups = config.generator.num_upsample
-  if info.image_size % 2**ups:
-    largest = int(math.log2(info.image_size & -info.image_size))
-    raise config_lib.ConfigError(
-        f"generator.num_upsample={ups} does not fit the {info.image_size}x{info.image_size} "
-        f"images of dataset {config.dataset!r}: the image size must be a multiple of 2^{ups} "
-        f"(use num_upsample <= {largest})")
-  if config.method == "ensemble":
-    import jax  # pylint: disable=g-import-not-at-top
-    from datafree_jax import models  # pylint: disable=g-import-not-at-top
-    from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
-    teacher = models.get_classifier(config.teacher.model, info.num_classes,
-                                    config.teacher.get("width", 0))
-    shapes = jax.eval_shape(lambda: teacher.init(
-        jax.random.key(0), jax.numpy.zeros((1,) + info.image_shape), train=False))
-    ensemble.validate(config, teacher_has_bn=bool(shapes.get("batch_stats")))
-  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
-  if config.stage in ("all", "teacher"):
-    parallel.check_global_batch(config.teacher.batch_size)
-  if config.method != "teacher" and config.stage not in ("teacher", "generators"):
-    parallel.check_global_batch(config.student.batch_size)
+  for s in stages_to_run(config):
+    s.check(config, info)
 
 
 def check_workdir(config, workdir: str):
@@ -121,64 +145,40 @@ def load_data(config) -> input_pipeline.Splits:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the pipeline; returns a summary dict (also written to <workdir>/results.json)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from datafree_jax.stages import dafl, distill, ensemble, teacher as teacher_stage  # pylint: disable=g-import-not-at-top
 
   # Everything that can be checked is checked before anything is written: a run that fails
   # here leaves the workdir as it was.
   validate(config)
   t0 = time.time()
   check_workdir(config, workdir)
-  data = load_data(config)
-  info = data["test"].info
-  if config.stage in ("all", "teacher"):
-    teacher = teacher_stage.check_existing(config, workdir, info)
-  else:
-    teacher = teacher_stage.load(config, workdir, info)
-  if teacher is None or config.method == "kd_data":
-    _ = data["train"]  # Read now, before anything is written; the data-free stages never do.
-  loaded_generators = None
-  if config.method == "ensemble" and config.stage == "distill":
-    loaded_generators = ensemble.load_generators(ensemble.checkpoint_to_distill(config, workdir),
-                                                 info)
+  stages = stages_to_run(config)
+  ctx = stage_lib.Context(config=config, workdir=workdir, data=load_data(config),
+                          info=input_pipeline.dataset_info(config.dataset),
+                          running=tuple(s.name for s in stages))
+  summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
+  teacher = method_stages(config.method)[0]
+  if teacher not in stages:  # Continues from the finished teacher of the workdir.
+    ctx.teacher = teacher_stage.load(config, workdir, ctx.info)
+    meta = ctx.teacher["meta"]
+    summary.update(teacher.summarize(ctx, stage_lib.Done(
+        stage_lib.directory(ctx, teacher), meta["step"], meta.get("eval", {}), meta)))
+  for s in stages:
+    stage_lib.saved_meta(ctx, s)  # An existing checkpoint must be one of this config's.
+    s.prepare(ctx)
 
   os.makedirs(workdir, exist_ok=True)
-  writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))
-  summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
+  ctx.writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))
   try:
-    if teacher is None:
-      teacher = teacher_stage.train(config, workdir, data, writer)
-    summary["teacher"] = {"model": config.teacher.model,
-                          "test_accuracy": teacher["meta"]["eval"].get("accuracy"),
-                          "checkpoint": teacher_stage.directory(workdir)}
-    if config.method != "teacher" and config.stage != "teacher":
-      acc = summary["teacher"]["test_accuracy"]
-      log.info(f"teacher {config.teacher.model}: test accuracy "
-               f"{acc if acc is None else format(acc, '.4f')}, checkpoint "
-               f"{os.path.abspath(teacher_stage.directory(workdir))}, TensorBoard logs "
-               f"{os.path.abspath(os.path.join(workdir, 'tensorboard'))}")
-    if config.stage != "teacher" and config.method != "teacher":
-      if config.method == "dafl":
-        out = dafl.train(config, workdir, teacher, data, writer)
-      elif config.method == "ensemble":
-        out = None
-        if config.stage != "distill":
-          gens = ensemble.train_generators(config, workdir, teacher, data["test"].info, writer)
-          summary["generators"] = {
-              "num_generators": gens["num_generators"], "members": gens["members"],
-              "steps": gens["result"].step, "eval": gens["result"].eval_metrics,
-              "checkpoint": gens["directory"]}
-        if config.stage != "generators":
-          out = ensemble.distill_from_generators(config, workdir, teacher, data, writer,
-                                                 gens=loaded_generators)
-      else:
-        source = {"kd_data": "data", "kd_noise": "noise"}[config.method]
-        out = distill.train(config, workdir, teacher, data, writer, source)
-      if out is not None:
-        summary["student"] = {"model": config.student.model,
-                              "test_accuracy": out["result"].eval_metrics.get("accuracy"),
-                              "steps": out["result"].step, "checkpoint": out["directory"]}
+    for s in stages:
+      summary.update(stage_lib.run(s, ctx))
+      if s is teacher and len(stages) > 1:
+        acc = summary["teacher"]["test_accuracy"]
+        log.info(f"teacher {config.teacher.model}: test accuracy "
+                 f"{acc if acc is None else format(acc, '.4f')}, checkpoint "
+                 f"{os.path.abspath(teacher_stage.directory(workdir))}, TensorBoard logs "
+                 f"{os.path.abspath(os.path.join(workdir, 'tensorboard'))}")
   finally:
-    writer.close()
+    ctx.writer.close()
   summary["seconds"] = time.time() - t0
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -189,7 +189,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 # Errors that mean "the user must change something": one line on stderr, no traceback.
 def _user_errors():
   from datafree_jax import models  # pylint: disable=g-import-not-at-top
-  from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
   errors = [config_lib.ConfigError, input_pipeline.UnknownDatasetError, models.UnknownModelError,
             ckpt_lib.CheckpointError, teacher_stage.TeacherError, loop.NonFiniteError]
   try:

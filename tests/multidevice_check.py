@@ -9,11 +9,11 @@ In this order:
     the distillation from it while this process goes on;
   - with a random LeNet-5-BN teacher (its BN statistics computed on random images): one step of
     G = 10 generators on 8 devices (padded to 16 members, 2 per device, lowering 'auto', i.e.
-    'unroll' on CPU, one member at a time: max_generators_per_device_at_once=1) goes to
+    'loop' on CPU: one jitted member update per member, on its device) goes to
     DIR/ensemble_step.npz: the parent takes it with G = 10 on its 1 device with lowering
     'vmap', all members at once, and compares (1e-5);
   - the state is sharded over 'gen' (2 members per device);
-  - the generators stage stopped after 1 of 2 steps (debug_stop_after_steps) leaves an
+  - the generators stage preempted after 1 of 2 steps (tests/faults.py) leaves an
     unfinished checkpoint of 16 members in DIR/unfinished/generators (1 device, 10 members,
     must refuse to resume it);
   - the generators stage runs on 8 devices and writes DIR/generators; the real members' final
@@ -39,6 +39,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
+import faults  # pylint: disable=g-import-not-at-top
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 from datafree_jax import bn_stats  # pylint: disable=g-import-not-at-top
 from datafree_jax import common  # pylint: disable=g-import-not-at-top
@@ -46,6 +47,7 @@ from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from datafree_jax import loop  # pylint: disable=g-import-not-at-top
 from datafree_jax import models  # pylint: disable=g-import-not-at-top
 from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
+from datafree_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
 from datafree_jax import train  # pylint: disable=g-import-not-at-top
 from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top
 from datafree_jax.stages import distill  # pylint: disable=g-import-not-at-top
@@ -101,7 +103,8 @@ def downstream(workdir, teacher, data):
   out.update(flatten(state, "dafl/"))
   out.update(flatten(metrics, "dafl_metrics/"))
   for method, source in (("kd_data", "data"), ("kd_noise", "noise")):
-    res = distill.train(stage_config(method), workdir, teacher, data, None, source)["result"]
+    res = stage_lib.run_alone(distill.Distill(source), stage_config(method), workdir,
+                              data=data, teacher=teacher)
     assert res.step == 3, res.step
     out.update(flatten(res.state, f"distill_{source}/"))
   return out
@@ -154,7 +157,7 @@ def main(workdir):
   assert local == {2} and len(kernel.addressable_shards) == 8, local
   # One step (of a copy: e8.state trains below); the parent compares the real members with
   # its 1-device 'vmap' step.
-  s8, m8 = e8.step(jax.tree.map(jnp.copy, e8.state))
+  s8, m8 = e8.step(jax.tree.map(jnp.copy, e8.state), None)
   step8 = flatten({"params": s8["params"], "batch_stats": s8["batch_stats"]}, "state/")
   step8 = {k: v[:10] for k, v in step8.items()}
   step8.update(flatten(jax.device_get(m8), "metrics/"))
@@ -163,15 +166,17 @@ def main(workdir):
   # Stopped after 1 of 2 steps: an unfinished checkpoint of 16 members (from a copy of e8's
   # initial state: e8.state trains below).
   unfinished = os.path.join(workdir, "unfinished")
+  ctx = stage_lib.Context(config=config_for("auto", at_once=1), workdir=unfinished, data=None,
+                          info=info, teacher=teacher, outputs={"ensemble": dataclasses.replace(
+                              e8, state=jax.tree.map(jnp.copy, e8.state))})
   try:
-    ensemble.train_generators(config_for("auto", at_once=1, debug_stop_after_steps=1),
-                              unfinished, teacher, info, writer=None,
-                              ens=dataclasses.replace(e8, state=jax.tree.map(jnp.copy, e8.state)))
-    raise AssertionError("debug_stop_after_steps=1 did not stop the generators stage")
+    stage_lib.run(faults.sigterm_at(ensemble.GENERATORS, 1), ctx)
+    raise AssertionError("the SIGTERM in step 1 did not stop the generators stage")
   except loop.Preempted:
     pass
-  out = ensemble.train_generators(config8, workdir, teacher, info, writer=None, ens=e8)
-  state = out["result"].state
+  out = stage_lib.run_alone(ensemble.GENERATORS, config8, workdir, info=info, teacher=teacher,
+                            outputs={"ensemble": e8})
+  state = out.state
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)[:10]
           for path, v in jax.tree_util.tree_flatten_with_path(
               {"params": state["params"], "batch_stats": state["batch_stats"]})[0]}
@@ -183,7 +188,7 @@ def main(workdir):
   seconds["dafl_distill"] = time.time() - t0
   print(json.dumps({"devices": jax.device_count(), "padded": e8.padded,
                     "lowering_8": e8.lowering, "local_members": sorted(local),
-                    "steps": out["result"].step,
+                    "steps": out.step,
                     "seconds": {k: round(v, 1) for k, v in seconds.items()}}))
 
 

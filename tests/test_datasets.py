@@ -80,7 +80,7 @@ def test_teacher_then_ensemble_pipeline_on_registered_arrays(toy, tmp_path, caps
   assert summary["teacher"]["test_accuracy"] >= 0.9  # the corners are easy
   assert summary["generators"]["num_generators"] == 3
   assert summary["student"]["steps"] == 6
-  assert sorted(d for d in os.listdir(workdir) if d in train.METHOD_STAGES["ensemble"]) == [
+  assert sorted(d for d in os.listdir(workdir) if d in [s.name for s in train.method_stages("ensemble")]) == [
       "distill_generators", "generators", "teacher"]
   # The data-free stages read no training split: with a dataset that has none (the same
   # test images), stage=train runs from the teacher; the teacher stage refuses, writing nothing.

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import stage_state
 from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import stage as stage_lib
 from datafree_jax import train
 from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
@@ -92,7 +93,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
     random_teacher = check.random_teacher(info)
     mesh1 = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("gen",))
     e1 = ensemble.build(check.config_for("vmap"), random_teacher, info, mesh1)
-    s1, m1 = e1.step(e1.state)
+    s1, m1 = e1.step(e1.state, None)
     step1 = check.flatten({"params": s1["params"], "batch_stats": s1["batch_stats"]}, "state/")
     step1.update(check.flatten(jax.device_get(m1), "metrics/"))
     proc.wait(timeout=600)
@@ -106,7 +107,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   facts = json.loads(stdout.strip().splitlines()[-1])
   assert facts["devices"] == 8 and facts["padded"] == 16 and facts["local_members"] == [2]
   assert facts["steps"] == 2
-  # The sharded ensemble's step on 8 devices ('unroll', 2 members per device, one at a time)
+  # The sharded ensemble's step on 8 devices ('loop', 2 members per device, one at a time)
   # is the 1-device 'vmap' step of all 10 members at once.
   assert e1.padded == 10
   step8 = dict(np.load(os.path.join(workdir, "ensemble_step.npz")))
@@ -151,8 +152,8 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   meta = _meta(ensemble.directory(unfinished))
   assert (meta["done"], meta["step"], meta["padded"]) == (False, 1, 16)
   with pytest.raises(ckpt_lib.CheckpointError, match="padding depends on the device count"):
-    ensemble.train_generators(check.config_for("auto", at_once=1), unfinished, random_teacher,
-                              info, writer=None)
+    stage_lib.run_alone(ensemble.GENERATORS, check.config_for("auto", at_once=1), unfinished,
+                        info=info, teacher=random_teacher)
 
   # Restore the finished generators written on 8 devices here, on this process's device(s).
   gens = ensemble.load_generators(os.path.join(workdir, "generators"), info)
@@ -165,11 +166,11 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     np.testing.assert_array_equal(np.asarray(value), expected[name])
   images_fn = jax.jit(ensemble.make_images_fn(gens, "vmap"), static_argnums=1)
-  images = np.asarray(images_fn(jax.random.key(0), 20,
+  images = np.asarray(images_fn(jax.random.key(0), 20, None,
                                 {"params": gens["params"], "batch_stats": gens["batch_stats"]}))
   assert images.shape == (20, 32, 32, 1) and np.isfinite(images).all()
   assert os.path.exists(os.path.join(workdir, "samples", "generators_step000002.png"))
   # The stage finished on 8 devices (16 members) counts as finished here, too.
-  out = ensemble.train_generators(check.config_for("auto", at_once=1), workdir, None, info,
-                                  writer=None)
-  assert (out["num_generators"], out["members"], out["result"].step) == (10, 16, 2)
+  out = stage_lib.run_alone(ensemble.GENERATORS, check.config_for("auto", at_once=1), workdir,
+                            info=info).summary["generators"]
+  assert (out["num_generators"], out["members"], out["steps"]) == (10, 16, 2)

@@ -1,4 +1,4 @@
-"""Preemption and failure, in every stage of every method (train.METHOD_STAGES):
+"""Preemption and failure, in every stage of every method (train.METHODS):
 
 - SIGKILL of the command line once the stage's first checkpoint exists, a resumed run preempted by
   SIGTERM (it saves the reached step, exit code 143), and a second resumed run end bitwise
@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import pytest
 
+import faults
 from conftest import REPO_ROOT, stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import config_lib
@@ -49,11 +50,12 @@ STAGE_RUNS = {"teacher": ("teacher", "all", ()),
               "distill_generators": ("ensemble", "distill", ("teacher", "generators")),
               "distill_data": ("kd_data", "train", ("teacher",)),
               "distill_noise": ("kd_noise", "train", ("teacher",))}
-ALL_STAGES = sorted({s for stages in train.METHOD_STAGES.values() for s in stages})
+BUILT_IN = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
+ALL_STAGES = sorted({s.name for m in BUILT_IN for s in train.method_stages(m)})
 
 
 def test_the_stage_table_names_every_stage_of_every_method():
-  assert set(train.METHOD_STAGES) == set(config_lib.METHODS)
+  assert set(BUILT_IN) <= set(train.METHODS)
   assert sorted(STAGE_RUNS) == ALL_STAGES
 
 
@@ -87,7 +89,7 @@ def _assert_same(a, b):
 def reference(tmp_path_factory):
   """One workdir where every method ran uninterrupted (the teacher trained once)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  for method in train.METHOD_STAGES:
+  for method in BUILT_IN:
     train.train_and_evaluate(cli_config(method), workdir)
   assert sorted(n for n in os.listdir(workdir) if n in ALL_STAGES) == ALL_STAGES
   return workdir
@@ -216,7 +218,8 @@ def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path
   workdir = str(tmp_path / "w")
   method, config_stage, _ = _prepare(reference, workdir, stage)
   config = cli_config(method, config_stage)
-  config.debug_nan_at_step = 7
+  real = next(s for s in train.method_stages(method) if s.name == stage)
+  config.method = faults.with_faulty_stage(method, faults.nan_at(real, 7))
   with pytest.raises(loop.NonFiniteError,
                      match=rf"^{stage}: non-finite .*{NAN_TERM[stage]}.* at step 7 .*the last good "
                            rf"checkpoint in .*{stage} \(step 6\) is kept$"):
@@ -225,7 +228,7 @@ def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path
   assert step == 6 and int(state["step"]) == 6 and not meta["done"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
   if stage == "teacher":  # (resumption itself is the SIGKILL/SIGTERM test's subject)
-    config.debug_nan_at_step = -1  # Without the NaN the same run resumes and finishes.
+    config.method = method  # Without the NaN the same run resumes and finishes.
     train.train_and_evaluate(config, workdir)
     step, _, meta = stage_state(os.path.join(workdir, stage))
     assert step == TOTAL["teacher"] and meta["done"]

@@ -8,19 +8,20 @@ pass does. Checkpoints go to <workdir>/dafl/; the final student is the result.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
-from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import stage as stage_lib
 from datafree_jax.stages import distill
 
 STAGE_SALT = 2
@@ -30,13 +31,22 @@ def directory(workdir: str) -> str:
   return os.path.join(workdir, "dafl")
 
 
-def make_generator(gcfg, info) -> models.Generator:
-  config_lib.check_choice("generator.style", gcfg.style, ("dafl", "luo"))
-  config_lib.check_positive("generator.latent_dim", gcfg.latent_dim)
-  config_lib.check_positive("generator.width", gcfg.width)
+def make_generator(gcfg, info, style=None) -> models.Generator:
+  """The generator of config section `gcfg` (style: gcfg.style unless given)."""
   return models.Generator(latent_dim=gcfg.latent_dim, image_size=info.image_size,
                           channels=info.channels, width=gcfg.width,
-                          num_upsample=gcfg.num_upsample, style=gcfg.style)
+                          num_upsample=gcfg.num_upsample, style=style or gcfg.style)
+
+
+def check_generator_fits(config, info):
+  """Raises ConfigError unless config.generator's upsampling reaches the dataset's image size."""
+  ups = config.generator.num_upsample
+  if info.image_size % 2**ups:
+    largest = int(math.log2(info.image_size & -info.image_size))
+    raise config_lib.ConfigError(
+        f"generator.num_upsample={ups} does not fit the {info.image_size}x{info.image_size} "
+        f"images of dataset {info.name!r}: the image size must be a multiple of 2^{ups} "
+        f"(use num_upsample <= {largest})")
 
 
 def init_generator(gen: models.Generator, key):
@@ -44,90 +54,88 @@ def init_generator(gen: models.Generator, key):
   return v["params"], v["batch_stats"]
 
 
-def check_weights(gcfg, names):
-  for n in names:
-    config_lib.check_non_negative(f"generator.{n}", gcfg[n])
-
-
 def generator_dafl_loss(gen, teacher_model, teacher_vars, gcfg, gparams, gbs, z):
   """DAFL's generator objective; returns (loss, (images, teacher_logits, new_gen_bs, terms))."""
-  images, upd = gen.apply({"params": gparams, "batch_stats": gbs}, z, train=True,
-                          mutable=["batch_stats"])
+  images, new_bs = common.generate(gen, gparams, gbs, z)
   logits, feats, _ = common.teacher_forward(teacher_model, teacher_vars, images)
-  terms = {"l_oh": losses.onehot_loss(logits), "l_a": losses.activation_loss(feats),
-           "l_ie": losses.information_entropy_loss(logits)}
-  loss = gcfg.w_oh * terms["l_oh"] + gcfg.w_a * terms["l_a"] + gcfg.w_ie * terms["l_ie"]
-  return loss, (images, logits, upd["batch_stats"], terms)
+  loss, terms = losses.dafl_generator_loss(logits, feats, gcfg.w_oh, gcfg.w_a, gcfg.w_ie)
+  return loss, (images, logits, new_bs, terms)
+
+
+def dafl_step(gen, student, tx_g, tx_s, gcfg, scfg, teacher_model, data_sharding, seed: int,
+              state, batch, teacher_vars):  # pylint: disable=unused-argument
+  """One joint step: the generator on DAFL's loss, the student on KL to the teacher, both on
+  the same images and from the parameters before the step."""
+  key = common.step_key(seed, STAGE_SALT, state["step"])
+  z = jax.random.normal(key, (scfg.batch_size, gcfg.latent_dim))
+  z = jax.lax.with_sharding_constraint(z, data_sharding)
+  (g_loss, (images, t_logits, new_gbs, terms)), g_grads = jax.value_and_grad(
+      generator_dafl_loss, argnums=4, has_aux=True)(
+          gen, teacher_model, teacher_vars, gcfg, state["gen"]["params"],
+          state["gen"]["batch_stats"], z)
+  g_updates, gen_opt = tx_g.update(g_grads, state["gen_opt"], state["gen"]["params"])
+  s = state["student"]
+  sp, sbs, s_opt, kd, s_gn = common.student_kd_update(
+      student, tx_s, s["params"], s["batch_stats"], state["student_opt"],
+      jax.lax.stop_gradient(images), jax.lax.stop_gradient(t_logits), scfg.temperature)
+  new = {"gen": {"params": optax.apply_updates(state["gen"]["params"], g_updates),
+                 "batch_stats": new_gbs},
+         "gen_opt": gen_opt, "student": {"params": sp, "batch_stats": sbs},
+         "student_opt": s_opt, "step": state["step"] + 1}
+  metrics = dict(terms, loss_g=g_loss, loss_kd=kd, grad_norm_g=optax.tree.norm(g_grads),
+                 grad_norm_s=s_gn)
+  return new, metrics
 
 
 def build(config, teacher: dict, info):
-  """(initial state, jitted step, student model) of the joint loop; used by train and tests."""
+  """(initial state, step(state, None), student, generator, mesh) of the joint loop."""
   gcfg, scfg = config.generator, config.student
-  check_weights(gcfg, ("w_oh", "w_a", "w_ie"))
-  config_lib.check_positive("student.steps", scfg.steps)
-  config_lib.check_positive("student.temperature", scfg.temperature)
   mesh = parallel.make_mesh("data")
-  batch = scfg.batch_size
-  parallel.check_global_batch(batch)
   gen = make_generator(gcfg, info)
-  student = models.get_classifier(scfg.model, info.num_classes, scfg.get("width", 0))
   tx_g = common.make_optimizer(gcfg, scfg.steps)
   tx_s = common.make_optimizer(scfg, scfg.steps)
   kg, ks = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
   gp, gbs = init_generator(gen, kg)
-  sp, sbs = common.init_model(student, ks, info.image_shape)
+  student, svars, sopt = distill.init_student(config, info, tx_s, ks)
   state = parallel.put_replicated({
       "gen": {"params": gp, "batch_stats": gbs}, "gen_opt": tx_g.init(gp),
-      "student": {"params": sp, "batch_stats": sbs}, "student_opt": tx_s.init(sp),
-      "step": jnp.zeros((), jnp.int32)}, mesh)
-  tmodel, tvars = teacher["model"], teacher["variables"]
-  nan_at = config.get("debug_nan_at_step", -1)
-  data_sharding = parallel.split_leading(mesh)
-
-  def step_fn(state, _):
-    key = common.step_key(config.seed, STAGE_SALT, state["step"])
-    z = jax.random.normal(key, (batch, gcfg.latent_dim))
-    z = jax.lax.with_sharding_constraint(z, data_sharding)
-
-    def gloss(gp):
-      loss, aux = generator_dafl_loss(gen, tmodel, tvars, gcfg, gp, state["gen"]["batch_stats"],
-                                      z)
-      return loop.poison(loss, state["step"], nan_at), aux
-    (g_loss, (images, t_logits, new_gbs, terms)), g_grads = jax.value_and_grad(
-        gloss, has_aux=True)(state["gen"]["params"])
-    g_updates, gen_opt = tx_g.update(g_grads, state["gen_opt"], state["gen"]["params"])
-    images = jax.lax.stop_gradient(images)
-    t_logits = jax.lax.stop_gradient(t_logits)
-    s = state["student"]
-    sp, sbs, s_opt, kd, s_gn = common.student_kd_update(
-        student, tx_s, s["params"], s["batch_stats"], state["student_opt"], images, t_logits,
-        scfg.temperature)
-    new = {"gen": {"params": optax.apply_updates(state["gen"]["params"], g_updates),
-                   "batch_stats": new_gbs},
-           "gen_opt": gen_opt, "student": {"params": sp, "batch_stats": sbs},
-           "student_opt": s_opt, "step": state["step"] + 1}
-    metrics = dict(terms, loss_g=g_loss, loss_kd=kd, grad_norm_g=optax.tree.norm(g_grads),
-                   grad_norm_s=s_gn)
-    return new, metrics
-
+      "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}, mesh)
   rep = parallel.replicated(mesh)
-  step_jit = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))
-  return state, step_jit, student, gen, mesh
+  step_jit = jax.jit(
+      functools.partial(dafl_step, gen, student, tx_g, tx_s, gcfg, scfg, teacher["model"],
+                        parallel.split_leading(mesh), config.seed),
+      out_shardings=(rep, rep), donate_argnums=(0,))
+  return (state, functools.partial(step_jit, teacher_vars=teacher["variables"]), student, gen,
+          mesh)
 
 
-def train(config, workdir: str, teacher: dict, data: dict, writer) -> dict:
-  info = data["test"].info
-  scfg = config.student
-  state, step_jit, student, gen, mesh = build(config, teacher, info)
-  ckpt = ckpt_lib.StageCheckpoints(directory(workdir))
-  eval_fn = distill.make_student_eval(student, data["test"], mesh)
-  on_eval = distill.make_sample_writer(config, workdir, writer, teacher, info, gen, "dafl")
-  meta = {"method": "dafl", "student_model": scfg.model, "num_classes": info.num_classes,
-          "image_shape": list(info.image_shape), "teacher_model": teacher["meta"]["model"]}
-  result = loop.run(
-      stage="dafl", ckpt=ckpt, state=state, step_fn=step_jit, total_steps=scfg.steps,
-      eval_fn=eval_fn, eval_every=scfg.eval_every, checkpoint_every=config.checkpoint_every,
-      writer=writer, meta=meta, log_every_secs=config.log_every_secs,
-      on_eval=on_eval, stop_after_steps=config.get("debug_stop_after_steps", -1))
-  ckpt.close()
-  return {"result": result, "directory": directory(workdir)}
+class Dafl(stage_lib.Stage):
+  name = "dafl"
+  selector = ""  # runs after the teacher: stage=train
+
+  def check(self, config, info):
+    check_generator_fits(config, info)
+    parallel.check_global_batch(config.student.batch_size)
+
+  def steps(self, config):
+    return config.student.steps
+
+  def identity(self, ctx):
+    return dict(distill.student_identity(ctx), method="dafl")
+
+  def plan(self, ctx):
+    state, step, student, gen, mesh = build(ctx.config, ctx.teacher, ctx.info)
+    z = jax.random.normal(jax.random.key(common.SAMPLE_SEED), (100, gen.latent_dim))
+    grid = distill.make_sample_writer(
+        ctx, lambda s: common.generate(gen, s["gen"]["params"], s["gen"]["batch_stats"], z)[0],
+        "dafl")
+    return stage_lib.Plan(
+        state=state, step=step,
+        evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
+        eval_every=ctx.config.student.eval_every, on_eval=grid)
+
+  def summarize(self, ctx, done):
+    return distill.student_summary(ctx, done)
+
+
+STAGE = Dafl()

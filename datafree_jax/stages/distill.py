@@ -1,11 +1,14 @@
-"""Stage 'distill': the student learns KL(teacher || student) on images from a source.
+"""Distillation stages: the student learns KL(teacher || student) on images from a source.
 
 Sources: 'data' (the real training images: KD with data, the upper-bound baseline), 'noise'
-(N(0, 1) images: the lower-bound baseline) and 'generators' (frozen generators loaded from a
-checkpoint, Luo et al.'s second stage). Checkpoints go to <workdir>/distill_<source>/.
+(N(0, 1) images: the lower-bound baseline) and, in stages/ensemble.py, 'generators' (frozen
+generators loaded from a checkpoint, Luo et al.'s second stage). Checkpoints go to
+<workdir>/distill_<source>/. Also the student parts the DAFL stage shares: its initial state,
+evaluation, summary and sample grids.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Optional
 
@@ -13,14 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
-from datafree_jax import config_lib
 from datafree_jax import input_pipeline
-from datafree_jax import log
-from datafree_jax import loop
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import stage as stage_lib
 
 STAGE_SALT = 3
 
@@ -29,38 +29,123 @@ def directory(workdir: str, source: str) -> str:
   return os.path.join(workdir, f"distill_{source}")
 
 
-def make_student_eval(student, test, mesh) -> Callable:
-  apply_logits = common.classifier_logits(student)
-
-  def eval_fn(state):
-    s = state["student"]
-    return loop.evaluate_classifier(apply_logits, common.variables_of(s["params"],
-                                                                      s["batch_stats"]),
-                                    test.images, test.labels, mesh)
-  return eval_fn
+def init_student(config, info, tx, key):
+  """(student model, its initial {'params', 'batch_stats'} and optimiser state)."""
+  scfg = config.student
+  student = models.get_classifier(scfg.model, info.num_classes, scfg.width)
+  sp, sbs = common.init_model(student, key, info.image_shape)
+  return student, {"params": sp, "batch_stats": sbs}, tx.init(sp)
 
 
-def make_sample_writer(config, workdir, writer, teacher, info, sample_fn_or_gen, name: str,
+def student_identity(ctx) -> dict:
+  return {"student_model": ctx.config.student.model, "num_classes": ctx.info.num_classes,
+          "image_shape": list(ctx.info.image_shape),
+          "teacher_model": ctx.config.teacher.model}
+
+
+def student_summary(ctx, done) -> dict:
+  return {"student": {"model": ctx.config.student.model,
+                      "test_accuracy": done.eval.get("accuracy"), "steps": done.step,
+                      "checkpoint": done.directory}}
+
+
+def distill_step(student, tx, temperature: float, teacher_model, images_fn: Callable,
+                 data_sharding, seed: int, n: int, state, batch, teacher_vars, source):
+  """One student step on kd_loss(T(x), S(x)), x = images_fn(key, n, batch, source): `batch`
+  is the loop's batch of the step (or None), `source` the placed arrays of the image source
+  (the frozen generators' variables, or None)."""
+  key = common.step_key(seed, STAGE_SALT, state["step"])
+  images = jax.lax.with_sharding_constraint(images_fn(key, n, batch, source), data_sharding)
+  t_logits = teacher_model.apply(teacher_vars, images, train=False)
+  s = state["student"]
+  p, bs, opt, kd, gn = common.student_kd_update(student, tx, s["params"], s["batch_stats"],
+                                                state["student_opt"], images, t_logits,
+                                                temperature)
+  return ({"student": {"params": p, "batch_stats": bs}, "student_opt": opt,
+           "step": state["step"] + 1}, {"loss_kd": kd, "grad_norm_s": gn})
+
+
+def data_images(key, n, batch, source):  # pylint: disable=unused-argument
+  """The real training batch (images, labels) of the step."""
+  return batch[0]
+
+
+def noise_images(image_shape):
+  def images_fn(key, n, batch, source):  # pylint: disable=unused-argument
+    return jax.random.normal(key, (n,) + tuple(image_shape))
+  return images_fn
+
+
+class Distill(stage_lib.Stage):
+  """Distils the student from `source`; subclasses supply other image sources (`source_images`)."""
+  selector = "distill"
+
+  def __init__(self, source: str):
+    self.source = source
+    self.name = f"distill_{source}"
+
+  def check(self, config, info):
+    parallel.check_global_batch(config.student.batch_size)
+
+  def steps(self, config):
+    return config.student.steps
+
+  def identity(self, ctx):
+    return dict(student_identity(ctx), source=self.source)
+
+  def prepare(self, ctx):
+    if self.source == "data":
+      _ = ctx.data["train"]
+
+  def source_images(self, ctx, mesh):
+    """(images_fn(key, n, batch, source), batches(step) -> the step's batch or None, the
+    source's placed arrays or None, extra meta)."""
+    if self.source == "data":
+      batches = input_pipeline.StepBatches(
+          ctx.data["train"], parallel.check_global_batch(ctx.config.student.batch_size),
+          ctx.config.seed + 1)
+      return data_images, lambda step: parallel.global_batch(batches(step), mesh), None, {}
+    return noise_images(ctx.info.image_shape), None, None, {}
+
+  def plan(self, ctx):
+    config, info = ctx.config, ctx.info
+    scfg = config.student
+    mesh = parallel.make_mesh("data")
+    tx = common.make_optimizer(scfg, scfg.steps)
+    student, svars, sopt = init_student(
+        config, info, tx, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
+    state = parallel.put_replicated({"student": svars, "student_opt": sopt,
+                                     "step": jnp.zeros((), jnp.int32)}, mesh)
+    images_fn, batches, source, meta = self.source_images(ctx, mesh)
+    rep = parallel.replicated(mesh)
+    step_jit = jax.jit(
+        functools.partial(distill_step, student, tx, scfg.temperature, ctx.teacher["model"],
+                          images_fn, parallel.split_leading(mesh), config.seed, scfg.batch_size),
+        out_shardings=(rep, rep), donate_argnums=(0,))
+    return stage_lib.Plan(
+        state=state, step=functools.partial(step_jit, teacher_vars=ctx.teacher["variables"],
+                                            source=source),
+        batches=batches,
+        evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
+        eval_every=scfg.eval_every, meta=dict(meta, method=config.method))
+
+  def summarize(self, ctx, done):
+    return student_summary(ctx, done)
+
+
+DATA = Distill("data")
+NOISE = Distill("noise")
+
+
+def make_sample_writer(ctx, sample_fn: Callable, name: str,
                        row_titles=None) -> Optional[Callable]:
-  """on_eval callback writing a grid of generated images, teacher's class under each.
-
-  `sample_fn_or_gen` is a Generator (DAFL: state['gen'] holds its variables) or a function
-  state -> images.
-  """
+  """on_eval callback: a grid of sample_fn(state)'s images, the teacher's class under each,
+  written to <workdir>/samples/<name>_stepNNNNNN.png and TensorBoard (process 0 only)."""
   from datafree_jax import visualize  # pylint: disable=g-import-not-at-top
-  tmodel, tvars = teacher["model"], teacher["variables"]
-  if isinstance(sample_fn_or_gen, models.Generator):
-    gen = sample_fn_or_gen
-    z = jax.random.normal(jax.random.key(1234), (100, gen.latent_dim))
-
-    def sample(state):
-      g = state["gen"]
-      return gen.apply({"params": g["params"], "batch_stats": g["batch_stats"]}, z, train=True,
-                       mutable=["batch_stats"])[0]
-  else:
-    sample = sample_fn_or_gen
-  sample = jax.jit(sample)
+  tmodel, tvars = ctx.teacher["model"], ctx.teacher["variables"]
+  sample = jax.jit(sample_fn)
   predict = jax.jit(lambda x: jnp.argmax(tmodel.apply(tvars, x, train=False), -1))
+  info = ctx.info
 
   def on_eval(state, step):
     if jax.process_index() != 0:
@@ -70,86 +155,7 @@ def make_sample_writer(config, workdir, writer, teacher, info, sample_fn_or_gen,
     images = np.asarray(images)
     grid = visualize.sample_grid(images, preds, info.mean, info.std, ncols=10, scale=2,
                                  row_titles=row_titles)
-    path = os.path.join(workdir, "samples", f"{name}_step{step:06d}.png")
-    visualize.save_png(path, grid)
-    if writer is not None:
-      writer.write_images(step, {f"samples/{name}": grid[None]})
+    visualize.save_png(os.path.join(ctx.workdir, "samples", f"{name}_step{step:06d}.png"), grid)
+    if ctx.writer is not None:
+      ctx.writer.write_images(step, {f"samples/{name}": grid[None]})
   return on_eval
-
-
-def train(config, workdir: str, teacher: dict, data: dict, writer, source: str,
-          images_fn: Optional[Callable] = None, meta_extra: Optional[dict] = None,
-          images_args=None) -> dict:
-  """Distils the student from `source`.
-
-  For 'generators', `images_fn(key, batch)` supplies the images of a step, or
-  `images_fn(key, batch, images_args)` when `images_args` (a pytree of placed arrays, e.g. the
-  frozen generators' variables) is given: it is then an argument of the jitted step, not a
-  constant compiled into it.
-  """
-  config_lib.check_choice("distillation source", source, ("data", "noise", "generators"))
-  if source == "generators" and images_fn is None:
-    raise ValueError("distill.train(source='generators') needs an images_fn")
-  scfg = config.student
-  config_lib.check_positive("student.steps", scfg.steps)
-  config_lib.check_positive("student.temperature", scfg.temperature)
-  info = data["test"].info
-  mesh = parallel.make_mesh("data")
-  batch = scfg.batch_size
-  parallel.check_global_batch(batch)
-  student = models.get_classifier(scfg.model, info.num_classes, scfg.get("width", 0))
-  tx = common.make_optimizer(scfg, scfg.steps)
-  ks = jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT)
-  sp, sbs = common.init_model(student, ks, info.image_shape)
-  state = parallel.put_replicated({"student": {"params": sp, "batch_stats": sbs},
-                                   "student_opt": tx.init(sp),
-                                   "step": jnp.zeros((), jnp.int32)}, mesh)
-  tmodel, tvars = teacher["model"], teacher["variables"]
-  nan_at = config.get("debug_nan_at_step", -1)
-  data_sharding = parallel.split_leading(mesh)
-
-  def step_fn(state, batch_in):
-    key = common.step_key(config.seed, STAGE_SALT, state["step"])
-    if source == "data":
-      images = batch_in[0]
-    elif source == "noise":
-      images = jax.random.normal(key, (batch,) + tuple(info.image_shape))
-    elif images_args is not None:
-      images = images_fn(key, batch, batch_in)
-    else:
-      images = images_fn(key, batch)
-    images = jax.lax.with_sharding_constraint(images, data_sharding)
-    t_logits = tmodel.apply(tvars, images, train=False)
-    s = state["student"]
-    p, bs, opt, kd, gn = common.student_kd_update(student, tx, s["params"], s["batch_stats"],
-                                                  state["student_opt"], images, t_logits,
-                                                  scfg.temperature)
-    kd = loop.poison(kd, state["step"], nan_at)
-    return ({"student": {"params": p, "batch_stats": bs}, "student_opt": opt,
-             "step": state["step"] + 1}, {"loss_kd": kd, "grad_norm_s": gn})
-
-  rep = parallel.replicated(mesh)
-  step_jit = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=(0,))
-  if source == "data":
-    batches = input_pipeline.StepBatches(data["train"], parallel.check_global_batch(batch),
-                                         config.seed + 1)
-    run_step = lambda s, b: step_jit(s, parallel.global_batch(b, mesh))
-  elif source == "generators" and images_args is not None:
-    batches = lambda step: images_args
-    run_step = step_jit
-  else:
-    batches = None
-    run_step = step_jit
-  ckpt = ckpt_lib.StageCheckpoints(directory(workdir, source))
-  meta = dict(meta_extra or {}, method=config.method, source=source, student_model=scfg.model,
-              num_classes=info.num_classes, image_shape=list(info.image_shape),
-              teacher_model=teacher["meta"]["model"])
-  result = loop.run(
-      stage=f"distill_{source}", ckpt=ckpt, state=state, step_fn=run_step,
-      total_steps=scfg.steps, batch_fn=batches, eval_fn=make_student_eval(student, data["test"],
-                                                                           mesh),
-      eval_every=scfg.eval_every, checkpoint_every=config.checkpoint_every, writer=writer,
-      meta=meta, log_every_secs=config.log_every_secs,
-      stop_after_steps=config.get("debug_stop_after_steps", -1))
-  ckpt.close()
-  return {"result": result, "directory": directory(workdir, source)}

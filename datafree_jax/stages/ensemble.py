@@ -11,20 +11,20 @@ tests and debugging). G = 1 is the ablation "one generator instead of ten": a si
 trained on all classes, each sample with a random target class (single_target='random') or the
 teacher's argmax ('argmax'), matching the global BN statistics.
 
-Layout: the params, BN state and optimiser state of all generators are stacked on a leading
-"member" axis, sharded over the mesh axis 'gen'. One jitted step updates every member: a
-shard_map gives each device its local members. 'vmap' vectorises the members' update over
-that axis (the teacher half, whose kernels are shared, folds the member axis into its batch);
-'unroll' traces every member's whole update (generator, teacher, gradient, optimiser) in a
-Python loop inside the jit: XLA:CPU turns vmapped per-member convolutions into grouped
-convolutions, several times slower than separate ones, while unrolling costs compile time (one
-copy of the step per local member). The unrolled update runs the teacher per member too,
-which XLA:CPU runs faster than the members folded into one teacher batch
-(benchmarks/ensemble_step_speed.py). lowering='auto' is 'unroll' on the CPU backend and 'vmap'
-elsewhere. With max_generators_per_device_at_once > 0 the local members are updated in chunks
-in sequence (lax.map over chunks) to bound memory. Member k's randomness is the stage key with
-the step and k folded in, so results do not depend on the lowering, the device count or the
-chunking.
+The update of one generator is `member_update`, a pure function of that member's arrays. The
+params, BN state and optimiser state of all generators are stacked on a leading "member" axis,
+sharded over the mesh axis 'gen', and `make_step` maps member_update over them in one of two
+lowerings (config.ensemble.lowering; 'auto' = 'loop' on the CPU backend, 'vmap' elsewhere):
+  'vmap'  one jitted step: a shard_map over 'gen' gives each device its members, which are
+          vmapped (with max_generators_per_device_at_once > 0: in sequential chunks of that
+          many, lax.map over chunks, to bound memory). The teacher's kernels are shared, so the
+          teacher half folds the member axis into its batch.
+  'loop'  a Python loop calls one jitted member_update per member, on the device that holds
+          it. XLA:CPU runs vmapped per-member convolutions as grouped convolutions, many times
+          slower than separate ones; separate calls also compile once for all members
+          (benchmarks/ensemble_step_speed.py).
+Member k's randomness is the stage key with the step and k folded in, so results do not
+depend on the lowering, the device count or the chunking.
 
 Padding: when G is not a multiple of the device count, the ensemble is padded with extra members
 (member k, k >= G, trains towards class k mod num_classes). They cost compute, are left out of
@@ -32,9 +32,9 @@ the metrics, the sample grids and the 'generators' item of the final checkpoint,
 is stored in the checkpoint's meta. A run resumes only on a device count that gives the same
 padding; the distillation stage loads the generators on any device count.
 
-Stage 'distill' (Luo et al.'s second stage, <workdir>/distill_generators/): the student learns
-KL(T || S) on class-balanced batches from the frozen generators: each of the G generators draws
-ceil(batch / G) images inside the jitted step (generator BN in training mode, its updated
+Stage 'distill_generators' (Luo et al.'s second stage; config.stage 'distill'): the student
+learns KL(T || S) on class-balanced batches from the frozen generators: each of the G generators
+draws ceil(batch / G) images inside the jitted step (generator BN in training mode, its updated
 statistics discarded) and the batch takes its images in turn from the generators, starting at a
 random one when G does not divide the batch.
 """
@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datafree_jax import bn_stats as bn_stats_lib
@@ -58,18 +57,16 @@ from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import log
-from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import stage as stage_lib
 from datafree_jax.stages import dafl
 from datafree_jax.stages import distill
 
 STAGE_SALT = 4          # rng of the generator steps
 INIT_SALT = 40          # rng of the generators' initialisation
-SAMPLE_SEED = 1234      # fixed latents of the evaluation samples and grids
 SAMPLES_PER_ROW = 10    # samples per generator in the grids (visualize's 10 columns)
-LOWERINGS = config_lib.LOWERINGS
 ALL_CLASSES = -1        # class id of a generator trained on all classes (G = 1)
 
 
@@ -82,34 +79,16 @@ def checkpoint_to_distill(config, workdir: str) -> str:
   return config.get("generator_checkpoint", "") or directory(workdir)
 
 
-def validate(config, teacher_has_bn: Optional[bool] = None):
-  """Checks config.ensemble; raises ConfigError. `teacher_has_bn` enables the BN check."""
-  e = config.ensemble
-  config_lib.check_section(config, "ensemble")
-  if e.loss == "dafl":
-    config_lib.check_section(config, "generator")
-  if teacher_has_bn is False and e.w_mm > 0:
-    raise config_lib.ConfigError(
-        f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "
-        f"{config.teacher.model!r} has no BatchNorm layers; use a teacher with BN (e.g. "
-        "teacher.model='lenet5_bn') or set ensemble.w_mm=0")
-
-
 def resolve_lowering(lowering: str) -> str:
-  """'auto' -> 'unroll' on the CPU backend, 'vmap' elsewhere."""
-  config_lib.check_choice("ensemble.lowering", lowering, LOWERINGS)
+  """'auto' -> 'loop' on the CPU backend, 'vmap' elsewhere."""
   if lowering == "auto":
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
   return lowering
 
 
 def num_generators(config, num_classes: int) -> int:
   """The real ensemble size G (ensemble.num_generators; 0 = one generator per class)."""
-  g = int(config.ensemble.num_generators) or num_classes
-  if 1 < g < num_classes:
-    log.warn(f"ensemble.num_generators={g}: classes {g}..{num_classes - 1} get no generator "
-             "and no distillation images")
-  return g
+  return int(config.ensemble.num_generators) or num_classes
 
 
 def member_class_ids(g: int, padded: int, num_classes: int) -> np.ndarray:
@@ -127,27 +106,31 @@ def chunk_size(n: int, at_once: int) -> int:
   return max(d for d in range(1, at_once + 1) if n % d == 0)
 
 
-def map_members(fn: Callable, stacked, lowering: str, at_once: int = 0):
-  """Applies `fn(member)` to every member of pytree `stacked` (leading member axis); stacks.
+def map_members(fn: Callable, stacked: tuple, lowering: str, at_once: int = 0, shared=()):
+  """fn(*member_k, *shared) for every member k of the pytrees `stacked` (leading member axis),
+  inside a jitted function; the results stacked. The one place members are mapped.
 
-  lowering 'vmap' vectorises over members, 'unroll' traces `fn` once per member (a Python loop
-  inside the caller's jit). With `at_once` > 0 the members are processed in sequential chunks of
-  chunk_size(n, at_once) (lax.map over chunks), bounding the memory of one step.
+  'vmap' vectorises over members; 'loop' traces `fn` once per member. With `at_once` > 0 the
+  members are processed in sequential chunks of chunk_size(n, at_once) (lax.map over chunks),
+  bounding the memory of one step.
   """
   n = jax.tree.leaves(stacked)[0].shape[0]
   c = chunk_size(n, at_once)
-
-  def run_chunk(xs):
-    if lowering == "vmap":
-      return jax.vmap(fn)(xs)
-    outs = [fn(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(c)]
-    return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
-
+  if lowering == "vmap":
+    per_chunk = jax.vmap(lambda xs: fn(*xs, *shared))
+  else:
+    per_chunk = functools.partial(_each_member, fn, shared)
   if c == n:
-    return run_chunk(stacked)
+    return per_chunk(stacked)
   chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), stacked)
-  out = jax.lax.map(run_chunk, chunks)
+  out = jax.lax.map(per_chunk, chunks)
   return jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), out)
+
+
+def _each_member(fn, shared, stacked):
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  outs = [fn(*jax.tree.map(lambda x, i=i: x[i], stacked), *shared) for i in range(n)]
+  return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
 
 def member_key(seed: int, step, index):
@@ -155,30 +138,206 @@ def member_key(seed: int, step, index):
   return jax.random.fold_in(common.step_key(seed, STAGE_SALT, step), index)
 
 
-@dataclasses.dataclass
-class Ensemble:
-  """A built generator ensemble: its modules, sizes, mesh and jitted functions."""
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+  """What one generator's update needs besides its arrays: modules, optimiser, loss settings."""
   gen: models.Generator
-  num_generators: int          # the real G
-  padded: int                  # members, a multiple of the mesh size
-  class_ids: np.ndarray        # (padded,) int32
+  teacher: Any                 # the teacher's flax module (its variables are an argument)
+  tx: Any                      # optax.GradientTransformation
   num_classes: int
-  mesh: Mesh
-  lowering: str
-  state: Any                   # {'params','batch_stats','opt_state' (stacked), 'step'}
-  consts: Any                  # {'targets','class_ids','index','real'}, stacked
-  step: Callable               # step(state) -> (state, metrics)
-  sample: Callable             # sample(state, n) -> (padded, n, H, W, C) images
-  state_shardings: Any
-  step_jit: Callable           # the jitted step(state, consts, teacher_vars) behind `step`
-  teacher_vars: Any
+  seed: int
+  batch: int                   # images per generator and step
+  loss: str = "luo"            # 'luo' | 'dafl'
+  single_target: str = "random"
+  w_tv: float = 0.0
+  w_l2: float = 0.0
+  w_mm: float = 1.0
+  mm_form: str = "l2"
+  w_oh: float = 1.0            # loss 'dafl': DAFL's weights (config.generator)
+  w_a: float = 0.1
+  w_ie: float = 5.0
 
 
 def make_generator(config, info) -> models.Generator:
   """Generator k: config.generator's sizes with config.ensemble.style."""
-  gcfg = config.generator.copy_and_resolve_references()
-  gcfg.style = config.ensemble.style
-  return dafl.make_generator(gcfg, info)
+  return dafl.make_generator(config.generator, info, style=config.ensemble.style)
+
+
+def member_spec(config, info, teacher_model) -> MemberSpec:
+  e, g = config.ensemble, config.generator
+  return MemberSpec(
+      gen=make_generator(config, info), teacher=teacher_model,
+      tx=common.make_optimizer(e, e.steps), num_classes=info.num_classes, seed=config.seed,
+      batch=int(e.batch_per_generator), loss=e.loss, single_target=e.single_target,
+      w_tv=e.w_tv, w_l2=e.w_l2, w_mm=e.w_mm, mm_form=e.mm_form, w_oh=g.w_oh, w_a=g.w_a,
+      w_ie=g.w_ie)
+
+
+def member_loss(spec: MemberSpec, params, batch_stats, targets, class_id, key, teacher_vars):
+  """The loss of one generator; returns (loss, (new batch_stats, metrics)). Pure.
+
+  'luo': inceptionism_loss towards class `class_id` (ALL_CLASSES: per-sample random or argmax
+  targets) + w_mm * bn_moment_matching against `targets`. 'dafl': losses.dafl_generator_loss
+  (config.generator's weights) + the same moment matching.
+  """
+  z = jax.random.normal(jax.random.split(key)[0], (spec.batch, spec.gen.latent_dim))
+  images, new_bs = common.generate(spec.gen, params, batch_stats, z)
+  use_mm = spec.w_mm > 0
+  logits, feats, moments = common.teacher_forward(spec.teacher, teacher_vars, images,
+                                                  moments=use_mm)
+  if spec.loss == "luo":
+    if spec.single_target == "argmax":
+      free = jnp.argmax(jax.lax.stop_gradient(logits), -1)
+    else:
+      free = jax.random.randint(jax.random.split(key)[1], logits.shape[:1], 0, spec.num_classes)
+    labels = jnp.where(class_id >= 0, class_id, free)
+    loss = losses.inceptionism_loss(logits, labels, images, spec.w_tv, spec.w_l2)
+    metrics = {"ce": losses.cross_entropy(logits, labels),
+               "tv": losses.total_variation(images), "l2": losses.image_l2_prior(images)}
+  else:
+    loss, metrics = losses.dafl_generator_loss(logits, feats, spec.w_oh, spec.w_a, spec.w_ie)
+    labels = jnp.where(class_id >= 0, class_id, jnp.argmax(logits, -1))
+  if use_mm:
+    mm = losses.bn_moment_matching(moments, targets, form=spec.mm_form)
+    loss = loss + spec.w_mm * mm
+    metrics["mm"] = mm
+  metrics["agreement"] = losses.accuracy(logits, labels)
+  return loss, (new_bs, metrics)
+
+
+def member_update(spec: MemberSpec, member, const, teacher_vars, step):
+  """One generator's whole update: generator, teacher, loss, gradient, optimiser. Pure.
+
+  member: {'params', 'batch_stats', 'opt_state'}; const: {'targets', 'class_id', 'index'}.
+  Returns (new member, metrics of this member).
+  """
+  key = member_key(spec.seed, step, const["index"])
+  (loss, (new_bs, metrics)), grads = jax.value_and_grad(member_loss, argnums=1, has_aux=True)(
+      spec, member["params"], member["batch_stats"], const["targets"], const["class_id"], key,
+      teacher_vars)
+  updates, opt_state = spec.tx.update(grads, member["opt_state"], member["params"])
+  new = {"params": optax.apply_updates(member["params"], updates), "batch_stats": new_bs,
+         "opt_state": opt_state}
+  return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+
+MEMBER_KEYS = ("params", "batch_stats", "opt_state")
+
+
+def _mean_over_real(per_member, real, g: int):
+  return {k: jnp.sum(v * real) / g for k, v in per_member.items()}
+
+
+def ensemble_step(sharded_update: Callable, g: int, state, batch, consts, teacher_vars):  # pylint: disable=unused-argument
+  """The 'vmap' step: sharded_update (member_update mapped over each device's members, under a
+  shard_map over 'gen') on the stacked state; metrics averaged over the G real members."""
+  members = {k: state[k] for k in MEMBER_KEYS}
+  new, per_member = sharded_update(members, consts, teacher_vars, state["step"])
+  return dict(new, step=state["step"] + 1), _mean_over_real(per_member, consts["real"], g)
+
+
+def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
+              consts, teacher_vars) -> Callable:
+  """step(state, batch) -> (state, metrics) (batch: None): member_update on every member, metrics
+  averaged over the G real members. state: {'params', 'batch_stats', 'opt_state'} stacked and
+  split over the mesh's axis, 'step' replicated."""
+  if lowering == "loop":
+    return _LoopStep(spec, mesh, g, consts, teacher_vars)
+  axis = mesh.axis_names[0]
+  split, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+  # On the CPU backend the custom VJP of the convolution (models/cpu_conv.py) returns a
+  # per-member cotangent for the replicated teacher kernels, which the varying-manual-axes check
+  # rejects; no collective is used inside, so the check guards nothing there.
+  sharded = jax.shard_map(
+      lambda members, consts, tvars, step: map_members(
+          functools.partial(member_update, spec), (members, consts), "vmap", at_once,
+          shared=(tvars, step)), mesh=mesh,
+                          in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
+                          check_vma=jax.default_backend() != "cpu")
+  member_shardings = {k: split for k in MEMBER_KEYS}
+  step_jit = jax.jit(functools.partial(ensemble_step, sharded, g),
+                     out_shardings=(dict(member_shardings, step=rep), rep), donate_argnums=(0,))
+  return functools.partial(step_jit, consts=consts, teacher_vars=teacher_vars)
+
+
+def _device_blocks(tree) -> dict:
+  """{device: this process's block of every leaf on that device} of a pytree of jax arrays."""
+  leaves, treedef = jax.tree.flatten(tree)
+  blocks: dict = {}
+  for i, leaf in enumerate(leaves):
+    for shard in leaf.addressable_shards:
+      blocks.setdefault(shard.device, [None] * len(leaves))[i] = shard.data
+  return {d: treedef.unflatten(b) for d, b in blocks.items()}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, n: int):
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+@jax.jit
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+class _LoopStep:
+  """The 'loop' lowering: one jitted member_update per member, each on the device holding it.
+
+  The stacked state is cut into members per device (one call), every member updated (the calls
+  of independent members are dispatched asynchronously), restacked per device and reassembled
+  into the global arrays; in a multi-process run each process updates its own devices' members.
+  """
+
+  def __init__(self, spec: MemberSpec, mesh: Mesh, g: int, consts, teacher_vars):
+    self.mesh, self.g = mesh, g
+    self.update = jax.jit(functools.partial(member_update, spec), donate_argnums=(0,))
+    self.split = NamedSharding(mesh, P(mesh.axis_names[0]))
+    rep = NamedSharding(mesh, P())
+    self.teacher = _device_blocks(jax.device_put(teacher_vars, rep))
+    self.consts = {d: _unstack(c, jax.tree.leaves(c)[0].shape[0])
+                   for d, c in _device_blocks(
+                       {k: consts[k] for k in ("targets", "class_id", "index")}).items()}
+    self.real = consts["real"]
+    self.finish = jax.jit(lambda m, real, step: (_mean_over_real(m, real, g), step + 1),
+                          out_shardings=(rep, rep))
+
+  def __call__(self, state, batch):  # pylint: disable=unused-argument
+    members = _device_blocks({k: state[k] for k in MEMBER_KEYS})
+    steps = _device_blocks(state["step"])
+    new_blocks = {}
+    for device, block in members.items():
+      outs = [self.update(m, c, self.teacher[device], steps[device])
+              for m, c in zip(_unstack(block, len(self.consts[device])), self.consts[device])]
+      new_blocks[device] = _stack(outs)
+    new, per_member = self._assemble(new_blocks, state)
+    metrics, step = self.finish(per_member, self.real, state["step"])
+    return dict(new, step=step), metrics
+
+  def _assemble(self, blocks: dict, state):
+    """Global (members, metrics) arrays, split over the mesh, from the per-device blocks."""
+    n = self.real.shape[0]
+    order = list(self.split.addressable_devices_indices_map((n,)))
+    per_device = [jax.tree.leaves(blocks[d]) for d in order]
+    treedef = jax.tree.structure(blocks[order[0]])
+    leaves = [jax.make_array_from_single_device_arrays(
+        (n,) + tuple(parts[0].shape[1:]), self.split, list(parts))
+              for parts in zip(*per_device)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@dataclasses.dataclass
+class Ensemble:
+  """A built generator ensemble: its generator module, sizes, mesh, state and functions."""
+  gen: models.Generator
+  num_generators: int          # the real G
+  padded: int                  # members, a multiple of the mesh size
+  class_ids: np.ndarray        # (padded,) int32
+  mesh: Mesh
+  lowering: str
+  state: Any                   # {'params', 'batch_stats', 'opt_state' (stacked), 'step'}
+  consts: Any                  # {'targets', 'class_id', 'index', 'real'}, stacked
+  step: Callable               # step(state, None) -> (state, metrics)
+  sample: Callable             # sample(state, n) -> (padded, n, H, W, C) images; jit it
 
 
 def _stack_targets(stats: dict, class_ids: np.ndarray):
@@ -199,198 +358,56 @@ def _stack_targets(stats: dict, class_ids: np.ndarray):
 def init_generators(gen: models.Generator, seed: int, index):
   """(params, batch_stats) of the members `index`, stacked; member k's depend only on k.
 
-  A module-level jit, so its compilation (XLA:CPU takes seconds for the truncated-normal kernel
-  initialisers) is shared by every ensemble of the same generator in a process.
+  A module-level jit, so its compilation is shared by every ensemble of the same generator in a
+  process.
   """
   key = jax.random.fold_in(jax.random.key(seed), INIT_SALT)
   # vmap: it runs once, the grouped convolutions of the init forward pass do not matter.
   return jax.vmap(lambda i: dafl.init_generator(gen, jax.random.fold_in(key, i)))(index)
 
 
-def generate(gen, params, batch_stats, key, batch: int):
-  """Images of one generator (train-mode BN): (images, new batch_stats)."""
-  z = jax.random.normal(jax.random.split(key)[0], (batch, gen.latent_dim))
-  images, upd = gen.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
-                          mutable=["batch_stats"])
-  return images, upd["batch_stats"]
-
-
-def images_loss(config, teacher_model, teacher_vars, images, targets, class_id, key,
-                num_classes: int):
-  """The loss of one generator's images; returns (loss, metrics of this member).
-
-  'luo': inceptionism_loss towards class `class_id` (ALL_CLASSES: per-sample random or argmax
-  targets) + w_mm * bn_moment_matching against `targets`. 'dafl': DAFL's generator terms
-  (w_oh * L_oh + w_a * L_a + w_ie * L_ie with config.generator's weights, as
-  dafl.generator_dafl_loss) + the same moment matching.
-  """
-  e = config.ensemble
-  use_mm = e.w_mm > 0
-  logits, feats, moments = common.teacher_forward(teacher_model, teacher_vars, images,
-                                                  moments=use_mm)
-  if e.loss == "luo":
-    if e.single_target == "argmax":
-      free = jnp.argmax(jax.lax.stop_gradient(logits), -1)
-    else:
-      free = jax.random.randint(jax.random.split(key)[1], logits.shape[:1], 0, num_classes)
-    labels = jnp.where(class_id >= 0, class_id, free)
-    loss = losses.inceptionism_loss(logits, labels, images, e.w_tv, e.w_l2)
-    metrics = {"ce": losses.cross_entropy(logits, labels),
-               "tv": losses.total_variation(images), "l2": losses.image_l2_prior(images)}
-  else:
-    g = config.generator
-    metrics = {"l_oh": losses.onehot_loss(logits), "l_a": losses.activation_loss(feats),
-               "l_ie": losses.information_entropy_loss(logits)}
-    loss = g.w_oh * metrics["l_oh"] + g.w_a * metrics["l_a"] + g.w_ie * metrics["l_ie"]
-    labels = jnp.where(class_id >= 0, class_id, jnp.argmax(logits, -1))
-  if use_mm:
-    mm = losses.bn_moment_matching(moments, targets, form=e.mm_form)
-    loss = loss + e.w_mm * mm
-    metrics["mm"] = mm
-  metrics["agreement"] = losses.accuracy(logits, labels)
-  return loss, metrics
-
-
-def member_loss(config, gen, teacher_model, teacher_vars, params, batch_stats, targets,
-                class_id, key, batch: int, num_classes: int):
-  """The loss of one generator; returns (loss, (new batch_stats, metrics)). Pure."""
-  images, new_bs = generate(gen, params, batch_stats, key, batch)
-  loss, metrics = images_loss(config, teacher_model, teacher_vars, images, targets, class_id,
-                              key, num_classes)
-  return loss, (new_bs, metrics)
-
-
 def build(config, teacher: dict, info, mesh: Optional[Mesh] = None) -> Ensemble:
-  """The initial stacked state and the jitted ensemble step (used by train and tests)."""
+  """The initial stacked state and the jitted ensemble step (used by the stage and tests)."""
   e = config.ensemble
-  stats = teacher.get("bn_stats") or {}
-  validate(config, teacher_has_bn=bool(stats))
   mesh = mesh if mesh is not None else parallel.make_mesh("gen")
   axis = mesh.axis_names[0]
-  n_dev = mesh.devices.size
   g = num_generators(config, info.num_classes)
-  padded = -(-g // n_dev) * n_dev
+  padded = -(-g // mesh.devices.size) * mesh.devices.size
   class_ids = member_class_ids(g, padded, info.num_classes)
   lowering = resolve_lowering(e.lowering)
-  at_once = int(e.max_generators_per_device_at_once)
-  gen = make_generator(config, info)
-  tx = common.make_optimizer(e, e.steps)
-  tmodel, tvars = teacher["model"], teacher["variables"]
-  nan_at = config.get("debug_nan_at_step", -1)
-  batch = int(e.batch_per_generator)
-
+  spec = member_spec(config, info, teacher["model"])
   split = NamedSharding(mesh, P(axis))
-  rep = NamedSharding(mesh, P())
   index = np.arange(padded, dtype=np.int32)
   params, batch_stats = jax.device_put(
-      init_generators(gen, config.seed, jnp.asarray(index)), split)
-  members = {"params": params, "batch_stats": batch_stats,
-             "opt_state": jax.jit(jax.vmap(tx.init), out_shardings=split)(params)}
-  state = dict(members, step=jax.device_put(jnp.zeros((), jnp.int32), rep))
-  state_shardings = jax.tree.map(lambda _: split, members)
-  state_shardings["step"] = rep
+      init_generators(spec.gen, config.seed, jnp.asarray(index)), split)
+  state = {"params": params, "batch_stats": batch_stats,
+           "opt_state": jax.jit(jax.vmap(spec.tx.init), out_shardings=split)(params),
+           "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
   consts = jax.jit(lambda s: {
-      "targets": _stack_targets(s, class_ids), "class_ids": jnp.asarray(class_ids),
+      "targets": _stack_targets(s, class_ids), "class_id": jnp.asarray(class_ids),
       "index": jnp.asarray(index), "real": jnp.asarray(index < g, jnp.float32)},
-      out_shardings=split)(stats)
-  member_spec = {"params": P(axis), "batch_stats": P(axis), "opt_state": P(axis), "step": P()}
-
-  def update_member(step, tvars, xs):
-    """One member's whole update (generator, teacher, loss, gradient, optimiser): 'unroll'."""
-    m, t, c, k = xs
-
-    def loss_fn(params):
-      loss, aux = member_loss(config, gen, tmodel, tvars, params, m["batch_stats"], t, c, k,
-                              batch, info.num_classes)
-      return loop.poison(loss, step, nan_at), aux
-    (loss, (new_bs, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(m["params"])
-    updates, opt_state = tx.update(grads, m["opt_state"], m["params"])
-    new = {"params": optax.apply_updates(m["params"], updates), "batch_stats": new_bs,
-           "opt_state": opt_state}
-    return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-
-  def update_chunk(step, tvars, xs):
-    """Updates the stacked members `xs` of one chunk.
-
-    'unroll' traces each member's whole update separately (update_member). 'vmap' vmaps the
-    generators and the teacher half of the step: the teacher's kernels are shared, so XLA folds
-    the member axis into the batch and no grouped convolution arises there. The loss of the
-    chunk is the sum of the members' losses; member k's parameters reach only its own term, so
-    the gradient of the sum is every member's own gradient.
-    """
-    members, targets, cids, idxs = xs
-    keys = jax.vmap(lambda i: member_key(config.seed, step, i))(idxs)
-    if lowering == "unroll":
-      return map_members(functools.partial(update_member, step, tvars),
-                         (members, targets, cids, keys), lowering)
-
-    def total(params):
-      images, new_bs = map_members(
-          lambda a: generate(gen, a[0], a[1], a[2], batch),
-          (params, members["batch_stats"], keys), lowering)
-      per_loss, metrics = jax.vmap(
-          lambda x, t, c, k: images_loss(config, tmodel, tvars, x, t, c, k, info.num_classes))(
-              images, targets, cids, keys)
-      per_loss = loop.poison(per_loss, step, nan_at)
-      return jnp.sum(per_loss), (per_loss, new_bs, metrics)
-    (_, (per_loss, new_bs, metrics)), grads = jax.value_and_grad(total, has_aux=True)(
-        members["params"])
-    updates, opt_state = jax.vmap(tx.update)(grads, members["opt_state"], members["params"])
-    new = {"params": jax.vmap(optax.apply_updates)(members["params"], updates),
-           "batch_stats": new_bs, "opt_state": opt_state}
-    return new, dict(metrics, loss=per_loss, grad_norm=jax.vmap(optax.tree.norm)(grads))
-
-  def local_update(state, consts, tvars):
-    step = state["step"]
-    members = {k: state[k] for k in ("params", "batch_stats", "opt_state")}
-    xs = (members, consts["targets"], consts["class_ids"], consts["index"])
-    n = consts["index"].shape[0]
-    c = chunk_size(n, at_once)
-    if c == n:
-      new, metrics = update_chunk(step, tvars, xs)
-    else:
-      chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), xs)
-      new, metrics = jax.lax.map(functools.partial(update_chunk, step, tvars), chunks)
-      new, metrics = jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), (new, metrics))
-    return dict(new, step=step + 1), metrics
-
-  # check_vma=False: the custom VJP of the CPU convolution (models/cpu_conv.py) returns a
-  # per-member cotangent for the replicated teacher kernels, which the varying-manual-axes check
-  # rejects; no collective is used inside, so the check guards nothing here.
-  sharded_update = jax.shard_map(local_update, mesh=mesh,
-                                 in_specs=(member_spec, P(axis), P()),
-                                 out_specs=(member_spec, P(axis)), check_vma=False)
-
-  def step_fn(state, consts, tvars):
-    new, per_member = sharded_update(state, consts, tvars)
-    real = consts["real"]
-    metrics = {k: jnp.sum(v * real) / g for k, v in per_member.items()}
-    return new, metrics
-
-  step_jit = jax.jit(step_fn, out_shardings=(state_shardings, rep), donate_argnums=(0,))
-
-  def local_sample(params, batch_stats, idx, n):
-    def one(args):
-      p, bs, i = args
-      z = jax.random.normal(jax.random.fold_in(jax.random.key(SAMPLE_SEED), i),
-                            (n, gen.latent_dim))
-      return gen.apply({"params": p, "batch_stats": bs}, z, train=True,
-                       mutable=["batch_stats"])[0]
-    return map_members(one, (params, batch_stats, idx), lowering, at_once)
+      out_shardings=split)(teacher.get("bn_stats") or {})
+  step = make_step(spec, mesh, lowering, int(e.max_generators_per_device_at_once), g, consts,
+                   teacher["variables"])
 
   def sample(state, n: int):
-    fn = jax.shard_map(lambda p, bs, i: local_sample(p, bs, i, n), mesh=mesh,
-                       in_specs=P(axis), out_specs=P(axis), check_vma=False)
+    def one(p, bs, i):
+      z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
+                            (n, spec.gen.latent_dim))
+      return common.generate(spec.gen, p, bs, z)[0]
+    fn = jax.shard_map(
+        lambda p, bs, i: map_members(one, (p, bs, i), lowering,
+                                     int(e.max_generators_per_device_at_once)),
+        mesh=mesh, in_specs=P(axis), out_specs=P(axis))
     return fn(state["params"], state["batch_stats"], consts["index"])
 
-  return Ensemble(gen=gen, num_generators=g, padded=padded, class_ids=class_ids,
-                  num_classes=info.num_classes, mesh=mesh, lowering=lowering, state=state,
-                  consts=consts, step=lambda s: step_jit(s, consts, tvars),
-                  sample=sample, state_shardings=state_shardings, step_jit=step_jit,
-                  teacher_vars=tvars)
+  return Ensemble(gen=spec.gen, num_generators=g, padded=padded, class_ids=class_ids,
+                  mesh=mesh, lowering=lowering, state=state, consts=consts, step=step,
+                  sample=sample)
 
 
-def make_eval(ens: Ensemble, teacher: dict, batch: int, loss: str = "luo") -> Callable:
+def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
+              loss: str = "luo") -> Callable:
   """eval_fn(state): the teacher's view of one fixed batch per real generator.
 
   agreement (loss 'luo' only: DAFL's losses have no target class): fraction of the images of
@@ -416,14 +433,14 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, loss: str = "luo") -> Ca
     out = {}
     if with_agreement:
       out["agreement"] = float(np.mean(p[ids >= 0] == ids[ids >= 0, None]))
-    hist = np.bincount(p.reshape(-1), minlength=ens.num_classes) / p.size
+    hist = np.bincount(p.reshape(-1), minlength=num_classes) / p.size
     nz = hist[hist > 0]
-    out["class_entropy"] = float(-np.sum(nz * np.log(nz)) / math.log(ens.num_classes))
+    out["class_entropy"] = float(-np.sum(nz * np.log(nz)) / math.log(num_classes))
     return out
   return eval_fn
 
 
-def _grid_writer(config, workdir, writer, teacher, info, ens: Ensemble, batch: int):
+def _grid_writer(ctx, ens: Ensemble, batch: int):
   """on_eval callback: one row of samples per real generator, titled G0, G1, ..."""
   g = ens.num_generators
   per_gen = SAMPLES_PER_ROW if g > 1 else 4 * SAMPLES_PER_ROW
@@ -434,96 +451,81 @@ def _grid_writer(config, workdir, writer, teacher, info, ens: Ensemble, batch: i
     return images.reshape((-1,) + images.shape[2:])
   rows = per_gen // SAMPLES_PER_ROW
   titles = [f"G{k}" if r == 0 else "" for k in range(g) for r in range(rows)]
-  return distill.make_sample_writer(config, workdir, writer, teacher, info, sample_fn,
-                                    "generators", row_titles=titles)
+  return distill.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles)
 
 
-def _meta(config, ens: Ensemble, teacher: dict, info) -> dict:
-  return {"kind": "generator_ensemble", "num_generators": ens.num_generators,
-          "padded": ens.padded, "num_classes": info.num_classes,
-          "image_shape": list(info.image_shape), "latent_dim": ens.gen.latent_dim,
-          "width": ens.gen.width, "num_upsample": ens.gen.num_upsample, "style": ens.gen.style,
-          "class_ids": [int(c) for c in ens.class_ids[:ens.num_generators]],
-          "loss": config.ensemble.loss, "teacher_model": teacher["meta"].get("model"),
-          "dataset": info.name}
+def teacher_has_bn(config, info) -> bool:
+  shapes = jax.eval_shape(lambda: models.get_classifier(
+      config.teacher.model, info.num_classes, config.teacher.width).init(
+          jax.random.key(0), jnp.zeros((1,) + info.image_shape), train=False))
+  return bool(shapes.get("batch_stats"))
 
 
-_RESUME_KEYS = ("num_generators", "padded", "image_shape", "latent_dim", "width", "num_upsample",
-                "style", "class_ids")
+class Generators(stage_lib.Stage):
+  """Trains the ensemble. Its output is the 'generators' item of the final checkpoint (the real
+  G members' params and BN state), which stage 'distill_generators' loads. An Ensemble built
+  by `build` from the same config and teacher in ctx.outputs['ensemble'] is used (its compiled
+  step reused) instead of building one."""
+  name = "generators"
+  selector = "generators"
+
+  def check(self, config, info):
+    e = config.ensemble
+    dafl.check_generator_fits(config, info)
+    if e.w_mm > 0 and not teacher_has_bn(config, info):
+      raise config_lib.ConfigError(
+          f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "
+          f"{config.teacher.model!r} has no BatchNorm layers; use a teacher with BN (e.g. "
+          "teacher.model='lenet5_bn') or set ensemble.w_mm=0")
+    g = num_generators(config, info.num_classes)
+    if 1 < g < info.num_classes:
+      log.warn(f"ensemble.num_generators={g}: classes {g}..{info.num_classes - 1} get no "
+               "generator and no distillation images")
+
+  def steps(self, config):
+    return config.ensemble.steps
+
+  def identity(self, ctx):
+    config, info = ctx.config, ctx.info
+    gen = make_generator(config, info)
+    g = num_generators(config, info.num_classes)
+    return {"num_generators": g, "image_shape": list(info.image_shape),
+            "latent_dim": gen.latent_dim, "width": gen.width, "num_upsample": gen.num_upsample,
+            "style": gen.style,
+            "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}
+
+  def resume_hint(self, key, saved):
+    if key != "padded":
+      return ""
+    return (" (the padding depends on the device count: resume on a device count that "
+            f"divides {saved['padded']}, or start a new workdir)")
+
+  def plan(self, ctx):
+    config, info, e = ctx.config, ctx.info, ctx.config.ensemble
+    ens = ctx.outputs.pop("ensemble", None) or build(config, ctx.teacher, info)
+    log.info(f"generators: {ens.num_generators} generators ({ens.padded} members over "
+             f"{ens.mesh.devices.size} devices, lowering {ens.lowering})")
+    g = ens.num_generators
+    real_only = jax.jit(lambda s: jax.tree.map(lambda x: x[:g], {
+        "params": s["params"], "batch_stats": s["batch_stats"]}),
+                        out_shardings=parallel.replicated(ens.mesh))
+    meta = {"kind": "generator_ensemble", "padded": ens.padded,
+            "num_classes": info.num_classes, "loss": e.loss,
+            "teacher_model": ctx.teacher["meta"].get("model"), "dataset": info.name}
+    return stage_lib.Plan(
+        state=ens.state, step=ens.step,
+        evaluate=make_eval(ens, ctx.teacher, e.batch_per_generator, info.num_classes, e.loss),
+        eval_every=e.eval_every, meta=meta, resume_keys=("padded",),
+        final_items=lambda s: {"generators": real_only(s)},
+        on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
+
+  def summarize(self, ctx, done):
+    return {"generators": {"num_generators": done.meta["num_generators"],
+                           "members": done.meta["padded"], "steps": done.step,
+                           "eval": done.eval, "checkpoint": done.directory}}
 
 
-def _check_resume(ckpt: ckpt_lib.StageCheckpoints, meta: dict, keys=_RESUME_KEYS):
-  step = ckpt.latest_step()
-  if step is None:
-    return
-  saved = ckpt.restore_meta(step)
-  for key in keys:
-    if key in saved and saved[key] != meta[key]:
-      extra = (" (the padding depends on the device count: resume on a device count that "
-               f"divides {saved['padded']}, or start a new workdir)" if key == "padded" else "")
-      raise ckpt_lib.CheckpointError(
-          f"the generator checkpoint in {ckpt.directory} has {key}={saved[key]!r} but this run "
-          f"has {key}={meta[key]!r}{extra}; use another workdir or the same config")
-
-
-def train_generators(config, workdir: str, teacher: dict, info, writer,
-                     ens: Optional[Ensemble] = None) -> dict:
-  """Trains (or resumes) the ensemble; returns {'result', 'directory', 'ensemble',
-  'num_generators', 'members'}. A stage that finished earlier is not loaded: 'ensemble' and
-  result.state are then None (the distillation stage loads the generators itself).
-
-  `ens`: an Ensemble built by `build` from the same config and teacher, whose state has not
-  been stepped (tests pass one to reuse its compiled step); None builds it.
-  """
-  e = config.ensemble
-  ckpt = ckpt_lib.StageCheckpoints(directory(workdir))
-  done = _finished(ckpt, config, info, e.steps)
-  if done is not None:  # On any device count: the padding does not matter any more.
-    ckpt.close()
-    return done
-  ens = ens if ens is not None else build(config, teacher, info)
-  log.info(f"generators: {ens.num_generators} generators ({ens.padded} members over "
-           f"{ens.mesh.devices.size} devices, lowering {ens.lowering})")
-  meta = _meta(config, ens, teacher, info)
-  _check_resume(ckpt, meta)
-  g = ens.num_generators
-  rep = parallel.replicated(ens.mesh)
-  real_only = jax.jit(lambda s: jax.tree.map(lambda x: x[:g], {
-      "params": s["params"], "batch_stats": s["batch_stats"]}), out_shardings=rep)
-  result = loop.run(
-      stage="generators", ckpt=ckpt, state=ens.state, step_fn=lambda s, _: ens.step(s),
-      total_steps=e.steps, eval_fn=make_eval(ens, teacher, e.batch_per_generator, e.loss),
-      eval_every=e.eval_every, checkpoint_every=config.checkpoint_every, writer=writer,
-      meta=meta, final_extras=lambda s: {"generators": real_only(s)},
-      log_every_secs=config.log_every_secs,
-      on_eval=_grid_writer(config, workdir, writer, teacher, info, ens, e.batch_per_generator),
-      stop_after_steps=config.get("debug_stop_after_steps", -1))
-  ckpt.close()
-  if result.step < e.steps:
-    raise loop.Preempted("generators", result.step, directory(workdir))
-  return {"result": result, "directory": directory(workdir), "ensemble": ens,
-          "num_generators": ens.num_generators, "members": ens.padded}
-
-
-def _finished(ckpt: ckpt_lib.StageCheckpoints, config, info, steps: int) -> Optional[dict]:
-  """train_generators' answer for a stage that finished earlier (no state is built), or None."""
-  step = ckpt.latest_step()
-  if step is None:
-    return None
-  saved = ckpt.restore_meta(step)
-  if not (saved.get("done") and step >= steps):
-    return None
-  gen = make_generator(config, info)
-  g = num_generators(config, info.num_classes)
-  expected = {"num_generators": g, "image_shape": list(info.image_shape),
-              "latent_dim": gen.latent_dim, "width": gen.width,
-              "num_upsample": gen.num_upsample, "style": gen.style,
-              "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}
-  _check_resume(ckpt, expected, keys=tuple(expected))
-  log.info(f"generators: finished earlier at step {step}; loaded from {ckpt.directory}")
-  result = loop.LoopResult(None, step, {}, saved.get("eval", {}), step, 0.0)
-  return {"result": result, "directory": ckpt.directory, "ensemble": None,
-          "num_generators": saved["num_generators"], "members": saved["padded"]}
+GENERATORS = Generators()
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -533,23 +535,6 @@ def resolve_checkpoint_dir(path: str) -> str:
   if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
     return nested
   return path
-
-
-def _saved_shapes(d: str, step: int, name: str):
-  """ShapeDtypeStructs of item `name` of checkpoint `step` in `d`, read from its own metadata.
-
-  (StageCheckpoints.item_shapes asks the manager, which knows no handler for an item it has
-  not restored yet in this process, and then answers None.)
-  """
-  try:
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(d, str(step), name))
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ckpt_lib.CheckpointError(
-        f"cannot read {name!r} of checkpoint {d}/{step} ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
@@ -591,7 +576,7 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
                            channels=shape[2], width=meta["width"],
                            num_upsample=meta["num_upsample"], style=meta["style"])
     g = int(meta["num_generators"])
-    shapes = _saved_shapes(d, step, "generators")
+    shapes = ckpt.item_shapes(step, "generators")
     expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
     expected = {"params": expected[0], "batch_stats": expected[1]}
     same = jax.tree.structure(shapes) == jax.tree.structure(expected) and all(
@@ -611,52 +596,59 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
 
 
 def make_images_fn(gens: dict, lowering: str) -> Callable:
-  """images_fn(key, batch, variables): a class-balanced batch from the frozen generators.
+  """images_fn(key, n, batch, variables): a class-balanced batch of n images from the frozen
+  generators' `variables` (the loop's `batch` is unused).
 
-  Each of the G generators draws n = ceil(batch / G) images (train-mode BN, updated statistics
+  Each of the G generators draws ceil(n / G) images (train-mode BN, updated statistics
   discarded); image j of generator k goes to position j * G + (k - r) mod G, r random when G
-  does not divide the batch, and the first `batch` positions are kept.
+  does not divide n, and the first n positions are kept.
   """
   gen = gens["gen"]
   g = int(gens["meta"]["num_generators"])
 
-  def images_fn(key, batch, variables):
-    n = -(-batch // g)
+  def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
+    n = -(-size // g)
 
-    def one(args):
-      p, bs, k = args
+    def one(p, bs, k):
       z = jax.random.normal(jax.random.fold_in(key, k), (n, gen.latent_dim))
-      return gen.apply({"params": p, "batch_stats": bs}, z, train=True,
-                       mutable=["batch_stats"])[0]
+      return common.generate(gen, p, bs, z)[0]
     images = map_members(one, (variables["params"], variables["batch_stats"],
                                jnp.arange(g)), lowering)
-    if batch % g:
+    if size % g:
       images = jnp.roll(images, -jax.random.randint(jax.random.fold_in(key, g), (), 0, g), 0)
     images = jnp.swapaxes(images, 0, 1).reshape((n * g,) + images.shape[2:])
-    return jax.lax.stop_gradient(images[:batch])
+    return jax.lax.stop_gradient(images[:size])
   return images_fn
 
 
-def distill_from_generators(config, workdir: str, teacher: dict, data: dict, writer,
-                            generator_dir: Optional[str] = None,
-                            gens: Optional[dict] = None) -> dict:
-  """Luo et al.'s second stage: the student distils on images of the frozen generators.
+class DistillGenerators(distill.Distill):
+  """Luo et al.'s second stage: the student distils on images of the frozen generators, loaded
+  from config.generator_checkpoint (default <workdir>/generators)."""
 
-  `gens` (from load_generators) skips loading them again.
-  """
-  info = data["test"].info
-  gdir = generator_dir or checkpoint_to_distill(config, workdir)
-  mesh = parallel.make_mesh("data")
-  if gens is None:
-    gens = load_generators(gdir, info, mesh)
-  if gens["meta"].get("teacher_model") != teacher["meta"].get("model"):
-    log.warn(f"the generators in {gens['directory']} were trained against a "
-             f"{gens['meta'].get('teacher_model')!r} teacher; distilling from a "
-             f"{teacher['meta'].get('model')!r}")
-  variables = parallel.put_replicated(
-      {"params": gens["params"], "batch_stats": gens["batch_stats"]}, mesh)
-  images_fn = make_images_fn(gens, resolve_lowering(config.ensemble.lowering))
-  return distill.train(config, workdir, teacher, data, writer, "generators", images_fn=images_fn,
-                       images_args=variables,
-                       meta_extra={"generators": gens["directory"],
-                                   "num_generators": gens["meta"]["num_generators"]})
+  def __init__(self):
+    super().__init__("generators")
+
+  def prepare(self, ctx):
+    if GENERATORS.name not in ctx.running:  # They exist already: load them before writing.
+      self._generators(ctx)
+
+  def _generators(self, ctx) -> dict:
+    if "frozen_generators" not in ctx.outputs:
+      ctx.outputs["frozen_generators"] = load_generators(
+          checkpoint_to_distill(ctx.config, ctx.workdir), ctx.info, parallel.make_mesh("data"))
+    return ctx.outputs["frozen_generators"]
+
+  def source_images(self, ctx, mesh):
+    gens = self._generators(ctx)
+    if gens["meta"].get("teacher_model") != ctx.teacher["meta"].get("model"):
+      log.warn(f"the generators in {gens['directory']} were trained against a "
+               f"{gens['meta'].get('teacher_model')!r} teacher; distilling from a "
+               f"{ctx.teacher['meta'].get('model')!r}")
+    variables = parallel.put_replicated(
+        {"params": gens["params"], "batch_stats": gens["batch_stats"]}, mesh)
+    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering))
+    return images_fn, None, variables, {"generators": gens["directory"],
+                                        "num_generators": gens["meta"]["num_generators"]}
+
+
+DISTILL = DistillGenerators()

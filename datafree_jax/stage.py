@@ -1,0 +1,188 @@
+"""The stage interface, and `run`, the one function that runs any stage.
+
+A method (train.METHODS) is the teacher stage followed by the method's own stages. A stage is
+an object with:
+
+    name          its checkpoint directory under the workdir; the name in logs and summaries
+    selector      what `config.stage` names to run this stage alone ('' = never alone)
+    check(config, info)           raises ConfigError for what this stage cannot run; called for
+                                  every stage of the method before anything is written
+    steps(config)                 how many steps the stage takes
+    finished(config, step, meta)  whether a checkpoint ends the stage (default: marked done
+                                  and at least steps(config) steps)
+    identity(ctx)                 what an existing checkpoint of the stage must have been made
+                                  for (model, image shape, ...): saved with every checkpoint and
+                                  compared before a run resumes or loads one
+    prepare(ctx)                  reads what the stage will need (data splits, checkpoints of
+                                  other runs) before anything is written
+    plan(ctx) -> Plan             the initial state, the jitted step, batches, evaluation
+    summarize(ctx, done) -> dict  the stage's entries of the run's summary, once it has
+                                  finished (now or in an earlier run); the teacher stage also
+                                  publishes the frozen teacher there (ctx.teacher)
+
+`run(stage, ctx)` does the rest, the same way for every stage: a finished checkpoint is loaded,
+not rerun; an unfinished one is resumed; otherwise the stage starts. The loop (loop.run) saves
+periodic checkpoints, answers SIGTERM with a checkpoint and exit code 143, stops on a
+non-finite metric, evaluates and logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import log
+from datafree_jax import loop
+
+
+@dataclasses.dataclass
+class Context:
+  """What the stages of one run share."""
+  config: Any                      # the run's ml_collections.ConfigDict
+  workdir: str
+  data: Any                        # input_pipeline.Splits: each split read on first use
+  info: Any                        # input_pipeline.DatasetInfo of config.dataset
+  writer: Any = None               # TensorBoard writer (log.LazyWriter) or None
+  teacher: Optional[dict] = None   # the frozen teacher, once the teacher stage has finished
+  running: tuple = ()              # names of the stages this run runs
+  outputs: dict = dataclasses.field(default_factory=dict)  # what stages hand later ones
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a stage hands the loop (see loop.run for how each part is used)."""
+  state: Any                                   # pytree of placed arrays; the restore target
+  step: Callable                               # (state, batch) -> (state, metrics)
+  batches: Optional[Callable[[int], Any]] = None   # step -> host batch; a pure function
+  evaluate: Optional[Callable[[Any], Mapping[str, float]]] = None
+  eval_every: int = 0
+  meta: dict = dataclasses.field(default_factory=dict)  # saved with every checkpoint
+  resume_keys: tuple = ()   # keys of `meta` an unfinished checkpoint must match to be resumed
+  final_items: Optional[Callable[[Any], Mapping]] = None  # extra items of the final checkpoint
+  on_eval: Optional[Callable[[Any, int], None]] = None    # beside each evaluation (grids)
+  log_name: str = ""        # the stage's name in logs ('' = stage.name)
+
+
+@dataclasses.dataclass
+class Done:
+  """A finished stage: its checkpoint and final numbers."""
+  directory: str
+  step: int
+  eval: dict
+  meta: dict
+  state: Any = None   # the final state when it ran in this process; None when loaded
+  summary: Optional[dict] = None  # the stage's summary entries (run_alone)
+
+
+class Stage:
+  """Base class with the defaults; a stage overrides what it needs."""
+  name = ""
+  selector = ""
+
+  def check(self, config, info) -> None:
+    pass
+
+  def steps(self, config) -> int:
+    raise NotImplementedError
+
+  def finished(self, config, step: int, meta: dict) -> bool:
+    """Whether a checkpoint (`step`, `meta`) ends the stage; else it is resumed (a finished
+    stage whose config now asks for more steps continues to them)."""
+    return bool(meta.get("done")) and step >= self.steps(config)
+
+  def identity(self, ctx) -> dict:
+    return {}
+
+  def check_checkpoint(self, ctx, saved: dict, directory: str) -> None:
+    """Raises CheckpointError when a checkpoint's meta `saved` does not match identity(ctx)."""
+    for key, value in self.identity(ctx).items():
+      if key in saved and saved[key] != value:
+        raise ckpt_lib.CheckpointError(
+            f"the {self.name} checkpoint in {directory} was made for {key}={saved[key]!r} but "
+            f"this run has {key}={value!r}; use another workdir or the same config")
+
+  def resume_hint(self, key: str, saved: dict) -> str:  # pylint: disable=unused-argument
+    """Text added to the error of a checkpoint whose resume key `key` differs."""
+    return ""
+
+  def prepare(self, ctx) -> None:
+    pass
+
+  def plan(self, ctx) -> Plan:
+    raise NotImplementedError
+
+  def summarize(self, ctx, done: Done) -> dict:
+    return {self.name: {"steps": done.step, "eval": done.eval, "checkpoint": done.directory}}
+
+
+def directory(ctx, stage: Stage) -> str:
+  return os.path.join(ctx.workdir, stage.name)
+
+
+def saved_meta(ctx, stage: Stage) -> tuple[Optional[int], Optional[dict]]:
+  """(step, meta) of the stage's latest checkpoint in the workdir, (None, None) if none; the
+  meta checked against the stage's identity. Reads only."""
+  d = directory(ctx, stage)
+  if not os.path.isdir(d):
+    return None, None
+  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  try:
+    step = ckpt.latest_step()
+    meta = None if step is None else ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  if meta is not None:
+    stage.check_checkpoint(ctx, meta, d)
+  return step, meta
+
+
+def is_finished(ctx, stage: Stage, step: Optional[int], meta: Optional[dict]) -> bool:
+  return meta is not None and stage.finished(ctx.config, step, meta)
+
+
+def run(stage: Stage, ctx) -> dict:
+  """Runs (or resumes, or loads) `stage`; returns stage.summarize's summary entries."""
+  d = directory(ctx, stage)
+  step, meta = saved_meta(ctx, stage)
+  if is_finished(ctx, stage, step, meta):
+    log.info(f"{stage.name}: finished earlier at step {step}; loaded from {d}")
+    done = Done(d, step, meta.get("eval", {}), meta)
+    ctx.outputs[stage.name] = done
+    return stage.summarize(ctx, done)
+  plan = stage.plan(ctx)
+  identity = stage.identity(ctx)
+  if meta is not None:
+    for key in plan.resume_keys:
+      if key in meta and meta[key] != plan.meta[key]:
+        raise ckpt_lib.CheckpointError(
+            f"the {stage.name} checkpoint in {d} has {key}={meta[key]!r} but this run has "
+            f"{key}={plan.meta[key]!r}{stage.resume_hint(key, meta)}; use another workdir or "
+            "the same config")
+  total = stage.steps(ctx.config)
+  ckpt = ckpt_lib.StageCheckpoints(d)
+  try:
+    result = loop.run(
+        stage=plan.log_name or stage.name, ckpt=ckpt, state=plan.state, step_fn=plan.step,
+        total_steps=total, batch_fn=plan.batches, eval_fn=plan.evaluate,
+        eval_every=plan.eval_every, checkpoint_every=ctx.config.checkpoint_every,
+        writer=ctx.writer, meta=dict(plan.meta, **identity), final_extras=plan.final_items,
+        log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval)
+  finally:
+    ckpt.close()
+  done = Done(d, result.step, result.eval_metrics, dict(plan.meta, **identity), result.state)
+  ctx.outputs[stage.name] = done
+  return stage.summarize(ctx, done)
+
+
+def run_alone(stage: Stage, config, workdir: str, *, data=None, info=None, teacher=None,
+              writer=None, outputs: Optional[dict] = None) -> Done:
+  """Runs (or resumes, or loads) one stage outside the pipeline, e.g. from a notebook or a
+  test; returns its Done (with the final state when it ran here)."""
+  ctx = Context(config=config, workdir=workdir, data=data,
+                info=info if info is not None else data["test"].info, writer=writer,
+                teacher=teacher, outputs=dict(outputs or {}))
+  summary = run(stage, ctx)
+  done = ctx.outputs[stage.name]
+  done.summary = summary
+  return done

@@ -1,0 +1,170 @@
+"""The method table and the stage interface: a new method registered from outside the package
+(one stage class and its config section, defined here) runs through the same pipeline as the
+built-in ones; the call path from the command line to every loss is a short chain of
+importable functions."""
+import inspect
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from conftest import copy_stages, tiny_config
+from datafree_jax import common
+from datafree_jax import config_lib
+from datafree_jax import losses
+from datafree_jax import parallel
+from datafree_jax import stage as stage_lib
+from datafree_jax import train
+from datafree_jax.stages import distill
+
+
+def uniform_step(student, tx, teacher_model, scale, batch, image_shape, state, teacher_vars):
+  """The student learns the teacher's argmax labels on U(-scale, scale) images."""
+  key = jax.random.fold_in(jax.random.key(7), state["step"])
+  images = jax.random.uniform(key, (batch,) + image_shape, minval=-scale, maxval=scale)
+  labels = jnp.argmax(teacher_model.apply(teacher_vars, images, train=False), -1)
+
+  def loss_fn(p):
+    logits, upd = student.apply(common.variables_of(p, state["student"]["batch_stats"]),
+                                images, train=True, mutable=["batch_stats"])
+    return losses.cross_entropy(logits, labels), upd.get("batch_stats", {})
+  (loss, bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["student"]["params"])
+  updates, opt = tx.update(grads, state["student_opt"], state["student"]["params"])
+  params = optax.apply_updates(state["student"]["params"], updates)
+  return ({"student": {"params": params, "batch_stats": bs}, "student_opt": opt,
+           "step": state["step"] + 1}, {"loss_ce": loss})
+
+
+class UniformLabels(stage_lib.Stage):
+  """A toy data-free method: hard teacher labels on uniform noise, settings in config.uniform."""
+  name = "uniform_labels"
+  selector = "uniform"
+
+  def check(self, config, info):
+    parallel.check_global_batch(config.uniform.batch_size)
+
+  def steps(self, config):
+    return config.uniform.steps
+
+  def identity(self, ctx):
+    return {"student_model": ctx.config.student.model, "scale": ctx.config.uniform.scale}
+
+  def plan(self, ctx):
+    config, info = ctx.config, ctx.info
+    mesh = parallel.make_mesh("data")
+    tx = optax.adam(config.uniform.lr)
+    student, svars, sopt = distill.init_student(config, info, tx, jax.random.key(config.seed))
+    state = parallel.put_replicated({"student": svars, "student_opt": sopt,
+                                     "step": jnp.zeros((), jnp.int32)}, mesh)
+    step = jax.jit(lambda s, tv: uniform_step(
+        student, tx, ctx.teacher["model"], config.uniform.scale, config.uniform.batch_size,
+        tuple(info.image_shape), s, tv), donate_argnums=(0,))
+    return stage_lib.Plan(
+        state=state, step=lambda s, _: step(s, ctx.teacher["variables"]),
+        evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh))
+
+  def summarize(self, ctx, done):
+    return distill.student_summary(ctx, done)
+
+
+UNIFORM_CONFIG = {"uniform": {"scale": (2.0, config_lib.POSITIVE),
+                              "lr": (1e-3, config_lib.POSITIVE),
+                              "steps": (6, config_lib.POSITIVE_INT),
+                              "batch_size": (16, config_lib.POSITIVE_INT)}}
+
+
+def uniform_config(method, **overrides):
+  config = tiny_config("teacher", **overrides)
+  config.method = method
+  return config
+
+
+@pytest.fixture(scope="module")
+def uniform_method():
+  train.register_method("uniform_labels", (train.TEACHER, UniformLabels()), UNIFORM_CONFIG)
+  yield "uniform_labels"
+  del train.METHODS["uniform_labels"]
+  del config_lib.SCHEMA["uniform"]
+
+
+def test_a_method_registered_from_outside_runs_like_a_built_in_one(
+    uniform_method, lenet5_teacher_workdir, tmp_path, capsys):
+  config = uniform_config(uniform_method, stage="uniform")
+  assert config.uniform.scale == 2.0  # its defaults are part of every config now
+  workdir = copy_stages(lenet5_teacher_workdir, tmp_path / "w", "teacher")
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["student"]["steps"] == 6
+  assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
+  assert summary["teacher"]["test_accuracy"] > 0.5
+  assert os.path.isdir(os.path.join(workdir, "uniform_labels", "6"))
+  # The pipeline's services come with the interface: a finished stage is loaded, not rerun...
+  capsys.readouterr()
+  again = train.train_and_evaluate(config, workdir)
+  assert again["student"] == summary["student"]
+  assert "uniform_labels: finished earlier at step 6" in capsys.readouterr().out
+  # ... its checkpoint is not resumed by another config ...
+  other = uniform_config(uniform_method, stage="uniform", **{"uniform.scale": 3.0})
+  with pytest.raises(Exception, match="made for scale=2.0 but this run has scale=3.0"):
+    train.train_and_evaluate(other, workdir)
+  # ... and its config section is checked with every other field, before anything is written.
+  bad = uniform_config(uniform_method, **{"uniform.scale": -1.0})
+  with pytest.raises(config_lib.ConfigError, match="uniform.scale must be positive"):
+    train.train_and_evaluate(bad, str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
+  with pytest.raises(config_lib.ConfigError, match="stage 'uniform' does not apply to method "
+                                                   "'dafl'; it is a stage of uniform_labels"):
+    train.validate(tiny_config("dafl", stage="uniform"))
+
+
+# Frames that are syntax, not design: one-line adapters and comprehensions.
+_ANONYMOUS = ("<lambda>", "<listcomp>", "<dictcomp>", "<genexpr>", "<setcomp>")
+
+
+def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
+    tmp_path, monkeypatch):
+  """From train_and_evaluate (the command line adds main.main and train.main_entry) to each
+  loss function: at most 7 named functions of the package, each importable (a module-level
+  function or a method of a module-level class, no closures), in every method and both
+  lowerings of the ensemble step. Each loss function is wrapped to record the call stack it is
+  traced from, then runs unchanged."""
+  pkg = os.path.dirname(os.path.abspath(losses.__file__))
+  chains = {}
+
+  def recording(name, fn):
+    def wrapper(*args, **kwargs):
+      names, f = [], sys._getframe(1)  # pylint: disable=protected-access
+      while f is not None:
+        code = f.f_code
+        if (code.co_filename.startswith(pkg) and code.co_name not in _ANONYMOUS
+            and code.co_filename != losses.__file__):
+          names.append(f"{os.path.relpath(code.co_filename, pkg)}:{code.co_qualname}")
+        f = f.f_back
+      chains.setdefault(name, set()).add(tuple(reversed(names)))
+      return fn(*args, **kwargs)
+    return wrapper
+
+  for name in dir(losses):
+    fn = getattr(losses, name)
+    if inspect.isfunction(fn) and fn.__module__ == losses.__name__ and not name.startswith("_"):
+      monkeypatch.setattr(losses, name, recording(name, fn))
+  runs = [(m, {}) for m in ("teacher", "dafl", "kd_data", "kd_noise")] + [
+      ("ensemble", {"ensemble.lowering": lowering}) for lowering in ("loop", "vmap")]
+  for i, (method, overrides) in enumerate(runs):
+    config = tiny_config(method, **{
+        "teacher.steps": 1, "teacher.model": "lenet5_bn", "teacher.bn_stats_per_class": 2,
+        "student.steps": 1, "ensemble.steps": 1, "ensemble.num_generators": 2,
+        "ensemble.batch_per_generator": 4, "ensemble.eval_every": 0,
+        "stage": "all" if method == "teacher" else "train", **overrides})
+    if method != "teacher":  # the teacher of the first run
+      copy_stages(tmp_path / "0", tmp_path / str(i), "teacher")
+    train.train_and_evaluate(config, str(tmp_path / str(i)))
+  assert {"cross_entropy", "kd_loss", "dafl_generator_loss", "inceptionism_loss",
+          "bn_moment_matching"} <= set(chains)
+  for loss, paths in chains.items():
+    for path in paths:
+      assert path[0] == "train.py:train_and_evaluate", (loss, path)
+      assert len(path) <= 7, (loss, path)
+      assert not [f for f in path if "<locals>" in f], (loss, path)
