@@ -46,7 +46,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from datafree_jax import common, input_pipeline, losses, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from datafree_jax.stages import dafl, distill, teacher as teacher_stage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax.stages import dafl, teacher as teacher_stage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mnist5k_table import get_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 nn = torch.nn
@@ -314,7 +314,7 @@ def _train_torch(config, t_teacher, info, test_torch, eval_every):
 
 def _train_jax(config, teacher, info, test, eval_every):
   state, step_jit, student, _, mesh = dafl.build(config, teacher, info)
-  eval_fn = distill.make_student_eval(student, test, mesh)
+  eval_fn = common.make_classifier_eval(student, lambda s: s["student"], {"test": test}, mesh)
   box = {"state": state}
 
   def step():

@@ -6,7 +6,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import ensemble_config, stage_state, tiny_config

@@ -251,9 +251,9 @@ def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
   sharded = jax.shard_map(
       lambda members, consts, tvars, step: map_members(
           functools.partial(member_update, spec), (members, consts), "vmap", at_once,
-          shared=(tvars, step)), mesh=mesh,
-                          in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
-                          check_vma=jax.default_backend() != "cpu")
+          shared=(tvars, step)),
+      mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
+      check_vma=jax.default_backend() != "cpu")
   member_shardings = {k: split for k in MEMBER_KEYS}
   step_jit = jax.jit(functools.partial(ensemble_step, sharded, g),
                      out_shardings=(dict(member_shardings, step=rep), rep), donate_argnums=(0,))
@@ -289,7 +289,6 @@ class _LoopStep:
   """
 
   def __init__(self, spec: MemberSpec, mesh: Mesh, g: int, consts, teacher_vars):
-    self.mesh, self.g = mesh, g
     self.update = jax.jit(functools.partial(member_update, spec), donate_argnums=(0,))
     self.split = NamedSharding(mesh, P(mesh.axis_names[0]))
     rep = NamedSharding(mesh, P())
@@ -309,11 +308,11 @@ class _LoopStep:
       outs = [self.update(m, c, self.teacher[device], steps[device])
               for m, c in zip(_unstack(block, len(self.consts[device])), self.consts[device])]
       new_blocks[device] = _stack(outs)
-    new, per_member = self._assemble(new_blocks, state)
+    new, per_member = self._assemble(new_blocks)
     metrics, step = self.finish(per_member, self.real, state["step"])
     return dict(new, step=step), metrics
 
-  def _assemble(self, blocks: dict, state):
+  def _assemble(self, blocks: dict):
     """Global (members, metrics) arrays, split over the mesh, from the per-device blocks."""
     n = self.real.shape[0]
     order = list(self.split.addressable_devices_indices_map((n,)))

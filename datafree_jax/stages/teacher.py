@@ -17,7 +17,6 @@ from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import input_pipeline
-from datafree_jax import log
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
