@@ -17,7 +17,11 @@ the same seed. Methods:
   ensemble                Luo et al.: 10 per-class generators, target-class CE + BN moment
                           matching, then distillation from the frozen generators
   ensemble_no_mm          the same without moment matching (ensemble.w_mm=0)
-  ensemble_one_generator  one generator for all classes (random target class per image)
+  ensemble_one_generator  one class-conditional generator for all classes (one class per step,
+                          that class's BN statistics: the authors' conditional generator)
+  ensemble_one_generator_unconditional
+                          one unconditional generator (random target class per image, global
+                          BN statistics)
   ensemble_dafl_loss      10 per-class generators trained with DAFL's losses
 
 Prints a markdown table: final test accuracy (mean +- std over seeds; the final student, never
@@ -53,7 +57,10 @@ SPECS = {
     "ensemble_no_mm": ("ensemble", {"ensemble.w_mm": "0"},
                        "ensemble without moment matching (10 generators, CE only)"),
     "ensemble_one_generator": ("ensemble", {"ensemble.num_generators": "1"},
-                               "one generator, CE + BN moment matching"),
+                               "one conditional generator, CE + BN moment matching"),
+    "ensemble_one_generator_unconditional": (
+        "ensemble", {"ensemble.num_generators": "1", "ensemble.single_target": "random"},
+        "one unconditional generator, CE + global BN moment matching"),
     "ensemble_dafl_loss": ("ensemble", {"ensemble.loss": "dafl"},
                            "10 per-class generators with DAFL's losses"),
 }

@@ -5,6 +5,11 @@ r"""DAFL on CIFAR-100 (tfds 'cifar100'): ResNet-34 -> ResNet-18, official settin
 Arguments: method = dafl | kd_data | kd_noise | teacher; seed; stage.
 Published (Chen et al. 2019): teacher 77.84, DAFL student 74.47 (users of the official code
 report 53-62%).
+
+One difference from the official scripts: they normalise CIFAR-100 with CIFAR-10's mean/std;
+here every dataset is normalised with its own (input_pipeline.DATASETS), which is what a
+teacher brought from elsewhere expects. The two differ by a fixed per-channel affine map of the
+input, which the teacher's first convolution and BN absorb in training.
 """
 from datafree_jax.configs import cifar10
 

@@ -71,9 +71,10 @@ def make_classifier_eval(model, select, data, mesh):
 SAMPLE_SEED = 1234  # the fixed latents of sample grids and of the generators' evaluation
 
 
-def generate(gen, params, batch_stats, z):
-  """Images of a generator on latents `z`, its BN in training mode: (images, new batch_stats)."""
-  images, upd = gen.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
+def generate(gen, params, batch_stats, z, labels=None):
+  """Images of a generator on latents `z` (and class `labels`, for a conditional generator), its
+  BN in training mode: (images, new batch_stats)."""
+  images, upd = gen.apply({"params": params, "batch_stats": batch_stats}, z, labels, train=True,
                           mutable=["batch_stats"])
   return images, upd["batch_stats"]
 
@@ -88,11 +89,14 @@ def teacher_forward(model, variables, x, *, moments: bool = False):
   return logits, feats, None
 
 
-def random_shift(key, images, pad: int, fill: float, flip: bool = False):
-  """Random translation by up to `pad` pixels (padding with `fill`), optional horizontal flip."""
+def random_shift(key, images, pad: int, fill, flip: bool = False):
+  """Random translation by up to `pad` pixels, optional horizontal flip. The uncovered pixels
+  take `fill`: a number, or one value per channel (a tuple)."""
   n, h, w, _ = images.shape
   if pad:
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    inside = jnp.pad(jnp.ones((1, h, w, 1), bool), widths)
+    padded = jnp.where(inside, jnp.pad(images, widths), jnp.asarray(fill, images.dtype))
     k1, k2, key = jax.random.split(key, 3)
     dy = jax.random.randint(k1, (n,), 0, 2 * pad + 1)
     dx = jax.random.randint(k2, (n,), 0, 2 * pad + 1)

@@ -106,7 +106,7 @@ SCHEDULES = ("constant", "cosine", "step")
 GENERATOR_STYLES = ("dafl", "luo")
 ENSEMBLE_LOSSES = ("luo", "dafl")
 LOWERINGS = ("auto", "vmap", "loop")
-SINGLE_TARGETS = ("random", "argmax")
+SINGLE_TARGETS = ("conditional", "random", "argmax")
 MM_FORMS = ("l2", "kl")  # losses.BN_MOMENT_FORMS (tests/test_config_schema.py checks they agree)
 
 
@@ -288,7 +288,9 @@ SCHEMA = {
     # generators take latent_dim/width/num_upsample from `generator`, the style from here.
     "ensemble": dict(
         num_generators=(0, NON_NEGATIVE_INT),  # 0 = one per class; 1 = one for all classes
-        single_target=("random", Choice(SINGLE_TARGETS)),  # G = 1: target class per sample
+        # G = 1: 'conditional' (a class-conditional generator, one class per step; the authors'
+        # code), or an unconditional one with a target per sample: 'random' or 'argmax'.
+        single_target=("conditional", Choice(SINGLE_TARGETS)),
         style=("luo", Choice(GENERATOR_STYLES)),
         loss=("luo", Choice(ENSEMBLE_LOSSES)),  # inceptionism + moment matching | DAFL's terms
         steps=(150, POSITIVE_INT), batch_per_generator=(32, POSITIVE_INT),

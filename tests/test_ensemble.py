@@ -50,8 +50,9 @@ VARIANTS = {
     "loop": {"ensemble.lowering": "loop"},
     "vmap_chunked": {"ensemble.max_generators_per_device_at_once": 1},
     "kl": {"ensemble.mm_form": "kl"},
-    "one_generator_random": {"ensemble.num_generators": 1},
+    "one_generator_random": {"ensemble.num_generators": 1, "ensemble.single_target": "random"},
     "one_generator_argmax": {"ensemble.num_generators": 1, "ensemble.single_target": "argmax"},
+    "one_generator_conditional": {"ensemble.num_generators": 1},
 }
 
 
@@ -124,26 +125,37 @@ def _moment_matching(moments, targets, form):
 
 
 @pytest.mark.parametrize("name", ["vmap", "kl", "one_generator_random",
-                                  "one_generator_argmax"])
+                                  "one_generator_argmax", "one_generator_conditional"])
 def test_step_equals_independent_single_generator_updates(one_step, setup, name):
   """Each member's update is an ordinary one-generator update with its own class and rng:
   target-class CE (G = 1: a random class per image, or the teacher's argmax) + TV and l2
-  priors + moment matching against its class's BN statistics (G = 1: the global ones)."""
+  priors + moment matching against its class's BN statistics (G = 1: the global ones). The
+  conditional single generator (the default for G = 1) draws one class c per step, is given c
+  as a one-hot input, and matches class c's statistics."""
   info, teacher = setup
   config, ens, before, after, metrics = one_step[name]
   e = config.ensemble
   gen, tmodel, tvars = ens.gen, teacher["model"], teacher["variables"]
   assert ens.num_generators == (1 if name.startswith("one_") else 2)
 
+  conditional = name == "one_generator_conditional"
+  assert gen.num_classes == (info.num_classes if conditional else 0)
+
   @functools.partial(jax.jit, static_argnums=4)
   def update(params, batch_stats, targets, key, k):
     z = jax.random.normal(jax.random.split(key)[0], (e.batch_per_generator, gen.latent_dim))
+    if conditional:
+      c = jax.random.randint(jax.random.fold_in(key, 2), (), 0, info.num_classes)
+      targets = jax.tree.map(lambda t: t[c], teacher["bn_stats"]["class"])
 
     def loss_fn(p):
-      images, upd = gen.apply({"params": p, "batch_stats": batch_stats}, z, train=True,
+      images, upd = gen.apply({"params": p, "batch_stats": batch_stats}, z,
+                              jnp.full((z.shape[0],), c) if conditional else None, train=True,
                               mutable=["batch_stats"])
       logits, moments = _teacher_view(tmodel, tvars, images)
-      if k >= 0:
+      if conditional:
+        labels = jnp.full((z.shape[0],), c)
+      elif k >= 0:
         labels = jnp.full((z.shape[0],), k)
       elif e.single_target == "argmax":
         labels = jnp.argmax(logits, -1)
@@ -174,9 +186,10 @@ def test_step_equals_independent_single_generator_updates(one_step, setup, name)
 
 
 def test_lowerings_agree_after_several_adam_steps(setup):
-  """vmap and loop, 3 Adam steps: the generated images agree. (Parameters are not compared:
-  Adam turns float noise on exactly-zero gradients, the conv biases before a BN, into +-lr
-  steps that change no image.)"""
+  """vmap and loop, 3 Adam steps: the generated images agree to 1e-3 (images in about [-3, 3]).
+  (Parameters are not compared: Adam turns float noise on exactly-zero gradients, the conv
+  biases before a BN, into +-lr steps that change the images only through rounding; one SGD
+  step agrees to 1e-5, test_lowerings_and_chunking_give_the_same_step.)"""
   info, teacher = setup
   images = {}
   for lowering in ("vmap", "loop"):
@@ -187,7 +200,7 @@ def test_lowerings_agree_after_several_adam_steps(setup):
       state, _ = ens.step(state, None)
     images[lowering] = np.asarray(jax.jit(ens.sample, static_argnums=1)(state, 4))
   assert images["vmap"].shape == (2, 4, 32, 32, 1)
-  np.testing.assert_allclose(images["vmap"], images["loop"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(images["vmap"], images["loop"], atol=1e-3, rtol=0)
 
 
 def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setup):
@@ -261,6 +274,28 @@ def test_class_balanced_batches_from_the_generators(loaded_generators, batch):
     key = jax.random.key(seed)
     images = np.asarray(fn(key, batch, None, variables))
     np.testing.assert_allclose(images, expected_batch(gens, key, batch), atol=1e-5, rtol=0)
+
+
+def test_a_conditional_generator_distils_on_every_class_in_turn():
+  """A single conditional generator gives the images of a distillation batch the classes
+  (r + j) mod K in turn, r = randint(fold_in(key, 2), 0, K): class-balanced batches."""
+  info = input_pipeline.dataset_info("mnist5k")
+  gen = models.Generator(latent_dim=6, image_size=32, channels=1, width=4, style="luo",
+                         num_classes=10)
+  params, batch_stats = dafl.init_generator(gen, jax.random.key(3))
+  stack = lambda t: jax.tree.map(lambda x: x[None], t)
+  gens = {"gen": gen, "meta": {"num_generators": 1, "class_ids": [ensemble.ALL_CLASSES],
+                               "image_shape": list(info.image_shape)}}
+  variables = {"params": stack(params), "batch_stats": stack(batch_stats)}
+  fn = jax.jit(ensemble.make_images_fn(gens, "loop"), static_argnums=1)
+  key = jax.random.key(11)
+  images = np.asarray(fn(key, 12, None, variables))
+  r = int(jax.random.randint(jax.random.fold_in(key, 2), (), 0, 10))
+  labels = (r + np.arange(12)) % 10
+  z = jax.random.normal(jax.random.fold_in(key, 0), (12, 6))
+  expected = gen.apply({"params": params, "batch_stats": batch_stats}, z, labels, train=True,
+                       mutable=["batch_stats"])[0]
+  np.testing.assert_allclose(images, expected, atol=1e-5, rtol=0)
 
 
 def test_make_eval_reports_the_teachers_view_of_the_samples(generators_workdir, setup,

@@ -1,6 +1,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from datafree_jax import common
@@ -52,6 +53,40 @@ def test_generator_shapes(style, size, channels, ups):
   else:
     assert "scale" in v["params"]["bn_out"] and "bias" not in v["params"]["bn_out"]
   assert v["params"]["bn1"]["scale"].shape == (8,)
+
+
+def test_luo_generator_is_the_authors_layout():
+  """Block widths w // (i + 1) (their 128 // (i + 1)) and the output BN with eps 0.8 (their
+  arg_scope's), computed here by hand from the layer before it."""
+  g = models.Generator(latent_dim=6, image_size=32, channels=3, width=12, num_upsample=3,
+                       style="luo")
+  v = g.init(jax.random.key(0), jnp.zeros((2, 6)))
+  assert [v["params"][f"bn{i}"]["scale"].shape[0] for i in (1, 2, 3)] == [12, 6, 4]
+  z = jax.random.normal(jax.random.key(1), (7, 6))
+  scale = jax.random.uniform(jax.random.key(2), (3,), minval=0.5, maxval=2.0)
+  v = {"params": dict(v["params"], bn_out={"scale": scale}), "batch_stats": v["batch_stats"]}
+  x, state = g.apply(v, z, mutable=["batch_stats", "intermediates"],
+                     capture_intermediates=lambda mdl, _: mdl.name == "conv_out")
+  t = jnp.tanh(state["intermediates"]["conv_out"]["__call__"][0])
+  mean, var = t.mean(axis=(0, 1, 2)), t.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(x, (t - mean) / jnp.sqrt(var + 0.8) * scale, atol=1e-5)
+
+
+def test_conditional_generator_is_the_generator_of_z_and_the_one_hot_label():
+  cond = models.Generator(latent_dim=5, image_size=16, channels=1, width=4, style="luo",
+                          num_classes=3)
+  plain = models.Generator(latent_dim=8, image_size=16, channels=1, width=4, style="luo")
+  labels = jnp.array([0, 2, 1, 2])
+  v = cond.init(jax.random.key(0), jnp.zeros((2, 5)), jnp.zeros((2,), jnp.int32))
+  z = jax.random.normal(jax.random.key(1), (4, 5))
+  x, _ = cond.apply(v, z, labels, mutable=["batch_stats"])
+  ref, _ = plain.apply(v, jnp.concatenate([z, jax.nn.one_hot(labels, 3)], -1),
+                       mutable=["batch_stats"])
+  np.testing.assert_array_equal(x, ref)
+  other, _ = cond.apply(v, z, (labels + 1) % 3, mutable=["batch_stats"])
+  assert np.abs(np.asarray(other - x)).max() > 1e-3  # the label matters
+  with pytest.raises(ValueError, match="needs the class labels"):
+    cond.apply(v, z, mutable=["batch_stats"])
 
 
 def test_unknown_model_is_a_clear_error():

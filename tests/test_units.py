@@ -362,6 +362,18 @@ def test_random_shift_translates_each_image_by_its_own_shift():
   assert not np.array_equal(out, out2)
 
 
+def test_random_shift_fills_each_channel_with_its_own_value():
+  """A per-channel fill (the teacher pads with black pixels: (0 - mean_c) / std_c)."""
+  images = _distinct_images(64)
+  out = np.asarray(_shift(jax.random.key(3), jnp.asarray(images), 2, (-5.0, -7.0), False))
+  for i in range(64):
+    for c, fill in enumerate((-5.0, -7.0)):
+      s = _find_shift(out[i, :, :, c:c + 1], images[i, :, :, c:c + 1], 2, fill)
+      assert s is not None, (i, c)
+  assert (out == -5.0)[..., 0].any() and (out == -7.0)[..., 1].any()
+  assert not (out == -7.0)[..., 0].any() and not (out == -5.0)[..., 1].any()
+
+
 def test_random_shift_pad_zero_is_identity_and_flip_mirrors_about_half():
   n = 64
   images = _distinct_images(n)

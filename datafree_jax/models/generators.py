@@ -4,9 +4,14 @@ DAFL (official code), image size s, C channels, latent d, width w (128 in the pa
   Dense(d -> w*(s/4)^2) -> reshape -> BN -> [nearest x2 -> Conv3x3(w) -> BN(eps 0.8) -> LeakyReLU(0.2)]
   -> [nearest x2 -> Conv3x3(w/2) -> BN(eps 0.8) -> LeakyReLU(0.2)] -> Conv3x3(C) -> tanh
   -> BN(C, no scale/offset).
-Luo et al. (authors' TF code): Dense -> BN -> LeakyReLU, then num_upsample blocks with widths
-w, w/2, ... (nearest x2, Conv3x3, BN(momentum 0.9, eps 0.8), LeakyReLU), Conv3x3(C) -> tanh ->
-BN(scale only); init = s / 2^num_upsample. eps=0.8 is a quirk of both originals, kept.
+Luo et al. (authors' TF code, google-research data_free_distillation generators.py):
+Dense -> BN(eps 1e-5) -> LeakyReLU(0.2), then num_upsample blocks with widths w, w/2, w/3, ...
+(w // (i + 1): their `128 // (i + 1)`; nearest x2, Conv3x3, BN(momentum 0.9, eps 0.8),
+LeakyReLU), Conv3x3(C) -> tanh -> BN(scale only, eps 0.8: their arg_scope's epsilon);
+init = s / 2^num_upsample. eps=0.8 is a quirk of both originals, kept. Their dense and conv
+layers before a BN have no bias; here they have one, which the BN cancels (the same function).
+With num_classes > 0 the generator is conditional, as the authors' `conditioned_generator`: the
+one-hot label is concatenated to z.
 
 Each "nearest x2 -> Conv3x3" pair is computed by `UpsampleConv` as one 3x3 convolution at the
 low resolution with 4x the output channels followed by a depth-to-space reshape: the same
@@ -19,6 +24,7 @@ normalise with the statistics of the generated batch, in training and when sampl
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -77,11 +83,21 @@ class Generator(nn.Module):
   width: int = 128
   num_upsample: int = 2
   style: str = "dafl"  # "dafl" or "luo"
+  num_classes: int = 0  # > 0: conditional, __call__ takes the class labels
+
+  def block_widths(self) -> list:
+    if self.style == "luo":
+      return [max(self.width // (i + 1), 1) for i in range(self.num_upsample)]
+    return [max(self.width // 2**i, 1) for i in range(self.num_upsample)]
 
   @nn.compact
-  def __call__(self, z, train: bool = True):
+  def __call__(self, z, labels=None, train: bool = True):
     if self.style not in ("dafl", "luo"):
       raise ValueError(f"unknown generator style {self.style!r}; use 'dafl' or 'luo'")
+    if self.num_classes:
+      if labels is None:
+        raise ValueError("a conditional generator (num_classes > 0) needs the class labels")
+      z = jnp.concatenate([z, jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)], -1)
     init = self.image_size // 2**self.num_upsample
     if init * 2**self.num_upsample != self.image_size:
       raise ValueError(f"image_size {self.image_size} is not divisible by 2^{self.num_upsample}")
@@ -92,11 +108,11 @@ class Generator(nn.Module):
     x = bn(1e-5, "bn0")(x)
     if self.style == "luo":
       x = nn.leaky_relu(x, 0.2)
-    for i in range(self.num_upsample):
-      x = UpsampleConv(max(self.width // 2**i, 1), name=f"conv{i + 1}")(x)
+    for i, width in enumerate(self.block_widths()):
+      x = UpsampleConv(width, name=f"conv{i + 1}")(x)
       x = nn.leaky_relu(bn(0.8, f"bn{i + 1}")(x), 0.2)
     x = Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
     x = jnp.tanh(x)
     if self.style == "dafl":
       return bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)
-    return bn(1e-5, "bn_out", use_scale=True, use_bias=False)(x)
+    return bn(0.8, "bn_out", use_scale=True, use_bias=False)(x)

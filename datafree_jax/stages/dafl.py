@@ -50,7 +50,8 @@ def check_generator_fits(config, info):
 
 
 def init_generator(gen: models.Generator, key):
-  v = gen.init(key, jnp.zeros((2, gen.latent_dim), jnp.float32))
+  labels = jnp.zeros((2,), jnp.int32) if gen.num_classes else None
+  v = gen.init(key, jnp.zeros((2, gen.latent_dim), jnp.float32), labels)
   return v["params"], v["batch_stats"]
 
 

@@ -8,8 +8,11 @@ towards class k against the frozen teacher T only (no data):
 still adds moment matching when > 0). G = config.ensemble.num_generators, 0 meaning one per
 class; generator k targets class k mod num_classes (G < num_classes leaves classes out: for
 tests and debugging). G = 1 is the ablation "one generator instead of ten": a single generator
-trained on all classes, each sample with a random target class (single_target='random') or the
-teacher's argmax ('argmax'), matching the global BN statistics.
+for all classes. By default (single_target='conditional') it is conditioned on the class, as in
+the authors' code (one-hot label concatenated to z): each step draws one class c for the whole
+batch, and the loss is CE towards c + moment matching against class c's BN statistics. The
+unconditional variants give each sample a random target class ('random') or the teacher's
+argmax ('argmax') and match the global BN statistics.
 
 The update of one generator is `member_update`, a pure function of that member's arrays. The
 params, BN state and optimiser state of all generators are stacked on a leading "member" axis,
@@ -156,11 +159,21 @@ class MemberSpec:
   w_oh: float = 1.0            # loss 'dafl': DAFL's weights (config.generator)
   w_a: float = 0.1
   w_ie: float = 5.0
+  conditional: bool = False    # a class-conditional generator (G = 1, single_target 'conditional')
+
+
+def is_conditional(config, num_classes: int) -> bool:
+  return (num_generators(config, num_classes) == 1
+          and config.ensemble.single_target == "conditional")
 
 
 def make_generator(config, info) -> models.Generator:
-  """Generator k: config.generator's sizes with config.ensemble.style."""
-  return dafl.make_generator(config.generator, info, style=config.ensemble.style)
+  """Generator k: config.generator's sizes with config.ensemble.style (class-conditional for a
+  single conditional generator)."""
+  gen = dafl.make_generator(config.generator, info, style=config.ensemble.style)
+  if is_conditional(config, info.num_classes):
+    gen = gen.clone(num_classes=info.num_classes)
+  return gen
 
 
 def member_spec(config, info, teacher_model) -> MemberSpec:
@@ -170,7 +183,7 @@ def member_spec(config, info, teacher_model) -> MemberSpec:
       tx=common.make_optimizer(e, e.steps), num_classes=info.num_classes, seed=config.seed,
       batch=int(e.batch_per_generator), loss=e.loss, single_target=e.single_target,
       w_tv=e.w_tv, w_l2=e.w_l2, w_mm=e.w_mm, mm_form=e.mm_form, w_oh=g.w_oh, w_a=g.w_a,
-      w_ie=g.w_ie)
+      w_ie=g.w_ie, conditional=is_conditional(config, info.num_classes))
 
 
 def member_loss(spec: MemberSpec, params, batch_stats, targets, class_id, key, teacher_vars):
@@ -178,25 +191,38 @@ def member_loss(spec: MemberSpec, params, batch_stats, targets, class_id, key, t
 
   'luo': inceptionism_loss towards class `class_id` (ALL_CLASSES: per-sample random or argmax
   targets) + w_mm * bn_moment_matching against `targets`. 'dafl': losses.dafl_generator_loss
-  (config.generator's weights) + the same moment matching.
+  (config.generator's weights) + the same moment matching. A conditional generator draws one
+  class c per step (class_id when >= 0), generates class c and matches targets[c] (`targets`
+  then holds every class's statistics).
   """
-  z = jax.random.normal(jax.random.split(key)[0], (spec.batch, spec.gen.latent_dim))
-  images, new_bs = common.generate(spec.gen, params, batch_stats, z)
+  k_z, k_free = jax.random.split(key)
+  z = jax.random.normal(k_z, (spec.batch, spec.gen.latent_dim))
+  if spec.conditional:
+    c = jnp.where(class_id >= 0, class_id,
+                  jax.random.randint(jax.random.fold_in(key, 2), (), 0, spec.num_classes))
+    cond = jnp.full((spec.batch,), c)
+    targets = jax.tree.map(lambda t: t[c], targets)
+    images, new_bs = common.generate(spec.gen, params, batch_stats, z, cond)
+  else:
+    images, new_bs = common.generate(spec.gen, params, batch_stats, z)
   use_mm = spec.w_mm > 0
   logits, feats, moments = common.teacher_forward(spec.teacher, teacher_vars, images,
                                                   moments=use_mm)
-  if spec.loss == "luo":
-    if spec.single_target == "argmax":
-      free = jnp.argmax(jax.lax.stop_gradient(logits), -1)
-    else:
-      free = jax.random.randint(jax.random.split(key)[1], logits.shape[:1], 0, spec.num_classes)
+  if spec.conditional:
+    labels = cond
+  elif spec.single_target == "argmax":
+    labels = jnp.where(class_id >= 0, class_id, jnp.argmax(jax.lax.stop_gradient(logits), -1))
+  else:
+    free = jax.random.randint(k_free, logits.shape[:1], 0, spec.num_classes)
     labels = jnp.where(class_id >= 0, class_id, free)
+  if spec.loss == "luo":
     loss = losses.inceptionism_loss(logits, labels, images, spec.w_tv, spec.w_l2)
     metrics = {"ce": losses.cross_entropy(logits, labels),
                "tv": losses.total_variation(images), "l2": losses.image_l2_prior(images)}
   else:
     loss, metrics = losses.dafl_generator_loss(logits, feats, spec.w_oh, spec.w_a, spec.w_ie)
-    labels = jnp.where(class_id >= 0, class_id, jnp.argmax(logits, -1))
+    if not spec.conditional:
+      labels = jnp.where(class_id >= 0, class_id, jnp.argmax(logits, -1))
   if use_mm:
     mm = losses.bn_moment_matching(moments, targets, form=spec.mm_form)
     loss = loss + spec.w_mm * mm
@@ -338,11 +364,31 @@ class Ensemble:
   step: Callable               # step(state, None) -> (state, metrics)
   sample: Callable             # sample(state, n) -> (padded, n, H, W, C) images; jit it
 
+  def sample_labels(self, n: int) -> np.ndarray:
+    """(padded, n) the class of each image of sample(state, n): the member's class; for a
+    conditional all-class generator the class it is conditioned on (k mod num_classes); -1
+    for an unconditional all-class generator."""
+    k = self.gen.num_classes
+    return np.stack([np.full((n,), c) if c >= 0 or not k else np.arange(n) % k
+                     for c in self.class_ids]).astype(np.int32)
 
-def _stack_targets(stats: dict, class_ids: np.ndarray):
-  """Moment-matching targets stacked per member: class-conditional, or global for ALL_CLASSES."""
+
+def sample_conditions(class_ids, n: int, num_classes: int, offset=0):
+  """(G, n) labels a conditional generator is given: its class, or for an all-class generator
+  the classes (offset + j) mod num_classes."""
+  ids = jnp.asarray(class_ids)[:, None]
+  return jnp.where(ids >= 0, ids, (offset + jnp.arange(n)[None, :]) % num_classes)
+
+
+def _stack_targets(stats: dict, class_ids: np.ndarray, conditional_classes: int = 0):
+  """Moment-matching targets stacked per member: class-conditional, or global for ALL_CLASSES;
+  for a conditional generator (conditional_classes > 0) every class's statistics (leading axis:
+  class)."""
   if not stats:
     return {}
+  if conditional_classes:
+    per_class = bn_stats_lib.targets_for(stats, np.arange(conditional_classes))
+    return jax.tree.map(lambda t: jnp.broadcast_to(t, (len(class_ids),) + t.shape), per_class)
   targets = bn_stats_lib.targets_for(stats, np.maximum(class_ids, 0))
   if (class_ids >= 0).all():
     return targets
@@ -383,22 +429,24 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None) -> Ensemble:
            "opt_state": jax.jit(jax.vmap(spec.tx.init), out_shardings=split)(params),
            "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
   consts = jax.jit(lambda s: {
-      "targets": _stack_targets(s, class_ids), "class_id": jnp.asarray(class_ids),
+      "targets": _stack_targets(s, class_ids, spec.gen.num_classes),
+      "class_id": jnp.asarray(class_ids),
       "index": jnp.asarray(index), "real": jnp.asarray(index < g, jnp.float32)},
       out_shardings=split)(teacher.get("bn_stats") or {})
   step = make_step(spec, mesh, lowering, int(e.max_generators_per_device_at_once), g, consts,
                    teacher["variables"])
 
   def sample(state, n: int):
-    def one(p, bs, i):
+    def one(p, bs, i, c):
       z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
                             (n, spec.gen.latent_dim))
-      return common.generate(spec.gen, p, bs, z)[0]
+      return common.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
     fn = jax.shard_map(
-        lambda p, bs, i: map_members(one, (p, bs, i), lowering,
-                                     int(e.max_generators_per_device_at_once)),
+        lambda p, bs, i, c: map_members(one, (p, bs, i, c), lowering,
+                                        int(e.max_generators_per_device_at_once)),
         mesh=mesh, in_specs=P(axis), out_specs=P(axis))
-    return fn(state["params"], state["batch_stats"], consts["index"])
+    conditions = sample_conditions(consts["class_id"], n, info.num_classes)
+    return fn(state["params"], state["batch_stats"], consts["index"], conditions)
 
   return Ensemble(gen=spec.gen, num_generators=g, padded=padded, class_ids=class_ids,
                   mesh=mesh, lowering=lowering, state=state, consts=consts, step=step,
@@ -410,7 +458,7 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
   """eval_fn(state): the teacher's view of one fixed batch per real generator.
 
   agreement (loss 'luo' only: DAFL's losses have no target class): fraction of the images of
-  the per-class generators that the teacher assigns to their generator's class; class_entropy:
+  the per-class (or conditional) generators that the teacher assigns to their class; class_entropy:
   entropy of the teacher's class histogram over all images of the real generators, divided by
   log(num_classes) (1 = perfectly balanced).
   """
@@ -424,14 +472,15 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
   preds = jax.jit(preds, out_shardings=parallel.replicated(ens.mesh))
 
   g = ens.num_generators
-  ids = ens.class_ids[:g]
-  with_agreement = (ids >= 0).any() and loss == "luo"
+  labels = ens.sample_labels(batch)[:g]
+  known = labels[:, 0] >= 0
+  with_agreement = known.any() and loss == "luo"
 
   def eval_fn(state):
     p = np.asarray(jax.device_get(preds(state)))[:g]
     out = {}
     if with_agreement:
-      out["agreement"] = float(np.mean(p[ids >= 0] == ids[ids >= 0, None]))
+      out["agreement"] = float(np.mean(p[known] == labels[known]))
     hist = np.bincount(p.reshape(-1), minlength=num_classes) / p.size
     nz = hist[hist > 0]
     out["class_entropy"] = float(-np.sum(nz * np.log(nz)) / math.log(num_classes))
@@ -490,7 +539,7 @@ class Generators(stage_lib.Stage):
     g = num_generators(config, info.num_classes)
     return {"num_generators": g, "image_shape": list(info.image_shape),
             "latent_dim": gen.latent_dim, "width": gen.width, "num_upsample": gen.num_upsample,
-            "style": gen.style,
+            "style": gen.style, "conditional": bool(gen.num_classes),
             "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}
 
   def resume_hint(self, key, saved):
@@ -573,7 +622,8 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
           "images")
     gen = models.Generator(latent_dim=meta["latent_dim"], image_size=shape[0],
                            channels=shape[2], width=meta["width"],
-                           num_upsample=meta["num_upsample"], style=meta["style"])
+                           num_upsample=meta["num_upsample"], style=meta["style"],
+                           num_classes=classes if meta.get("conditional") else 0)
     g = int(meta["num_generators"])
     shapes = ckpt.item_shapes(step, "generators")
     expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
@@ -596,7 +646,8 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
 
 def make_images_fn(gens: dict, lowering: str) -> Callable:
   """images_fn(key, n, batch, variables): a class-balanced batch of n images from the frozen
-  generators' `variables` (the loop's `batch` is unused).
+  generators' `variables` (the loop's `batch` is unused). A conditional all-class generator is
+  given the classes (r + j) mod num_classes for its images j, r random.
 
   Each of the G generators draws ceil(n / G) images (train-mode BN, updated statistics
   discarded); image j of generator k goes to position j * G + (k - r) mod G, r random when G
@@ -604,15 +655,18 @@ def make_images_fn(gens: dict, lowering: str) -> Callable:
   """
   gen = gens["gen"]
   g = int(gens["meta"]["num_generators"])
+  class_ids = np.asarray(gens["meta"]["class_ids"], np.int32)
 
   def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
     n = -(-size // g)
 
-    def one(p, bs, k):
+    def one(p, bs, k, c):
       z = jax.random.normal(jax.random.fold_in(key, k), (n, gen.latent_dim))
-      return common.generate(gen, p, bs, z)[0]
+      return common.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
+    offset = jax.random.randint(jax.random.fold_in(key, g + 1), (), 0, max(gen.num_classes, 1))
+    conditions = sample_conditions(class_ids, n, max(gen.num_classes, 1), offset)
     images = map_members(one, (variables["params"], variables["batch_stats"],
-                               jnp.arange(g)), lowering)
+                               jnp.arange(g), conditions), lowering)
     if size % g:
       images = jnp.roll(images, -jax.random.randint(jax.random.fold_in(key, g), (), 0, g), 0)
     images = jnp.swapaxes(images, 0, 1).reshape((n * g,) + images.shape[2:])

@@ -34,7 +34,9 @@ def directory(workdir: str) -> str:
 
 
 def _augment(cfg, info):
-  fill = float((0.0 - info.mean[0]) / info.std[0]) if info.channels == 1 else 0.0
+  """Shifts pad with black pixels (0 before normalisation), as torchvision's RandomCrop with
+  padding does in the official scripts."""
+  fill = tuple(float((0.0 - m) / s) for m, s in zip(info.mean, info.std))
   return dict(pad=cfg.augment_shift, fill=fill, flip=bool(cfg.augment_flip))
 
 
