@@ -238,24 +238,23 @@ def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setu
     np.testing.assert_allclose(float(metrics[k]), float(terms[k]), rtol=1e-5)
 
 
-def expected_batch(gens, key, batch):
-  """The class-balanced batch of the frozen generators, computed without make_images_fn:
-  generator k draws n = ceil(batch / G) images from N(0, I) latents keyed fold_in(key, k);
-  image j of generator k goes to position j * G + (k - r) mod G, with r = 0 when G divides the
-  batch, else randint(fold_in(key, G), 0, G); the first `batch` positions are kept."""
+def expected_batch(gens, key, n, bn_batch):
+  """The distillation batch of the frozen generators, computed without make_images_fn:
+  k = ceil(n / bn_batch) draws; draw j is generator perm[j mod G], perm = a permutation of the
+  G generators keyed split(key, 3)[0], and gives bn_batch images (one BN batch) from N(0, I)
+  latents keyed fold_in(split(key, 3)[2], j); the draws concatenated, the first n kept."""
   gen, g = gens["gen"], int(gens["meta"]["num_generators"])
-  n = -(-batch // g)
-  r = 0 if batch % g == 0 else int(jax.random.randint(jax.random.fold_in(key, g), (), 0, g))
-  out = np.zeros((n * g,) + tuple(gens["meta"]["image_shape"]), np.float32)
+  k_perm, _, k_z = jax.random.split(key, 3)
+  perm = np.asarray(jax.random.permutation(k_perm, g))
   apply = jax.jit(lambda v, z: gen.apply(v, z, train=True, mutable=["batch_stats"])[0])
-  for k in range(g):
-    v = {"params": jax.tree.map(lambda x, k=k: x[k], gens["params"]),
-         "batch_stats": jax.tree.map(lambda x, k=k: x[k], gens["batch_stats"])}
-    images = np.asarray(apply(v, jax.random.normal(jax.random.fold_in(key, k),
-                                                   (n, gen.latent_dim))))
-    for j in range(n):
-      out[j * g + (k - r) % g] = images[j]
-  return out[:batch]
+  out = []
+  for j in range(-(-n // bn_batch)):
+    m = int(perm[j % g])
+    v = {"params": jax.tree.map(lambda x: x[m], gens["params"]),
+         "batch_stats": jax.tree.map(lambda x: x[m], gens["batch_stats"])}
+    out.append(np.asarray(apply(v, jax.random.normal(jax.random.fold_in(k_z, j),
+                                                     (bn_batch, gen.latent_dim)))))
+  return np.concatenate(out)[:n]
 
 
 @pytest.fixture(scope="module")
@@ -264,21 +263,25 @@ def loaded_generators(generators_workdir):
   return ensemble.load_generators(workdir, input_pipeline.dataset_info("mnist5k"))
 
 
-@pytest.mark.parametrize("batch", [9, 10, 5])
-def test_class_balanced_batches_from_the_generators(loaded_generators, batch):
+@pytest.mark.parametrize("n,bn_batch", [(9, 4), (12, 4), (5, 2), (13, 4), (8, 8)])
+def test_distillation_batches_draw_each_generator_in_its_training_bn_batch(
+    loaded_generators, n, bn_batch):
+  """Each generator's images come in BN batches of its training batch size, whatever G and n;
+  every generator at most once per step while ceil(n / bn_batch) <= G (here G = 3)."""
   gens = loaded_generators
-  assert gens["meta"]["num_generators"] == 3
-  fn = jax.jit(ensemble.make_images_fn(gens, "loop"), static_argnums=1)
+  assert gens["meta"]["num_generators"] == 3 and gens["meta"]["batch_per_generator"] == 8
+  fn = jax.jit(ensemble.make_images_fn(gens, "loop", bn_batch), static_argnums=1)
   variables = {"params": gens["params"], "batch_stats": gens["batch_stats"]}
   for seed in range(2):
     key = jax.random.key(seed)
-    images = np.asarray(fn(key, batch, None, variables))
-    np.testing.assert_allclose(images, expected_batch(gens, key, batch), atol=1e-5, rtol=0)
+    images = np.asarray(fn(key, n, None, variables))
+    np.testing.assert_allclose(images, expected_batch(gens, key, n, bn_batch), atol=1e-5,
+                               rtol=0)
 
 
 def test_a_conditional_generator_distils_on_every_class_in_turn():
-  """A single conditional generator gives the images of a distillation batch the classes
-  (r + j) mod K in turn, r = randint(fold_in(key, 2), 0, K): class-balanced batches."""
+  """A single conditional generator gives the images i of each draw j the classes
+  (r_j + i) mod K, r_j = randint(split(key, 3)[1], (k,), 0, K)[j]: every class in turn."""
   info = input_pipeline.dataset_info("mnist5k")
   gen = models.Generator(latent_dim=6, image_size=32, channels=1, width=4, style="luo",
                          num_classes=10)
@@ -287,15 +290,17 @@ def test_a_conditional_generator_distils_on_every_class_in_turn():
   gens = {"gen": gen, "meta": {"num_generators": 1, "class_ids": [ensemble.ALL_CLASSES],
                                "image_shape": list(info.image_shape)}}
   variables = {"params": stack(params), "batch_stats": stack(batch_stats)}
-  fn = jax.jit(ensemble.make_images_fn(gens, "loop"), static_argnums=1)
+  fn = jax.jit(ensemble.make_images_fn(gens, "loop", 4), static_argnums=1)
   key = jax.random.key(11)
   images = np.asarray(fn(key, 12, None, variables))
-  r = int(jax.random.randint(jax.random.fold_in(key, 2), (), 0, 10))
-  labels = (r + np.arange(12)) % 10
-  z = jax.random.normal(jax.random.fold_in(key, 0), (12, 6))
-  expected = gen.apply({"params": params, "batch_stats": batch_stats}, z, labels, train=True,
-                       mutable=["batch_stats"])[0]
-  np.testing.assert_allclose(images, expected, atol=1e-5, rtol=0)
+  _, k_class, k_z = jax.random.split(key, 3)
+  r = np.asarray(jax.random.randint(k_class, (3,), 0, 10))
+  for j in range(3):
+    labels = (r[j] + np.arange(4)) % 10
+    z = jax.random.normal(jax.random.fold_in(k_z, j), (4, 6))
+    expected = gen.apply({"params": params, "batch_stats": batch_stats}, z, labels, train=True,
+                         mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(images[4 * j:4 * j + 4], expected, atol=1e-5, rtol=0)
 
 
 def test_make_eval_reports_the_teachers_view_of_the_samples(generators_workdir, setup,
@@ -381,7 +386,8 @@ def test_distill_stage_alone_from_a_generator_checkpoint(distilled_alone, genera
 def test_distillation_learns_from_the_loaded_generators(generators_workdir, teacher_workdir,
                                                         loaded_generators, setup, tmp_path):
   """One SGD step of stage=distill equals a step on KL(teacher || student) over the batch
-  that expected_batch draws from the saved generators (the student in training mode)."""
+  that expected_batch draws from the saved generators, in their training BN batch of 8 (the
+  student in training mode)."""
   info, teacher = setup
   gen_workdir, _ = generators_workdir
   workdir = str(tmp_path)
@@ -396,7 +402,8 @@ def test_distillation_learns_from_the_loaded_generators(generators_workdir, teac
   params, batch_stats = common.init_model(
       student, jax.random.fold_in(jax.random.key(config.seed), distill.STAGE_SALT),
       info.image_shape)
-  x = expected_batch(loaded_generators, common.step_key(config.seed, distill.STAGE_SALT, 0), 10)
+  x = expected_batch(loaded_generators, common.step_key(config.seed, distill.STAGE_SALT, 0), 10,
+                     8)
   t_logits = teacher["model"].apply(teacher["variables"], x, train=False)
 
   def kd(p):

@@ -165,7 +165,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   for path, value in restored:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     np.testing.assert_array_equal(np.asarray(value), expected[name])
-  images_fn = jax.jit(ensemble.make_images_fn(gens, "vmap"), static_argnums=1)
+  images_fn = jax.jit(ensemble.make_images_fn(gens, "vmap", 4), static_argnums=1)
   images = np.asarray(images_fn(jax.random.key(0), 20, None,
                                 {"params": gens["params"], "batch_stats": gens["batch_stats"]}))
   assert images.shape == (20, 32, 32, 1) and np.isfinite(images).all()

@@ -36,10 +36,10 @@ is stored in the checkpoint's meta. A run resumes only on a device count that gi
 padding; the distillation stage loads the generators on any device count.
 
 Stage 'distill_generators' (Luo et al.'s second stage; config.stage 'distill'): the student
-learns KL(T || S) on class-balanced batches from the frozen generators: each of the G generators
-draws ceil(batch / G) images inside the jitted step (generator BN in training mode, its updated
-statistics discarded) and the batch takes its images in turn from the generators, starting at a
-random one when G does not divide the batch.
+learns KL(T || S) on images of the frozen generators, drawn inside the jitted step: each draw is
+one generator's batch of batch_per_generator images (the BN batch it was trained with; BN in
+training mode, its updated statistics discarded), the generators taken in a random order that
+draws each equally often (make_images_fn).
 """
 from __future__ import annotations
 
@@ -558,6 +558,7 @@ class Generators(stage_lib.Stage):
         "params": s["params"], "batch_stats": s["batch_stats"]}),
                         out_shardings=parallel.replicated(ens.mesh))
     meta = {"kind": "generator_ensemble", "padded": ens.padded,
+            "batch_per_generator": int(e.batch_per_generator),
             "num_classes": info.num_classes, "loss": e.loss,
             "teacher_model": ctx.teacher["meta"].get("model"), "dataset": info.name}
     return stage_lib.Plan(
@@ -644,32 +645,37 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
           "meta": meta, "directory": d}
 
 
-def make_images_fn(gens: dict, lowering: str) -> Callable:
-  """images_fn(key, n, batch, variables): a class-balanced batch of n images from the frozen
-  generators' `variables` (the loop's `batch` is unused). A conditional all-class generator is
-  given the classes (r + j) mod num_classes for its images j, r random.
+def make_images_fn(gens: dict, lowering: str, bn_batch: int) -> Callable:
+  """images_fn(key, n, batch, variables): n images from the frozen generators' `variables`
+  (the loop's `batch` is unused), each generator drawing `bn_batch` images at a time: the BN
+  batch it was trained with, so that its images do not depend on G or n.
 
-  Each of the G generators draws ceil(n / G) images (train-mode BN, updated statistics
-  discarded); image j of generator k goes to position j * G + (k - r) mod G, r random when G
-  does not divide n, and the first n positions are kept.
+  A step takes k = ceil(n / bn_batch) draws: draw j is generator perm[j mod G] of a random
+  permutation of the G generators (every generator is drawn equally often over the steps, and
+  at most once per step while k <= G), on latents keyed fold_in(key_z, j); a conditional
+  all-class generator is given the classes (r_j + i) mod num_classes for its images i, r_j
+  random. The draws' images are concatenated and the first n kept. Generator BN runs in
+  training mode (its updated statistics are discarded).
   """
   gen = gens["gen"]
   g = int(gens["meta"]["num_generators"])
-  class_ids = np.asarray(gens["meta"]["class_ids"], np.int32)
+  class_ids = jnp.asarray(np.asarray(gens["meta"]["class_ids"], np.int32))
+  classes = max(gen.num_classes, 1)
 
   def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
-    n = -(-size // g)
+    k = -(-size // bn_batch)
+    k_perm, k_class, k_z = jax.random.split(key, 3)
+    draw = jax.random.permutation(k_perm, g)[jnp.arange(k) % g]
+    offsets = jax.random.randint(k_class, (k,), 0, classes)
+    conditions = sample_conditions(class_ids[draw], bn_batch, classes, offsets[:, None])
 
-    def one(p, bs, k, c):
-      z = jax.random.normal(jax.random.fold_in(key, k), (n, gen.latent_dim))
+    def one(p, bs, j, c):
+      z = jax.random.normal(jax.random.fold_in(k_z, j), (bn_batch, gen.latent_dim))
       return common.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
-    offset = jax.random.randint(jax.random.fold_in(key, g + 1), (), 0, max(gen.num_classes, 1))
-    conditions = sample_conditions(class_ids, n, max(gen.num_classes, 1), offset)
-    images = map_members(one, (variables["params"], variables["batch_stats"],
-                               jnp.arange(g), conditions), lowering)
-    if size % g:
-      images = jnp.roll(images, -jax.random.randint(jax.random.fold_in(key, g), (), 0, g), 0)
-    images = jnp.swapaxes(images, 0, 1).reshape((n * g,) + images.shape[2:])
+    chosen = jax.tree.map(lambda x: x[draw], variables)
+    images = map_members(one, (chosen["params"], chosen["batch_stats"], jnp.arange(k),
+                               conditions), lowering)
+    images = images.reshape((k * bn_batch,) + images.shape[2:])
     return jax.lax.stop_gradient(images[:size])
   return images_fn
 
@@ -699,7 +705,9 @@ class DistillGenerators(distill.Distill):
                f"{ctx.teacher['meta'].get('model')!r}")
     variables = parallel.put_replicated(
         {"params": gens["params"], "batch_stats": gens["batch_stats"]}, mesh)
-    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering))
+    bn_batch = int(gens["meta"].get("batch_per_generator",
+                                    ctx.config.ensemble.batch_per_generator))
+    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering), bn_batch)
     return images_fn, None, variables, {"generators": gens["directory"],
                                         "num_generators": gens["meta"]["num_generators"]}
 
