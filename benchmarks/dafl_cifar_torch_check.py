@@ -7,30 +7,41 @@ The setting is configs/cifar10.py with method=dafl (ResNet-34 teacher, ResNet-18
 generator of latent size 1000 and width 128, w_oh 0.05 / w_ie 5 / w_a 0.01, Adam lr 0.02 for
 the generator, SGD lr 0.1 momentum 0.9 weight decay 5e-4 with the x0.1 / x0.01 step schedule
 for the student) at a small batch. The PyTorch side transcribes the authors' release
-(huawei-noah/Efficient-Computing, Data-Efficient-Model-Compression/DAFL): the Generator class
-and the training loop of DAFL-train.py, and resnet.py's CIFAR ResNets. The teacher is a randomly
-initialised ResNet-34 (its BatchNorm statistics and affine parameters randomised, so that their
-mapping is exercised) used in evaluation mode; generator and student are the JAX stage's initial
-ones (stages/dafl.py `build`). Every Flax weight is copied into the PyTorch modules by name (a
-one-to-one mapping: no parameter left out on either side), and both sides use the latents of the
+(huawei-noah/Efficient-Computing, Data-Efficient-Model-Compression/DAFL): the Generator class,
+kdloss and the CIFAR training loop of DAFL-train.py, and resnet.py's CIFAR ResNets. The teacher
+is a random ResNet-34 (every parameter and BatchNorm running statistic drawn at random, so that
+the whole weight mapping is exercised) used in evaluation mode; generator and student are the JAX
+stage's initial ones (`dafl.build`). Every Flax leaf is copied into the PyTorch modules by name
+(a one-to-one mapping: no tensor left out on either side), and both sides use the latents of the
 JAX step, `jax.random.normal(common.step_key(seed, dafl.STAGE_SALT, step), (batch, 1000))`.
 
-Compared, from identical weights and latents:
-1. one step: the generated images, the teacher's logits and features, every generator loss term
-   (l_oh, l_a, l_ie, total) and the KD loss, and the relative difference
-   ||g_jax - g_torch|| / ||g_torch|| of every generator and student gradient. The JAX side is
-   the stage's own building blocks (`dafl.generator_dafl_loss`, `common.student_kd_loss`);
-   the PyTorch side is the authors' single backward of generator loss + KD loss.
-2. --steps steps: the JAX stage's jitted step (`step(state, None)` of `dafl.build`) against
-   the authors' loop (Adam for the generator, SGD with PyTorch weight decay for the student, the
-   learning rate set per step by the authors' `adjust_learning_rate`): the loss metrics of every
-   step, then every parameter and BatchNorm running statistic after the last step. The student's
-   step count is set to --schedule_steps so that the step schedule's first drop (x0.1 at 40%)
-   falls inside the compared steps.
+Two precisions, from the same weights:
+- float64 (JAX under `jax.enable_x64`, weights and optimiser state cast; PyTorch `.double()`):
+  the comparison of the two formulations. One step: generated images, teacher logits and
+  features, every generator loss term (l_oh, l_a, l_ie, total) and the KD loss, the relative
+  difference ||g_jax - g_torch|| / ||g_torch|| of every generator and student gradient (JAX:
+  the stage's building blocks `dafl.generator_dafl_loss` and `common.student_kd_loss`; PyTorch:
+  the authors' single backward of generator loss + KD loss). Then --steps steps of the stage's
+  jitted step (`step(state, None)` of `dafl.build`) against the authors' loop (Adam for the
+  generator, SGD with PyTorch's weight decay for the student, the learning rate set per step by
+  the authors' adjust_learning_rate): the losses of every step, every parameter and BatchNorm
+  running statistic after the last one, and both generators' images on new latents. The
+  student's step count is --schedule_steps, so that the schedule's first drop (x0.1 at 40%)
+  falls inside the compared steps.
+- float32 (the precision the project trains in): the same one-step quantities, then the jitted
+  float32 step's losses and gradient norms. Images, teacher outputs and losses agree to ~1e-7.
+  Gradients through ReLU networks of this size are not smooth at float32 rounding: a relative
+  input change of ~1e-6 flips a few of the teacher's (or the student's) ~10^7 ReLUs, and each
+  flip moves a gradient leaf by up to ~1e-2 relative (the whole gradient by ~1e-3). Float32
+  gradients therefore agree only to that level between any two implementations, the authors'
+  code in float32 against itself in float64 included (rows 'vs PyTorch float64'); they are
+  checked against a sanity bound (FLOAT32_GRAD_TOL) only. The steps after the first diverge,
+  on both sides alike (Adam's first updates are ~lr * sign(g)): --divergence adds the authors'
+  code in float32 against itself in float64 after the steps.
 
 Prints a table (quantity, largest absolute and relative difference, tolerance, pass/fail) and
 exits with status 1 when a checked row fails. Rows marked 'info' have no tolerance: they show a
-known structural difference (listed below the table).
+known difference (explained below the table).
 """
 from __future__ import annotations
 
@@ -57,7 +68,10 @@ except ImportError:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from datafree_jax import common, config_lib, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from datafree_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 nn = torch.nn
@@ -305,12 +319,12 @@ def _gen_fc_perm(x, width, to_torch: bool):
 
 def flax_to_torch_array(path, x, gen_width=0):
   """A Flax leaf in the layout of the corresponding PyTorch tensor."""
-  x = np.asarray(x, np.float32)
+  x = np.array(x)
   if gen_width and path[0] == "fc":
     x = _gen_fc_perm(x, gen_width, to_torch=True)
   if path[-1] == "kernel":
     x = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T
-  return np.ascontiguousarray(x)
+  return np.array(x, order="C")  # a writable copy, as torch.from_numpy wants
 
 
 def torch_to_flax_array(path, t, gen_width=0):
@@ -320,7 +334,7 @@ def torch_to_flax_array(path, t, gen_width=0):
     x = np.transpose(x, (2, 3, 1, 0)) if x.ndim == 4 else x.T
   if gen_width and path[0] == "fc":
     x = _gen_fc_perm(x, gen_width, to_torch=False)
-  return np.ascontiguousarray(x)
+  return np.array(x, order="C")  # a copy: .numpy() shares memory with buffers updated in place
 
 
 def load_into_torch(module, params, batch_stats, generator=False, gen_width=0):
@@ -370,75 +384,73 @@ def cifar_config(batch: int, schedule_steps: int, seed: int = 0):
 
 
 def random_teacher(config, info, seed: int):
-  """A randomly initialised teacher of the config's model (ResNet-34), in the dict form that
-  `dafl.build` takes. Its BN running statistics and affine parameters are drawn at random
-  (mean ~ N(0, 0.1^2), var ~ U(0.5, 2), scale ~ U(0.8, 1.2), bias ~ N(0, 0.1^2))."""
+  """A random teacher of the config's model (ResNet-34) in the dict form `dafl.build` takes.
+
+  Kernels ~ N(0, 1/fan_in) (the scale of Flax's lecun_normal), the head's bias ~ N(0, 0.1^2),
+  BN scale ~ U(0.8, 1.2), offset ~ N(0, 0.1^2), running mean ~ N(0, 0.1^2), running var ~
+  U(0.5, 2). Drawn with numpy on the shapes of the Flax model (no initialiser is compiled).
+  """
   model = models.get_classifier(config.teacher.model, info.num_classes, config.teacher.width)
-  params, bs = common.init_model(model, jax.random.key(seed), info.image_shape)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False))
   rng = np.random.default_rng(seed)
-  params, bs = _flat(params), _flat(bs)
-  for path in params:
-    if "bn" in path[-2]:
-      shape = params[path].shape
-      params[path] = (rng.uniform(0.8, 1.2, shape) if path[-1] == "scale"
-                      else rng.normal(0.0, 0.1, shape)).astype(np.float32)
-  for path in bs:
-    shape = bs[path].shape
-    bs[path] = (rng.normal(0.0, 0.1, shape) if path[-1] == "mean"
-                else rng.uniform(0.5, 2.0, shape)).astype(np.float32)
-  variables = {"params": _unflat(params), "batch_stats": _unflat(bs)}
-  return {"model": model, "variables": jax.tree.map(jnp.asarray, variables), "bn_stats": {},
+  out = {}
+  for collection in ("params", "batch_stats"):
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]:
+      path = tuple(k.key for k in path)
+      shape = leaf.shape
+      if path[-1] == "kernel":
+        x = rng.normal(0.0, 1.0 / math.sqrt(np.prod(shape[:-1])), shape)
+      elif path[-1] == "scale":
+        x = rng.uniform(0.8, 1.2, shape)
+      elif path[-1] == "var":
+        x = rng.uniform(0.5, 2.0, shape)
+      else:   # bias, BN offset, running mean
+        x = rng.normal(0.0, 0.1, shape)
+      flat[path] = jnp.asarray(x, jnp.float32)
+    out[collection] = _unflat(flat)
+  return {"model": model, "variables": out, "bn_stats": {},
           "meta": {"model": config.teacher.model}}
 
 
-class Setting:
-  """Both implementations from the same weights: the JAX stage (`build`) and the authors' loop."""
+def _cast(tree, dtype):
+  """`tree` with its floating-point leaves as numpy arrays of `dtype`."""
+  return jax.tree.map(
+      lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating)
+      else np.asarray(x), tree)
 
-  def __init__(self, batch=8, schedule_steps=5, seed=0, threads=0):
-    if threads:
-      torch.set_num_threads(threads)
+
+class Setting:
+  """The JAX stage built once (`dafl.build` on the CIFAR-10 config and a random teacher)."""
+
+  def __init__(self, batch=8, schedule_steps=5, seed=0):
     self.config = cifar_config(batch, schedule_steps, seed)
     g, s = self.config.generator, self.config.student
     if (g.width, g.num_upsample, g.style) != (128, 2, "dafl"):
       raise ValueError("the authors' generator has width 128 and two upsamplings")
     if (s.optimizer, g.optimizer, s.temperature) != ("sgd", "adam", 1.0):
       raise ValueError("the authors' CIFAR loop: SGD student, Adam generator, KD at T=1")
+    if (s.momentum, s.weight_decay, g.b1, g.b2, tuple(s.boundaries)) != (
+        0.9, 5e-4, 0.9, 0.999, (0.4, 0.8)):
+      raise ValueError("the authors' optimiser settings are momentum 0.9, weight decay 5e-4, "
+                       "Adam's default betas, x0.1 at 40% and 80%")
     self.info = input_pipeline.dataset_info("cifar10")
     self.teacher = random_teacher(self.config, self.info, seed + 100)
     state, self.step, self.student, self.gen, _ = dafl.build(self.config, self.teacher,
                                                              self.info)
-    # The jitted step donates its state: keep a host copy of the initial one.
-    self.state0 = jax.device_get(state)
-    self.state = state
-    self.t_teacher = authors_resnet34(self.info.num_classes)
-    load_into_torch(self.t_teacher, self.teacher["variables"]["params"],
-                    self.teacher["variables"]["batch_stats"])
-    for p in self.t_teacher.parameters():
-      p.requires_grad_(False)   # frozen: the authors' loop never steps it either
-    self.t_gen = AuthorsGenerator(self.info.image_size, g.latent_dim, self.info.channels)
-    load_into_torch(self.t_gen, self.state0["gen"]["params"], self.state0["gen"]["batch_stats"],
-                    generator=True, gen_width=g.width)
-    self.t_student = authors_resnet18(self.info.num_classes)
-    load_into_torch(self.t_student, self.state0["student"]["params"],
-                    self.state0["student"]["batch_stats"])
-    self.authors = AuthorsDAFL(self.config, self.t_teacher, self.t_gen, self.t_student)
-    self.bn_count = _bn_sample_counts(self.t_gen, self.t_student)
-    self._pieces = jax.jit(self._jax_pieces)
+    self.state0 = jax.device_get(state)   # the jitted step donates its input state
+    del state
+    self.pieces_fn = jax.jit(self._jax_pieces)
+    self.generate_fn = jax.jit(lambda p, bs, z: common.generate(self.gen, p, bs, z)[0])
 
-  def latents(self, step: int):
-    """The JAX step's latents of step `step` (0-based)."""
-    key = common.step_key(self.config.seed, dafl.STAGE_SALT, step)
-    return jax.random.normal(key, (self.config.student.batch_size,
-                                   self.config.generator.latent_dim))
-
-  def _jax_pieces(self, gp, gbs, sp, sbs, z):
+  def _jax_pieces(self, teacher_vars, gp, gbs, sp, sbs, z):
     """dafl_step's two gradients, from the stage's building blocks."""
     gcfg, scfg = self.config.generator, self.config.student
     (loss_g, (images, logits, new_gbs, terms)), g_grads = jax.value_and_grad(
         dafl.generator_dafl_loss, argnums=4, has_aux=True)(
-            self.gen, self.teacher["model"], self.teacher["variables"], gcfg, gp, gbs, z)
-    _, feats, _ = common.teacher_forward(self.teacher["model"], self.teacher["variables"],
-                                         images)
+            self.gen, self.teacher["model"], teacher_vars, gcfg, gp, gbs, z)
+    _, feats, _ = common.teacher_forward(self.teacher["model"], teacher_vars, images)
     (kd, new_sbs), s_grads = jax.value_and_grad(common.student_kd_loss, argnums=1,
                                                 has_aux=True)(
         self.student, sp, sbs, jax.lax.stop_gradient(images), jax.lax.stop_gradient(logits),
@@ -447,10 +459,65 @@ class Setting:
             "terms": dict(terms, loss_g=loss_g, loss_kd=kd), "g_grads": g_grads,
             "s_grads": s_grads, "gen_bs": new_gbs, "student_bs": new_sbs}
 
+
+class Variant:
+  """Both implementations in one precision, from the Setting's initial weights.
+
+  float64: JAX runs under `jax.enable_x64` (use `with variant.precision():` around every JAX
+  call) on weights and optimiser state cast to float64; PyTorch's modules are `.double()`.
+  """
+
+  def __init__(self, setting: Setting, dtype=np.float32):
+    self.setting, self.dtype = setting, np.dtype(dtype)
+    self.torch_dtype = torch.float64 if self.dtype == np.float64 else torch.float32
+    info, g = setting.info, setting.config.generator
+    self.width = g.width
+    self.teacher_vars = _cast(setting.teacher["variables"], self.dtype)
+    self.state0 = _cast(setting.state0, self.dtype)
+    self.t_teacher = authors_resnet34(info.num_classes).to(self.torch_dtype)
+    load_into_torch(self.t_teacher, self.teacher_vars["params"], self.teacher_vars["batch_stats"])
+    for p in self.t_teacher.parameters():
+      p.requires_grad_(False)   # frozen: the authors' loop never steps it either
+    t_gen = AuthorsGenerator(info.image_size, g.latent_dim, info.channels).to(self.torch_dtype)
+    load_into_torch(t_gen, self.state0["gen"]["params"], self.state0["gen"]["batch_stats"],
+                    generator=True, gen_width=self.width)
+    t_student = authors_resnet18(info.num_classes).to(self.torch_dtype)
+    load_into_torch(t_student, self.state0["student"]["params"],
+                    self.state0["student"]["batch_stats"])
+    self.authors = AuthorsDAFL(setting.config, self.t_teacher, t_gen, t_student)
+    self.bn_count = _bn_sample_counts(t_gen, t_student)
+    self.state = self.state0
+
+  def precision(self):
+    return jax.enable_x64(self.dtype == np.float64)
+
+  def latents(self, step: int):
+    """The JAX step's latents of step `step` (0-based), as drawn inside the step."""
+    key = common.step_key(self.setting.config.seed, dafl.STAGE_SALT, step)
+    cfg = self.setting.config
+    return np.array(jax.random.normal(key, (cfg.student.batch_size, cfg.generator.latent_dim)))
+
   def jax_pieces(self, z):
     s0 = self.state0
-    return jax.device_get(self._pieces(s0["gen"]["params"], s0["gen"]["batch_stats"],
-                                       s0["student"]["params"], s0["student"]["batch_stats"], z))
+    return jax.device_get(self.setting.pieces_fn(
+        self.teacher_vars, s0["gen"]["params"], s0["gen"]["batch_stats"],
+        s0["student"]["params"], s0["student"]["batch_stats"], z))
+
+  def jax_step(self, state):
+    """The stage's jitted step on this precision's teacher variables."""
+    return self.setting.step(state, None, teacher_vars=self.teacher_vars)
+
+  def generate(self, params, batch_stats, z):
+    return np.asarray(self.setting.generate_fn(params, batch_stats, z))
+
+  def torch_z(self, z):
+    return torch.from_numpy(np.array(z)).to(self.torch_dtype)
+
+  def copy_of_authors(self, dtype):
+    """The authors' loop on copies of this variant's PyTorch modules, cast to `dtype`."""
+    cp = lambda m: copy.deepcopy(m).to(dtype)
+    a = self.authors
+    return AuthorsDAFL(self.setting.config, cp(a.teacher), cp(a.generator), cp(a.net))
 
 
 def _bn_sample_counts(*modules):
@@ -497,11 +564,11 @@ def _row(quantity, a, b, tol=None, kind="rel"):
 
 
 def _leaf_rows(label, ours, theirs, tol, per_leaf: bool, skip=()):
-  """Per-leaf rows of two Flax-layout pytrees (all leaves, or the worst one and a summary)."""
+  """Per-leaf rows of two Flax-layout pytrees (each leaf, or the worst one as a summary)."""
   a, b = _flat(ours), _flat(theirs)
   rows = [_row(f"{label} {'/'.join(p)}", a[p], b[p], tol) for p in sorted(b)
           if "/".join(p) not in skip]
-  if per_leaf or len(rows) <= 10:
+  if per_leaf or len(rows) <= 1:
     return rows
   worst = max(rows, key=lambda r: r["rel"])
   worst = dict(worst, quantity=f"{label}: worst of {len(rows)} leaves ("
@@ -511,126 +578,208 @@ def _leaf_rows(label, ours, theirs, tol, per_leaf: bool, skip=()):
   return [worst]
 
 
-def one_step_rows(setting: Setting, per_leaf=False):
-  """Rows comparing the first step's images, losses and gradients (nothing is updated)."""
-  z = setting.latents(0)
-  j = setting.jax_pieces(z)
-  a = setting.authors
-  # The forward pass below updates PyTorch's running statistics: put them back afterwards, so
-  # that steps_rows starts from the same state as the JAX step.
-  saved = [(m, copy.deepcopy(m.state_dict())) for m in (a.generator, a.net)]
-  images_t, logits_t, feats_t, terms_t = a.forward_backward(torch.from_numpy(np.asarray(z)))
-  width = setting.config.generator.width
-  rows = [
-      _row("generated images", j["images"], _nchw_to_nhwc(images_t), GRAD_TOL),
-      _row("teacher logits", j["logits"], logits_t.numpy(), GRAD_TOL),
-      _row("teacher features (512-d)", j["features"], feats_t.numpy(), GRAD_TOL),
-  ]
-  for k in ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd"):
-    rows.append(_row(f"loss {k}", j["terms"][k], terms_t[k], LOSS_TOL, kind="loss"))
-  gp = setting.state0["gen"]["params"]
-  g_t = torch_tree(a.generator, gp, generator=True, gen_width=width, grads=True)
-  rows += _leaf_rows("grad G", j["g_grads"], g_t, GRAD_TOL, True, skip=BN_CANCELLED)
-  # Biases removed by the following BN: compare both (noise) to the whole gradient's size.
-  scale = max(np.sqrt(sum(float(np.sum(np.square(x))) for x in _flat(g_t).values())), 1e-30)
+def _torch_grads(authors, like_g, like_s, width):
+  return (torch_tree(authors.generator, like_g, generator=True, gen_width=width, grads=True),
+          torch_tree(authors.net, like_s, grads=True))
+
+
+def _bn_cancelled_rows(label, ours, theirs):
+  """The BN-cancelled biases' gradients: both sides' norm over the whole gradient's norm."""
+  scale = max(math.sqrt(sum(float(np.sum(np.square(x))) for x in _flat(theirs).values())),
+              1e-30)
+  rows = []
   for name in BN_CANCELLED:
     path = tuple(name.split("/"))
-    r = _row(f"grad G {name} (BN-cancelled: ||g|| / ||grad G||, both sides)",
-             _flat(j["g_grads"])[path], _flat(g_t)[path], GRAD_TOL)
-    r["rel"] = max(np.linalg.norm(_flat(j["g_grads"])[path]),
-                   np.linalg.norm(_flat(g_t)[path])) / scale
+    a, b = _flat(ours)[path], _flat(theirs)[path]
+    r = _row(f"{label} {name} (BN-cancelled: ||g|| / ||grad G||, larger side)", a, b)
+    r.update(rel=max(np.linalg.norm(a), np.linalg.norm(b)) / scale, tol=GRAD_TOL)
     r["ok"] = r["rel"] <= GRAD_TOL
     rows.append(r)
-  s_t = torch_tree(a.net, setting.state0["student"]["params"], grads=True)
-  rows += _leaf_rows("grad S", j["s_grads"], s_t, GRAD_TOL, per_leaf)
+  return rows
+
+
+def one_step(v: Variant):
+  """JAX pieces and the authors' forward/backward of step 1 (nothing updated): (jax dict,
+  torch (images, logits, features, terms), torch grads (G, S))."""
+  z = v.latents(0)
+  j = v.jax_pieces(z)
+  a = v.authors
+  # The forward pass updates PyTorch's running statistics: put them back afterwards, so that
+  # the steps start from the same state as the JAX step.
+  saved = [(m, copy.deepcopy(m.state_dict())) for m in (a.generator, a.net)]
+  out_t = a.forward_backward(v.torch_z(z))
+  grads_t = _torch_grads(a, v.state0["gen"]["params"], v.state0["student"]["params"], v.width)
   a.optimizer_g.zero_grad()
   a.optimizer_s.zero_grad()
   for m, sd in saved:
     m.load_state_dict(sd)
-  return rows, j, terms_t
+  return j, out_t, grads_t
 
 
-def _biased_running_var(setting, module, like, prev_t, prev_fix, generator):
+def _global_row(quantity, ours, theirs, tol, skip=()):
+  """One row over all leaves of two pytrees, as one concatenated vector."""
+  a, b = _flat(ours), _flat(theirs)
+  keys = [p for p in sorted(b) if "/".join(p) not in skip]
+  return _row(quantity, np.concatenate([np.ravel(a[p]) for p in keys]),
+              np.concatenate([np.ravel(b[p]) for p in keys]), tol)
+
+
+def one_step_rows(v: Variant, per_leaf=False, prefix=""):
+  """Rows comparing the first step's images, losses and gradients of both implementations.
+
+  Gradients: per leaf at GRAD_TOL in float64; in float32, all leaves together at the sanity
+  bound FLOAT32_GRAD_TOL and the worst leaf for information.
+  """
+  float32 = v.dtype == np.float32
+  with v.precision():
+    j, (images_t, logits_t, feats_t, terms_t), (g_t, s_t) = one_step(v)
+  rows = [
+      _row(f"{prefix}generated images", j["images"], _nchw_to_nhwc(images_t), GRAD_TOL),
+      _row(f"{prefix}teacher logits", j["logits"], logits_t.numpy(), GRAD_TOL),
+      _row(f"{prefix}teacher features (512-d)", j["features"], feats_t.numpy(), GRAD_TOL),
+  ]
+  for k in ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd"):
+    rows.append(_row(f"{prefix}loss {k}", j["terms"][k], terms_t[k], LOSS_TOL, kind="loss"))
+  for name, ours, theirs in (("G", j["g_grads"], g_t), ("S", j["s_grads"], s_t)):
+    skip = BN_CANCELLED if name == "G" else ()
+    if float32:
+      rows.append(_global_row(f"{prefix}grad {name}, all leaves", ours, theirs,
+                              FLOAT32_GRAD_TOL, skip))
+    rows += _leaf_rows(f"{prefix}grad {name}", ours, theirs, None if float32 else GRAD_TOL,
+                       per_leaf, skip=skip)
+    if name == "G":
+      rows += _bn_cancelled_rows(f"{prefix}grad G", ours, theirs)
+  return rows, j, (g_t, s_t)
+
+
+def float32_floor_rows(v: Variant, j, grads_t, prefix=""):
+  """The float32 gradients of both implementations against the authors' code in float64
+  (same weights, the float32 latents): how far float32 is from exact, on either side."""
+  ref = v.copy_of_authors(torch.float64)
+  with v.precision():
+    z = v.latents(0)
+  ref.forward_backward(torch.from_numpy(z).double())
+  g64, s64 = _torch_grads(ref, v.state0["gen"]["params"], v.state0["student"]["params"],
+                          v.width)
+  rows = []
+  for name, ours, t32, t64 in (("G", j["g_grads"], grads_t[0], g64),
+                               ("S", j["s_grads"], grads_t[1], s64)):
+    for who, x in (("JAX float32", ours), ("PyTorch float32 (same code)", t32)):
+      label = f"{prefix}grad {name}, {who} vs PyTorch float64"
+      rows.append(_global_row(f"{label}, all leaves", x, t64, None, BN_CANCELLED))
+      rows += _leaf_rows(label, x, t64, None, False, skip=BN_CANCELLED)
+  return rows
+
+
+def _biased_running_var(v: Variant, module, like, prev_t, prev_fix, generator):
   """PyTorch's running variances with each update's unbiased batch variance turned biased:
   v_fix = (1-m) v_fix_prev + (v_torch - (1-m) v_torch_prev) * (n-1)/n, n values per channel."""
   bns = dict(module.named_modules())
   out = {}
-  for path, v in _flat(torch_tree(module, like, generator=generator)).items():
+  for path, x in _flat(torch_tree(module, like, generator=generator)).items():
     if path[-1] != "var":
-      out[path] = v
+      out[path] = x
       continue
-    name = torch_name(path, generator).rsplit(".", 1)[0]
-    mod = bns[name]
-    n, m = setting.bn_count[mod], mod.momentum
-    out[path] = (1 - m) * prev_fix[path] + (v - (1 - m) * prev_t[path]) * (n - 1) / n
+    mod = bns[torch_name(path, generator).rsplit(".", 1)[0]]
+    n, m = v.bn_count[mod], mod.momentum
+    out[path] = (1 - m) * prev_fix[path] + (x - (1 - m) * prev_t[path]) * (n - 1) / n
   return out
 
 
-def steps_rows(setting: Setting, steps: int, per_leaf=False):
-  """Rows comparing `steps` joint steps of the JAX stage and of the authors' loop."""
-  a = setting.authors
-  width = setting.config.generator.width
-  s0 = setting.state0
+def steps_rows(v: Variant, steps: int, per_leaf=False, checked=True, prefix=""):
+  """Rows comparing `steps` joint steps of the JAX stage's jitted step and the authors' loop.
+
+  checked=False: only step 1's losses have a tolerance (float32, where the steps diverge).
+  """
+  a, s0, width = v.authors, v.state0, v.width
+  param_tol = PARAM_TOL if checked else None
   gen_bs_like, st_bs_like = s0["gen"]["batch_stats"], s0["student"]["batch_stats"]
   prev_t = {"G": _flat(gen_bs_like), "S": _flat(st_bs_like)}
   fixed = {"G": dict(prev_t["G"]), "S": dict(prev_t["S"])}
-  rows, state = [], setting.state
-  for i in range(steps):
-    state, metrics = setting.step(state, None)
-    metrics = jax.device_get(metrics)
-    _, _, _, terms_t = a.forward_backward(torch.from_numpy(np.asarray(setting.latents(i))))
-    a.optimizer_steps()
-    for k in ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd"):
-      rows.append(_row(f"step {i + 1} (jitted step) loss {k}", metrics[k], terms_t[k],
-                       LOSS_TOL, kind="loss"))
-    for key, mod, like, gen in (("G", a.generator, gen_bs_like, True),
-                                ("S", a.net, st_bs_like, False)):
-      cur = _flat(torch_tree(mod, like, generator=gen))
-      fixed[key] = _biased_running_var(setting, mod, like, prev_t[key], fixed[key], gen)
-      prev_t[key] = cur
-  setting.state = state
-  state = jax.device_get(state)
-  after = f"after {steps} steps:"
-  gen_t = torch_tree(a.generator, s0["gen"]["params"], generator=True, gen_width=width)
-  rows += _leaf_rows(f"{after} G param", state["gen"]["params"], gen_t, PARAM_TOL_G, True,
-                     skip=BN_CANCELLED)
-  for name in BN_CANCELLED:   # Adam turns their noise gradients into +-lr steps: no effect.
-    path = tuple(name.split("/"))
-    rows.append(_row(f"{after} G param {name} (BN-cancelled, no effect on G)",
-                     _flat(state["gen"]["params"])[path], _flat(gen_t)[path]))
-  st_t = torch_tree(a.net, s0["student"]["params"])
-  rows += _leaf_rows(f"{after} S param", state["student"]["params"], st_t, PARAM_TOL_S, per_leaf)
-  for key, label, ours, like, mod, gen in (
-      ("G", "G", state["gen"]["batch_stats"], gen_bs_like, a.generator, True),
-      ("S", "S", state["student"]["batch_stats"], st_bs_like, a.net, False)):
-    raw = torch_tree(mod, like, generator=gen)
-    means = {p: v for p, v in _flat(ours).items() if p[-1] == "mean"}
-    varis = {p: v for p, v in _flat(ours).items() if p[-1] == "var"}
-    rows += _leaf_rows(f"{after} {label} BN running mean", _unflat(means),
-                       _unflat({p: _flat(raw)[p] for p in means}), STAT_TOL, False)
-    rows += _leaf_rows(f"{after} {label} BN running var, as stored (PyTorch: unbiased)",
-                       _unflat(varis), _unflat({p: _flat(raw)[p] for p in varis}), None, False)
-    rows += _leaf_rows(f"{after} {label} BN running var, PyTorch's turned biased",
-                       _unflat(varis), _unflat({p: fixed[key][p] for p in varis}), STAT_TOL,
-                       False)
-  # The function: both generators after the steps, on fresh latents.
-  z = jax.random.normal(jax.random.key(777), (setting.config.student.batch_size,
-                                              setting.config.generator.latent_dim))
-  imgs_j, _ = common.generate(setting.gen, state["gen"]["params"], state["gen"]["batch_stats"],
-                              z)
+  rows = []
+  with v.precision():
+    state = v.state
+    for i in range(steps):
+      state, metrics = v.jax_step(state)
+      metrics = jax.device_get(metrics)
+      _, _, _, terms_t = a.forward_backward(v.torch_z(v.latents(i)))
+      norms = [math.sqrt(sum(float(torch.sum(p.grad.double()**2)) for p in m.parameters()))
+               for m in (a.generator, a.net)]
+      a.optimizer_steps()
+      for k in ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd"):
+        rows.append(_row(f"{prefix}step {i + 1} (jitted step) loss {k}", metrics[k],
+                         terms_t[k], LOSS_TOL if checked or i == 0 else None, kind="loss"))
+      tol = GRAD_TOL if checked else FLOAT32_GRAD_TOL if i == 0 else None
+      for name, norm in zip(("g", "s"), norms):
+        rows.append(_row(f"{prefix}step {i + 1} (jitted step) grad_norm_{name}",
+                         metrics[f"grad_norm_{name}"], norm, tol))
+      for key, mod, like, gen in (("G", a.generator, gen_bs_like, True),
+                                  ("S", a.net, st_bs_like, False)):
+        cur = _flat(torch_tree(mod, like, generator=gen))
+        fixed[key] = _biased_running_var(v, mod, like, prev_t[key], fixed[key], gen)
+        prev_t[key] = cur
+    state = jax.device_get(state)
+    v.state = state
+    after = f"{prefix}after {steps} steps:"
+    gen_t = torch_tree(a.generator, s0["gen"]["params"], generator=True, gen_width=width)
+    rows += _leaf_rows(f"{after} G param", state["gen"]["params"], gen_t, param_tol, per_leaf,
+                       skip=BN_CANCELLED)
+    for name in BN_CANCELLED:   # Adam scales their noise gradients: no effect on the output.
+      path = tuple(name.split("/"))
+      rows.append(_row(f"{after} G param {name} (BN-cancelled, no effect on G)",
+                       _flat(state["gen"]["params"])[path], _flat(gen_t)[path]))
+    st_t = torch_tree(a.net, s0["student"]["params"])
+    rows += _leaf_rows(f"{after} S param", state["student"]["params"], st_t, param_tol, per_leaf)
+    if checked:
+      for key, ours, like, mod, gen in (
+          ("G", state["gen"]["batch_stats"], gen_bs_like, a.generator, True),
+          ("S", state["student"]["batch_stats"], st_bs_like, a.net, False)):
+        raw = _flat(torch_tree(mod, like, generator=gen))
+        mine = _flat(ours)
+        means = _unflat({p: x for p, x in mine.items() if p[-1] == "mean"})
+        varis = _unflat({p: x for p, x in mine.items() if p[-1] == "var"})
+        rows += _leaf_rows(f"{after} {key} BN running mean", means,
+                           _unflat({p: raw[p] for p in _flat(means)}), param_tol, False)
+        rows += _leaf_rows(f"{after} {key} BN running var as stored (PyTorch: unbiased)",
+                           varis, _unflat({p: raw[p] for p in _flat(varis)}), None, False)
+        rows += _leaf_rows(f"{after} {key} BN running var, PyTorch's made biased", varis,
+                           _unflat({p: fixed[key][p] for p in _flat(varis)}), param_tol, False)
+    # The function: both generators after the steps, on new latents.
+    cfg = v.setting.config
+    z = np.array(jax.random.normal(jax.random.key(777), (cfg.student.batch_size,
+                                                         cfg.generator.latent_dim)), v.dtype)
+    imgs_j = v.generate(state["gen"]["params"], state["gen"]["batch_stats"], z)
   with torch.no_grad():
-    imgs_t = a.generator(torch.from_numpy(np.asarray(z)))
+    imgs_t = a.generator(v.torch_z(z))
   rows.append(_row(f"{after} G images on new latents", imgs_j, _nchw_to_nhwc(imgs_t),
-                   PARAM_TOL_G))
-  return rows
+                   param_tol))
+  return rows, z, imgs_t
 
 
-# After steps: the student (SGD) stays within float rounding; the generator's Adam first steps
-# are lr * g / (|g| + eps) ~ lr * sign(g) per element, so an element whose gradient is within
-# rounding of 0 can step either way: a few such elements per leaf at most.
-PARAM_TOL_S = 1e-5
-PARAM_TOL_G = 1e-3
-STAT_TOL = 1e-5
+def float32_steps_floor_rows(v: Variant, steps: int, z, imgs_t32, prefix=""):
+  """The authors' loop in float32 against itself in float64 after `steps` steps (same
+  weights and latents): the float32 divergence of the code itself."""
+  with v.precision():
+    zs = [v.latents(i) for i in range(steps)]
+  # v's modules hold the weights after the steps: start again from the initial ones.
+  fresh = Variant(v.setting, np.float32)
+  ref = fresh.copy_of_authors(torch.float64)
+  for zi in zs:
+    ref.forward_backward(torch.from_numpy(zi).double())
+    ref.optimizer_steps()
+  with torch.no_grad():
+    imgs64 = ref.generator(torch.from_numpy(np.array(z)).double())
+  return [_row(f"{prefix}after {steps} steps: G images on new latents, PyTorch float32 vs "
+               "PyTorch float64 (same code)", _nchw_to_nhwc(imgs_t32), _nchw_to_nhwc(imgs64))]
+
+
+# Float64: after the steps, parameters, statistics and images agree to rounding.
+PARAM_TOL = 1e-6
+# Float32 gradients, all leaves together: a sanity bound above the ReLU-kink floor (~1e-3 at
+# batch 8, growing with the batch; see the module docstring). It catches a missing term, a sign
+# or a scale, not every wrong weight (swapping w_oh and w_a moves grad G by ~1.5e-2): the
+# float64 rows and the float32 losses do that.
+FLOAT32_GRAD_TOL = 5e-2
 
 
 def format_table(rows) -> str:
@@ -647,65 +796,82 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-STRUCTURAL_NOTES = """\
-Known structural differences between the authors' code and this project (same function unless
-said otherwise):
-- Upsampling: the authors upsample (F.interpolate, nearest x2) and then convolve; the Flax
+NOTES = """\
+Differences between the authors' code and this project, and what the table shows of them:
+- Upsampling: the authors upsample (F.interpolate, nearest x2), then convolve; the Flax
   generator computes nearest x2 + Conv3x3 as one low-resolution convolution with a phase-summed
   kernel and a depth-to-space reshape (models/generators.py UpsampleConv). Same function and
-  parameters; the sums are ordered differently (float rounding only).
-- Generator Dense output order: Flax reshapes to (h, w, c), the authors view as (c, h, w): the
+  parameters; sums in another order (rounding only).
+- Generator Dense output order: Flax reshapes to (h, w, c), the authors view as (c, h, w); the
   weights are permuted when copied (no effect on the function).
 - BatchNorm running variance: PyTorch updates it with the unbiased batch variance (x n/(n-1)),
-  Flax nn.BatchNorm with the biased one. Training-mode outputs and gradients are unaffected;
-  the stored statistics differ (rows 'as stored'), and agree once PyTorch's update is turned
-  biased. Only the student's statistics are ever used (evaluation); at batch 1024 the factor is
-  at most 1 + 1/16383 (ResNet-18's last stage, 4x4).
-- Flax BatchNorm computes the batch variance as E[x^2] - E[x]^2 (use_fast_variance); PyTorch
-  uses a two-pass form: float rounding only.
-- The BN-cancelled conv biases (generator conv1/conv2, before eps-0.8 BatchNorms) have an exact
-  gradient of 0: both sides return rounding noise, which Adam scales to ~lr-sized steps of
-  arbitrary sign; they have no effect on the generator's output.
+  Flax's nn.BatchNorm with the biased one: rows 'as stored'; they agree once PyTorch's update is
+  made biased. Training-mode outputs and gradients are unaffected. Only the student's statistics
+  are used (at evaluation); at batch 1024 the factor is at most 1 + 1/16383 (ResNet-18's 4x4
+  last stage).
+- Flax's BatchNorm computes the batch variance as E[x^2] - E[x]^2; PyTorch in two passes
+  (rounding only).
+- Generator conv1/conv2 biases sit right before a training-mode BatchNorm, which removes them:
+  their exact gradient is 0 and both sides return rounding noise, which Adam scales to steps of
+  up to lr and arbitrary sign ('BN-cancelled' rows); no effect on the generator's output.
+- Float32 gradients are ReLU-kink limited (module docstring): compare the 'JAX float32 vs
+  PyTorch float64' and 'PyTorch float32 vs PyTorch float64' rows; the steps after the first
+  diverge in float32 on both sides alike.
 - The authors wrap teacher, generator and student in nn.DataParallel: on several GPUs each
-  replica's BatchNorm normalises its own slice of the batch; the JAX step (and this check, and
-  the authors' code on one GPU) normalises over the whole batch.
-- Not compared here: the authors' loop keeps the student with the best test accuracy (test-set
-  selection); this project reports the final student."""
+  replica's BatchNorm normalises its own slice of the batch; the JAX step (and the authors' code
+  on one GPU) normalises over the whole batch. Not compared here.
+- The authors' loop keeps the student with the best test accuracy (test-set selection); this
+  project reports the final student. Not compared here."""
 
 
-def run(batch=8, steps=3, schedule_steps=5, seed=0, per_leaf=False, threads=0):
-  """All rows of the check (one-step comparison, then `steps` joint steps)."""
-  setting = Setting(batch, schedule_steps, seed, threads)
-  rows, _, _ = one_step_rows(setting, per_leaf)
+def run(batch=8, steps=3, schedule_steps=5, seed=0, per_leaf=False, divergence=False):
+  """All rows of the check: float64 (one step, `steps` steps), then float32 (divergence: also
+  the authors' code in float32 against itself in float64 after the steps)."""
+  setting = Setting(batch, schedule_steps, seed)
+  v64 = Variant(setting, np.float64)
+  rows, _, _ = one_step_rows(v64, per_leaf, prefix="f64 ")
   if steps:
-    rows += steps_rows(setting, steps, per_leaf)
+    rows += steps_rows(v64, steps, per_leaf, prefix="f64 ")[0]
+  v32 = Variant(setting, np.float32)
+  r32, j32, grads32 = one_step_rows(v32, per_leaf, prefix="f32 ")
+  rows += r32 + float32_floor_rows(v32, j32, grads32, prefix="f32 ")
+  if steps:
+    r, z, imgs_t32 = steps_rows(v32, steps, per_leaf, checked=False, prefix="f32 ")
+    rows += r
+    if divergence:
+      rows += float32_steps_floor_rows(v32, steps, z, imgs_t32, prefix="f32 ")
   return setting, rows
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--steps", type=int, default=3, help="joint steps of part 2 (0: skip)")
+  p.add_argument("--steps", type=int, default=3, help="joint steps compared (0: one step only)")
   p.add_argument("--schedule_steps", type=int, default=5,
                  help="the student's total steps (its step schedule's boundaries are 40%% and "
                       "80%% of them)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--per_leaf", action="store_true", help="a row for every student leaf")
+  p.add_argument("--per_leaf", action="store_true", help="a row for every leaf")
+  p.add_argument("--divergence", action="store_true",
+                 help="also run the authors' loop in float64 from the float32 latents and "
+                      "compare its generator after the steps with the float32 one's")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: its default)")
   args = p.parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
   setting, rows = run(args.batch, args.steps, args.schedule_steps, args.seed, args.per_leaf,
-                      args.threads)
-  lrs = [setting.config.student.lr * f for f in (
-      1.0 if i < 0.4 * args.schedule_steps else 0.1 if i < 0.8 * args.schedule_steps else 0.01
-      for i in range(args.steps))]
-  print(f"CIFAR-10 DAFL (configs/cifar10.py, method dafl), batch {args.batch}, seed {args.seed};"
-        f" teacher {setting.config.teacher.model} (random, eval mode), student "
-        f"{setting.config.student.model}, latent {setting.config.generator.latent_dim}; student "
-        f"lr per step {lrs}; jax {jax.__version__} ({jax.devices()[0].platform}), torch "
-        f"{torch.__version__}\n")
+                      args.divergence)
+  c = setting.config
+  lrs = [c.student.lr * (1.0 if i < 0.4 * c.student.steps else
+                         0.1 if i < 0.8 * c.student.steps else 0.01) for i in range(args.steps)]
+  print(f"CIFAR-10 DAFL (configs/cifar10.py, method dafl), batch {args.batch}, seed {args.seed}: "
+        f"teacher {c.teacher.model} (random, eval mode), student {c.student.model}, latent "
+        f"{c.generator.latent_dim}, generator width {c.generator.width}; student lr per step "
+        f"{lrs}; jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}"
+        "\n")
   print(format_table(rows))
   print()
-  print(STRUCTURAL_NOTES)
+  print(NOTES)
   failed = [r["quantity"] for r in rows if r["ok"] is False]
   print(f"\n{len(rows) - len(failed)} of {len(rows)} rows pass or are information only"
         + (f"; FAILED: {failed}" if failed else ""))

@@ -67,10 +67,10 @@ def test_debug_shows_the_traceback_and_the_error_line(tmp_path):
 def test_load_config_file_calls_get_config_with_its_argument(tmp_path):
   from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py"),
-                                  "method=ensemble")
-  assert c.method == "ensemble"
+                                  "method=dafl")
+  assert c.method == "dafl"
   assert config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py")).method \
-      == "dafl"
+      == "ensemble"  # the default job
   with pytest.raises(config_lib.ConfigError, match="missing.py"):
     config_lib.load_config_file(str(tmp_path / "missing.py"))
   # A packaged config by name, from any directory.
