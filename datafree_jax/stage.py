@@ -61,7 +61,6 @@ class Plan:
   resume_keys: tuple = ()   # keys of `meta` an unfinished checkpoint must match to be resumed
   final_items: Optional[Callable[[Any], Mapping]] = None  # extra items of the final checkpoint
   on_eval: Optional[Callable[[Any, int], None]] = None    # beside each evaluation (grids)
-  log_name: str = ""        # the stage's name in logs ('' = stage.name)
 
 
 @dataclasses.dataclass
@@ -163,7 +162,7 @@ def run(stage: Stage, ctx) -> dict:
   ckpt = ckpt_lib.StageCheckpoints(d)
   try:
     result = loop.run(
-        stage=plan.log_name or stage.name, ckpt=ckpt, state=plan.state, step_fn=plan.step,
+        stage=stage.name, ckpt=ckpt, state=plan.state, step_fn=plan.step,
         total_steps=total, batch_fn=plan.batches, eval_fn=plan.evaluate,
         eval_every=plan.eval_every, checkpoint_every=ctx.config.checkpoint_every,
         writer=ctx.writer, meta=dict(plan.meta, **identity), final_extras=plan.final_items,
