@@ -13,8 +13,9 @@ an object with:
     identity(ctx)                 what an existing checkpoint of the stage must have been made
                                   for (model, image shape, ...): saved with every checkpoint and
                                   compared before a run resumes or loads one
-    prepare(ctx)                  reads what the stage will need (data splits, checkpoints of
-                                  other runs) before anything is written
+    prepare(ctx, finished)        reads what the stage will need (data splits, checkpoints of
+                                  other runs) before anything is written; `finished`: its own
+                                  checkpoint in the workdir already ends it
     plan(ctx) -> Plan             the initial state, the jitted step, batches, evaluation
     summarize(ctx, done) -> dict  the stage's entries of the run's summary, once it has
                                   finished (now or in an earlier run); the teacher stage also
@@ -105,7 +106,7 @@ class Stage:
     """Text added to the error of a checkpoint whose resume key `key` differs."""
     return ""
 
-  def prepare(self, ctx) -> None:
+  def prepare(self, ctx, finished: bool) -> None:  # pylint: disable=unused-argument
     pass
 
   def plan(self, ctx) -> Plan:
@@ -150,7 +151,7 @@ def run(stage: Stage, ctx) -> dict:
     ctx.outputs[stage.name] = done
     return stage.summarize(ctx, done)
   plan = stage.plan(ctx)
-  identity = stage.identity(ctx)
+  meta_to_save = dict(plan.meta, **stage.identity(ctx))
   if meta is not None:
     for key in plan.resume_keys:
       if key in meta and meta[key] != plan.meta[key]:
@@ -165,11 +166,11 @@ def run(stage: Stage, ctx) -> dict:
         stage=stage.name, ckpt=ckpt, state=plan.state, step_fn=plan.step,
         total_steps=total, batch_fn=plan.batches, eval_fn=plan.evaluate,
         eval_every=plan.eval_every, checkpoint_every=ctx.config.checkpoint_every,
-        writer=ctx.writer, meta=dict(plan.meta, **identity), final_extras=plan.final_items,
+        writer=ctx.writer, meta=meta_to_save, final_extras=plan.final_items,
         log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval)
   finally:
     ckpt.close()
-  done = Done(d, result.step, result.eval_metrics, dict(plan.meta, **identity), result.state)
+  done = Done(d, result.step, result.eval_metrics, meta_to_save, result.state)
   ctx.outputs[stage.name] = done
   return stage.summarize(ctx, done)
 

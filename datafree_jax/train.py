@@ -163,8 +163,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     summary.update(teacher.summarize(ctx, stage_lib.Done(
         stage_lib.directory(ctx, teacher), meta["step"], meta.get("eval", {}), meta)))
   for s in stages:
-    stage_lib.saved_meta(ctx, s)  # An existing checkpoint must be one of this config's.
-    s.prepare(ctx)
+    step, meta = stage_lib.saved_meta(ctx, s)  # An existing checkpoint must be this config's.
+    s.prepare(ctx, stage_lib.is_finished(ctx, s, step, meta))
 
   os.makedirs(workdir, exist_ok=True)
   ctx.writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))

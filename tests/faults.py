@@ -41,8 +41,8 @@ class Wrapped(stage_lib.Stage):
   def resume_hint(self, key, saved):
     return self.inner.resume_hint(key, saved)
 
-  def prepare(self, ctx):
-    return self.inner.prepare(ctx)
+  def prepare(self, ctx, finished):
+    return self.inner.prepare(ctx, finished)
 
   def plan(self, ctx):
     plan = self.inner.plan(ctx)

@@ -183,12 +183,7 @@ def test_apply_override_of_a_none_field_takes_the_string():
                              "teacher.steps is a field, not a section"),
 ])
 def test_apply_override_of_an_unknown_field(config, key, text, expected):
-  from datafree_jax import config_lib, main  # pylint: disable=g-import-not-at-top
-  before = config.to_dict()
-  with pytest.raises(config_lib.ConfigError) as e:
-    main.apply_override(config, key, text)
-  assert str(e.value).startswith(expected), str(e.value)
-  assert config.to_dict() == before
+  _assert_override_refused(config, key, text, expected)
 
 
 @pytest.mark.parametrize("key,text,expected", [
@@ -208,6 +203,11 @@ def test_apply_override_of_an_unknown_field(config, key, text, expected):
     ("teacher.steps", None, "flag --config.teacher.steps needs a value"),
 ])
 def test_apply_override_of_a_bad_value(config, key, text, expected):
+  _assert_override_refused(config, key, text, expected)
+
+
+def _assert_override_refused(config, key, text, expected):
+  """apply_override raises ConfigError starting with `expected` and leaves `config` as it was."""
   from datafree_jax import config_lib, main  # pylint: disable=g-import-not-at-top
   before = config.to_dict()
   with pytest.raises(config_lib.ConfigError) as e:

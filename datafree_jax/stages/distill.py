@@ -93,8 +93,8 @@ class Distill(stage_lib.Stage):
   def identity(self, ctx):
     return dict(student_identity(ctx), source=self.source)
 
-  def prepare(self, ctx):
-    if self.source == "data":
+  def prepare(self, ctx, finished):
+    if self.source == "data" and not finished:
       _ = ctx.data["train"]
 
   def source_images(self, ctx, mesh):

@@ -368,9 +368,10 @@ class Ensemble:
     """(padded, n) the class of each image of sample(state, n): the member's class; for a
     conditional all-class generator the class it is conditioned on (k mod num_classes); -1
     for an unconditional all-class generator."""
-    k = self.gen.num_classes
-    return np.stack([np.full((n,), c) if c >= 0 or not k else np.arange(n) % k
-                     for c in self.class_ids]).astype(np.int32)
+    labels = np.asarray(sample_conditions(self.class_ids, n, max(self.gen.num_classes, 1)))
+    if self.gen.num_classes:
+      return labels
+    return np.where(self.class_ids[:, None] >= 0, labels, ALL_CLASSES).astype(np.int32)
 
 
 def sample_conditions(class_ids, n: int, num_classes: int, offset=0):
@@ -687,8 +688,8 @@ class DistillGenerators(distill.Distill):
   def __init__(self):
     super().__init__("generators")
 
-  def prepare(self, ctx):
-    if GENERATORS.name not in ctx.running:  # They exist already: load them before writing.
+  def prepare(self, ctx, finished):
+    if not finished and GENERATORS.name not in ctx.running:  # Load them before writing.
       self._generators(ctx)
 
   def _generators(self, ctx) -> dict:

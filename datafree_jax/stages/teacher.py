@@ -85,9 +85,8 @@ class Teacher(stage_lib.Stage):
   def check_checkpoint(self, ctx, saved, d):
     _check_meta(saved, ctx.config.teacher, ctx.info, d)
 
-  def prepare(self, ctx):
-    step, meta = stage_lib.saved_meta(ctx, self)
-    if stage_lib.is_finished(ctx, self, step, meta):
+  def prepare(self, ctx, finished):
+    if finished:
       ctx.teacher = load(ctx.config, ctx.workdir, ctx.info)  # Its arrays are known intact.
     else:
       _ = ctx.data["train"]
