@@ -1,23 +1,27 @@
-"""DAFL in JAX against the official DAFL loop in PyTorch, on the same mnist5k teacher.
+"""DAFL in JAX against the official DAFL loop in PyTorch, on the same mnist5k teachers.
 
     pip install torch==2.13.0        # the reference only: not a dependency of the package
-    python benchmarks/dafl_torch_reference.py --seeds=0,1,2 --workdir=/tmp/mnist5k_table
+    python benchmarks/dafl_torch_reference.py --seeds=0,1,2,3,4,5,6,7,8,9 --teacher_seed=0 \
+        --workdir=/tmp/dafl_parity
 
-For each seed the mnist5k LeNet-5 teacher is trained, or reused from
---workdir/seed<k>/teacher_only as benchmarks/mnist5k_table.py leaves it, and copied into a
-PyTorch LeNet-5. Then:
+The mnist5k LeNet-5 teacher is trained, or reused from --workdir/seed<k>/teacher_only as
+benchmarks/mnist5k_table.py leaves it (k: each DAFL seed's own, or --teacher_seed for all of
+them), and copied into a PyTorch LeNet-5. Then:
 
-1. Agreement (seed 0 of the list only): from the JAX loop's initial generator and student and the
+1. Agreement (the first seed only): from the JAX loop's initial generator and student and the
    latents of its first step, one DAFL step in each implementation: the generator's loss terms,
    and the relative difference ||g_jax - g_torch|| / ||g_torch|| of every generator and student
    gradient. The same again after --check_after steps of the PyTorch loop, its weights copied
    into JAX (saturated generator, trained student).
-2. Training: DAFL for the config's student.steps (or --steps) with both. PyTorch runs the
-   authors' loop (DAFL-train.py: PyTorch's default initialisation and latents, one backward of
-   generator loss + KD loss, then both Adam steps); JAX runs this project's jitted step
-   (stages/dafl.py). Same hyperparameters (configs/mnist5k.py, `--set` overrides), including the
-   student's learning-rate schedule. Prints the student's test accuracy every --eval_every steps,
-   the final one, and seconds per step (first, compiling, step excluded).
+2. Training: DAFL for the config's student.steps (or --steps) with both, for every seed. PyTorch
+   runs the authors' loop (DAFL-train.py: one backward of generator loss + KD loss, then both
+   Adam steps, latents from torch.randn); JAX runs this project's jitted step (stages/dafl.py).
+   With --init=jax (the default) the PyTorch generator and student start from the JAX stage's
+   initial weights of the same seed, so the two differ only in their latents and float
+   rounding; --init=own keeps PyTorch's default initialisation. Same hyperparameters
+   (configs/mnist5k.py, `--set` overrides), including the student's learning-rate schedule.
+   Prints the student's test accuracy every --eval_every steps, the final one per seed, mean +-
+   std over seeds and, with both implementations, Welch's t-test of the finals.
 
 Both implementations compute the same step (part 1); the spread of part 2 over seeds is the
 spread of DAFL itself at this size.
@@ -277,14 +281,16 @@ def agreement(config, teacher, info, t_teacher, check_after: int):
 TORCH, JAX = "PyTorch (authors' loop)", "JAX (stages/dafl.py)"
 
 
-def train_both(config, teacher, info, t_teacher, test, test_torch, eval_every: int, impls):
+def train_both(config, teacher, info, t_teacher, test, test_torch, eval_every: int, impls,
+               init: str = "jax"):
   """{impl: ([(step, accuracy)], seconds per step)} for PyTorch and/or JAX.
 
-  test_torch: the test split as (NCHW images, labels) tensors.
+  test_torch: the test split as (NCHW images, labels) tensors; init: 'jax' (PyTorch starts from
+  the JAX stage's initial weights) or 'own' (PyTorch's default initialisation).
   """
   out = {}
   if "torch" in impls:
-    out[TORCH] = _train_torch(config, t_teacher, info, test_torch, eval_every)
+    out[TORCH] = _train_torch(config, teacher, t_teacher, info, test_torch, eval_every, init)
   if "jax" in impls:
     out[JAX] = _train_jax(config, teacher, info, test, eval_every)
   return out
@@ -303,9 +309,14 @@ def _timed_steps(steps: int, step, accuracy, eval_every: int, label: str):
   return curve, elapsed / max(steps - 1, 1)
 
 
-def _train_torch(config, t_teacher, info, test_torch, eval_every):
+def _train_torch(config, teacher, t_teacher, info, test_torch, eval_every, init):
   torch.manual_seed(config.seed)
   ref = TorchDAFL(config, t_teacher, info)
+  if init == "jax":  # the JAX stage's initial generator and student of this seed
+    state = dafl.build(config, teacher, info)[0]
+    load_into_torch(_gen_pairs(ref.gen), jax.device_get(state["gen"]["params"]),
+                    config.generator.width)
+    load_into_torch(_lenet_pairs(ref.student), jax.device_get(state["student"]["params"]))
   return _timed_steps(
       config.student.steps,
       lambda: ref.step(torch.randn(config.student.batch_size, config.generator.latent_dim)),
@@ -337,6 +348,11 @@ def main():
   p.add_argument("--impls", default="torch,jax",
                  help="implementations to train: torch, jax or both (the JAX runs are the "
                       "DAFL rows of mnist5k_table.py with the same seeds and settings)")
+  p.add_argument("--init", choices=("jax", "own"), default="jax",
+                 help="PyTorch's initial weights: the JAX stage's of the same seed, or its own")
+  p.add_argument("--teacher_seed", type=int, default=-1,
+                 help="train (or reuse) one teacher with this seed for every DAFL seed; "
+                      "-1: each seed its own teacher")
   p.add_argument("--set", action="append", default=[], help="config override key=value")
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -347,8 +363,9 @@ def main():
                 torch.tensor(test.labels.astype(np.int64)))
   results = {}
   for n, seed in enumerate(seeds):
-    teacher_dir = os.path.join(args.workdir, f"seed{seed}", "teacher_only")
-    tconfig = get_config(f"method=teacher,seed={seed}", args.set)
+    tseed = seed if args.teacher_seed < 0 else args.teacher_seed
+    teacher_dir = os.path.join(args.workdir, f"seed{tseed}", "teacher_only")
+    tconfig = get_config(f"method=teacher,seed={tseed}", args.set)
     summary = train.train_and_evaluate(tconfig, teacher_dir)
     config = get_config(f"method=dafl,seed={seed}", args.set)
     if (config.teacher.model, config.student.model) != ("lenet5", "lenet5_half"):
@@ -363,7 +380,7 @@ def main():
     teacher = teacher_stage.load(config, teacher_dir, info)
     t_teacher = torch_teacher(teacher, info)
     t_acc = torch_accuracy(t_teacher, *test_torch)
-    print(f"seed {seed}: teacher {summary['teacher']['test_accuracy']:.2%} (JAX), "
+    print(f"seed {seed}: teacher (seed {tseed}) {summary['teacher']['test_accuracy']:.2%} (JAX), "
           f"{t_acc:.2%} (its PyTorch copy)", flush=True)
     if n == 0:
       rows = agreement(config, teacher, info, t_teacher, args.check_after)
@@ -373,26 +390,41 @@ def main():
       print(flush=True)
     if not args.skip_training:
       results[seed] = train_both(config, teacher, info, t_teacher, test, test_torch,
-                                 args.eval_every, args.impls.split(","))
+                                 args.eval_every, args.impls.split(","), args.init)
   if not results:
     return
   print(f"\nmnist5k DAFL, {config.student.steps} steps, generator width "
         f"{config.generator.width}, batch {config.student.batch_size}, lr_G "
-        f"{config.generator.lr}, student schedule {config.student.schedule}; "
+        f"{config.generator.lr}, student schedule {config.student.schedule}, PyTorch init "
+        f"{args.init}, teacher seed {'each' if args.teacher_seed < 0 else args.teacher_seed}; "
         f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} "
         "threads)")
   first = next(iter(results.values()))
   print("| implementation | seed | student accuracy % at steps " + " / ".join(
       str(s) for s, _ in next(iter(first.values()))[0]) + " | final % | s/step |")
   print("|---|---|---|---|---|")
+  finals = {}
   for impl in first:
-    finals = []
+    finals[impl] = []
     for seed, res in results.items():
       curve, sps = res[impl]
-      finals.append(curve[-1][1] * 100)
+      finals[impl].append(curve[-1][1] * 100)
       print(f"| {impl} | {seed} | {' / '.join(f'{a * 100:.1f}' for _, a in curve)} | "
-            f"{finals[-1]:.2f} | {sps:.3f} |")
-    print(f"| {impl} | mean +- std | | {np.mean(finals):.2f} +- {np.std(finals):.2f} | |")
+            f"{finals[impl][-1]:.2f} | {sps:.3f} |")
+    print(f"| {impl} | mean +- std (n = {len(finals[impl])}) | | {np.mean(finals[impl]):.2f} "
+          f"+- {np.std(finals[impl]):.2f} | |")
+  if len(finals) == 2 and len(seeds) > 1:
+    t, p_value, dof = welch(finals[JAX], finals[TORCH])
+    print(f"\nWelch's t-test, JAX - PyTorch finals: difference of means "
+          f"{np.mean(finals[JAX]) - np.mean(finals[TORCH]):+.2f} points, t = {t:.3f}, "
+          f"{dof:.1f} degrees of freedom, two-sided p = {p_value:.3f}")
+
+
+def welch(a, b):
+  """Welch's unequal-variance t-test of mean(a) - mean(b): (t, two-sided p, degrees of freedom)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  res = stats.ttest_ind(np.asarray(a, np.float64), np.asarray(b, np.float64), equal_var=False)
+  return float(res.statistic), float(res.pvalue), float(res.df)
 
 
 if __name__ == "__main__":

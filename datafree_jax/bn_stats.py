@@ -10,6 +10,8 @@ generator ensemble. A model without BN layers has the empty pytree {}.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,62 @@ def compute(model, params, batch_stats, class_images) -> dict:
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_class)
   return {"global": batch_stats, "class": stacked,
           "class_counts": jnp.asarray(np.asarray(counts, np.int32))}
+
+
+def compute_streaming(model, params, batch_stats, batches, num_classes: int, mesh) -> dict:
+  """compute()'s statistics from one pass over host-local (images, labels, mask) batches.
+
+  For every BN layer's input x the examples' own spatial means of x and x^2
+  (RecordingBatchNorm's "bn_example_moments") are summed per class over the examples of mask
+  1, on the devices of `mesh` (the global batch split over them, so the sums are reduced over
+  devices and processes); then mean_k = S1_k / n_k and var_k = S2_k / n_k - mean_k^2. For the
+  same images this is compute()'s statistics up to float rounding. Nothing but the (K, C) sums
+  is kept; a class with no images gets the global running statistics.
+  """
+  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
+  from datafree_jax.models import BN_EXAMPLE_MOMENTS  # pylint: disable=g-import-not-at-top
+  if not batch_stats:
+    return {}
+  variables = common.variables_of(params, batch_stats)
+  rep = parallel.replicated(mesh)
+
+  def sums(x, y, mask):
+    _, upd = model.apply(variables, x, train=False, mutable=[BN_EXAMPLE_MOMENTS])
+    onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * mask[:, None]
+    per_class = jax.tree.map(lambda m: onehot.T @ m.astype(jnp.float32),
+                             upd[BN_EXAMPLE_MOMENTS])
+    return per_class, jnp.sum(onehot, axis=0)
+
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=rep)
+  def accumulate(total, x, y, mask):
+    per_class, counts = sums(x, y, mask)
+    return jax.tree.map(jnp.add, total, (per_class, counts))
+
+  total = None
+  for x, y, mask in batches:
+    arrays = parallel.global_batch((x, y, mask), mesh)
+    if total is None:
+      total = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, *arrays))
+      total = jax.device_put(total, rep)
+    total = accumulate(total, *arrays)
+  if total is None:
+    raise ValueError("no batches to compute BN statistics from")
+  moments, counts = jax.device_get(total)
+  n = np.maximum(counts, 1.0)[:, None]
+
+  def finish(leaf_mean, leaf_sq, global_mean, global_var):
+    mean = leaf_mean / n
+    var = np.maximum(leaf_sq / n - mean**2, 0.0)
+    seen = counts[:, None] > 0
+    return (np.where(seen, mean, np.asarray(global_mean)[None]).astype(np.float32),
+            np.where(seen, var, np.asarray(global_var)[None]).astype(np.float32))
+
+  out = jax.tree.map(lambda m, g: dict(zip(("mean", "var"), finish(m["mean"], m["sq"],
+                                                                  g["mean"], g["var"]))),
+                     moments, jax.device_get(batch_stats),
+                     is_leaf=lambda t: isinstance(t, dict) and "sq" in t)
+  return {"global": batch_stats, "class": jax.tree.map(jnp.asarray, out),
+          "class_counts": jnp.asarray(counts.astype(np.int32))}
 
 
 def for_class(stats: dict, k: int) -> dict:

@@ -58,11 +58,12 @@ class StageCheckpoints:
           f"checkpoint {self.directory}/{step} is unreadable or corrupt ({type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
-  def restore(self, step: int, name: str, abstract_tree):
-    """Restores item `name` of checkpoint `step` into the shapes/shardings of `abstract_tree`."""
+  def restore(self, step: int, name: str, abstract_tree, pad: bool = False):
+    """Restores item `name` of checkpoint `step` into the shapes/shardings of `abstract_tree`;
+    with `pad`, a target larger than a saved array gets it padded with zeros at the end."""
     try:
-      return self.manager.restore(
-          step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_tree)}))[name]
+      return self.manager.restore(step, args=ocp.args.Composite(**{
+          name: ocp.args.StandardRestore(abstract_tree, strict=not pad)}))[name]
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(
           f"cannot restore {name!r} from checkpoint {self.directory}/{step}: it is corrupt or was "

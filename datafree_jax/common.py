@@ -39,6 +39,13 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
 
 
+def compute_dtype(config):
+  """What models compute in: bfloat16 for config.dtype 'bfloat16'; None for 'float32' (flax
+  then computes in the dtype of the inputs and parameters: float32, or float64 when x64 is
+  on)."""
+  return jnp.bfloat16 if config.get("dtype", "float32") == "bfloat16" else None
+
+
 def variables_of(params, batch_stats) -> dict:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
@@ -58,13 +65,14 @@ def classifier_logits(model):
 
 def make_classifier_eval(model, select, data, mesh):
   """evaluate(state): test accuracy and loss of the classifier whose {'params', 'batch_stats'}
-  are select(state), over the test split of `data` (read on first use)."""
+  are select(state), over the test split of `data` (read on first use; in memory or
+  streamed)."""
   apply_logits = classifier_logits(model)
 
   def evaluate(state):
     v, test = select(state), data["test"]
-    return loop.evaluate_classifier(apply_logits, variables_of(v["params"], v["batch_stats"]),
-                                    test.images, test.labels, mesh)
+    return loop.evaluate_batches(apply_logits, variables_of(v["params"], v["batch_stats"]),
+                                 test.eval_batches(loop.eval_local_batch()), mesh)
   return evaluate
 
 
@@ -108,19 +116,29 @@ def random_shift(key, images, pad: int, fill, flip: bool = False):
   return images
 
 
-def student_kd_loss(model, params, batch_stats, images, teacher_logits, temperature: float):
-  """kd_loss(teacher, student) of `images`, the student's BN in training mode:
-  (loss, new batch_stats)."""
+def augmentation(cfg, info) -> dict:
+  """random_shift's arguments from a config section with augment_shift/augment_flip. Shifts pad
+  with black pixels (0 before normalisation), as torchvision's RandomCrop with padding does in
+  the official scripts."""
+  fill = tuple(float((0.0 - m) / s) for m, s in zip(info.mean, info.std))
+  return dict(pad=cfg.augment_shift, fill=fill, flip=bool(cfg.augment_flip))
+
+
+def student_kd_loss(model, params, batch_stats, images, teacher_logits, temperature: float,
+                    weights=None):
+  """kd_loss(teacher, student) of `images` (weighted by `weights` when given), the student's
+  BN in training mode: (loss, new batch_stats)."""
   logits, upd = model.apply(variables_of(params, batch_stats), images, train=True,
                             mutable=["batch_stats"])
-  return losses.kd_loss(teacher_logits, logits, temperature), upd.get("batch_stats", {})
+  return (losses.kd_loss(teacher_logits, logits, temperature, weights),
+          upd.get("batch_stats", {}))
 
 
 def student_kd_update(model, tx, params, batch_stats, opt_state, images, teacher_logits,
-                      temperature: float):
+                      temperature: float, weights=None):
   """One student step on student_kd_loss; returns new state, the loss and gradient norm."""
   (loss, new_bs), grads = jax.value_and_grad(student_kd_loss, argnums=1, has_aux=True)(
-      model, params, batch_stats, images, teacher_logits, temperature)
+      model, params, batch_stats, images, teacher_logits, temperature, weights)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), new_bs, opt_state, loss, optax.tree.norm(grads)
 

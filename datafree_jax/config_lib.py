@@ -106,6 +106,8 @@ SCHEDULES = ("constant", "cosine", "step")
 GENERATOR_STYLES = ("dafl", "luo")
 ENSEMBLE_LOSSES = ("luo", "dafl")
 LOWERINGS = ("auto", "vmap", "loop")
+DTYPES = ("float32", "bfloat16")
+DISTILL_LAYOUTS = ("auto", "replicated", "sharded")
 SINGLE_TARGETS = ("conditional", "random", "argmax")
 MM_FORMS = ("l2", "kl")  # losses.BN_MOMENT_FORMS (tests/test_config_schema.py checks they agree)
 
@@ -266,6 +268,7 @@ def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):
 SCHEMA = {
     "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
+    "image_size": (0, NON_NEGATIVE_INT),   # images resized to this; 0 = the dataset's size
     "method": ("dafl", Choice(_methods, label="method")),  # train.METHODS
     "stage": ("all", Choice(_stages, label="stage")),  # see train.py
     # stage=distill of method ensemble: '' = <workdir>/generators
@@ -273,12 +276,27 @@ SCHEMA = {
     "seed": (0, NON_NEGATIVE_INT),
     "log_every_secs": (10.0, NON_NEGATIVE),
     "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between checkpoints; 0 = final only
+    # Computation dtype of teacher, generators and student; parameters, optimiser state, BN
+    # statistics and loss reductions stay float32.
+    "dtype": ("float32", Choice(DTYPES)),
+    # Lower and compile one step of every stage from abstract inputs and print a sizing table
+    # (dry_run.py); nothing is trained or written.
+    "dry_run": (False, Flag()),
+    "dry_run_hbm_gib": (0.0, NON_NEGATIVE),   # fail when a stage needs more per device; 0 = off
+    # the fraction of a device's peak FLOP/s the dry run's steps-per-hour estimate assumes
+    "dry_run_mfu": (0.4, Number(float, 0, low_inclusive=False, high=1)),
     "teacher": _classifier_fields(
         "teacher", "lenet5", 1000, 128, 1e-3, "cosine",
         augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag()),
-        bn_stats_per_class=(100, POSITIVE_INT)),
+        bn_stats_per_class=(100, POSITIVE_INT),
+        # A trained teacher to start from instead of training one: a teacher stage directory
+        # (<workdir>/teacher of another run, or a checkpoint with the same 'teacher' item).
+        # The stage then takes 0 steps: it evaluates it and computes its BN statistics.
+        init_from=("", Text())),
     "student": _classifier_fields(
-        "student", "lenet5_half", 1000, 256, 2e-3, "constant", temperature=(1.0, POSITIVE)),
+        "student", "lenet5_half", 1000, 256, 2e-3, "constant", temperature=(1.0, POSITIVE),
+        # Distillation stages: random shifts / flips of the images both networks see.
+        augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag())),
     "generator": dict(
         style=("dafl", Choice(GENERATOR_STYLES)), latent_dim=(100, POSITIVE_INT),
         width=(128, POSITIVE_INT), num_upsample=(2, NON_NEGATIVE_INT),
@@ -299,6 +317,10 @@ SCHEMA = {
         mm_form=("l2", Choice(MM_FORMS)),
         lowering=("auto", Choice(LOWERINGS)),  # auto: loop on CPU, vmap elsewhere
         max_generators_per_device_at_once=(0, NON_NEGATIVE_INT),  # 0 = all local at once
+        # Distillation: the frozen generators on every device ('replicated') or split over the
+        # devices, each drawing images from its own ('sharded'); auto: sharded when there are
+        # at least as many generators as devices.
+        distill_layout=("auto", Choice(DISTILL_LAYOUTS)),
         eval_every=(50, NON_NEGATIVE_INT)),
 }
 

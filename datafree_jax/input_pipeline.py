@@ -26,7 +26,13 @@ DATASETS = {
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
     "cifar100": dict(image_size=32, channels=3, num_classes=100,
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "imagenet2012": dict(image_size=224, channels=3, num_classes=1000,
+                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
 }
+
+# Datasets too large for host memory: streamed batch by batch (datafree_jax.streaming)
+# rather than held in memory (load_dataset).
+STREAMED = frozenset({"imagenet2012"})
 
 MNIST5K_TRAIN_PER_CLASS = 400
 MNIST5K_TEST_PER_CLASS = 100
@@ -62,12 +68,76 @@ class Dataset:
   def __len__(self):
     return len(self.labels)
 
+  def train_batches(self, local_batch: int, seed: int) -> "StepBatches":
+    """Training batches by step: this process's share of the global batch of each step."""
+    return StepBatches(self, local_batch, seed)
 
-def dataset_info(name: str) -> DatasetInfo:
+  def eval_batches(self, local_batch: int):
+    return masked_batches(self.images, self.labels, local_batch)
+
+
+def masked_batches(images: np.ndarray, labels: np.ndarray, local_batch: int):
+  """(images, labels, mask) batches of local_batch host-local examples, the last one padded
+  (mask 0); in a multi-process run every process yields the same number of batches (the
+  largest count of any process; the extra ones all padding)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  n_batches = int(-(-len(labels) // local_batch))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n_batches = int(np.max(multihost_utils.process_allgather(np.int32(n_batches))))
+  for i in range(n_batches):
+    x = images[i * local_batch:(i + 1) * local_batch]
+    y = labels[i * local_batch:(i + 1) * local_batch]
+    mask = np.zeros((local_batch,), np.float32)
+    mask[:len(y)] = 1.0
+    pad = local_batch - len(y)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
+    yield x, y, mask
+
+
+class StreamedSplit:
+  """A split of a streamed dataset (STREAMED; see streaming.py), with Dataset's batch methods.
+
+  Nothing is read when it is made, except the check that the dataset is prepared.
+  """
+
+  def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None):
+    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
+    tfds_pipeline.prepared_builder(name, data_dir)  # DatasetNotPreparedError, fast
+    self.name, self.split, self.info, self.data_dir = name, split, info, data_dir
+
+  def train_batches(self, local_batch: int, seed: int):
+    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.train_batches(self.name, self.info, local_batch, seed, self.data_dir,
+                                   self._tfds_split())
+
+  def eval_batches(self, local_batch: int):
+    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.eval_batches(self.name, self.info, local_batch, self.data_dir,
+                                  None if self.split == "test" else self.split)
+
+  def class_batches(self, local_batch: int, per_class: int):
+    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.class_batches(self.name, self.info, local_batch, per_class,
+                                   self.data_dir, self._tfds_split())
+
+  def _tfds_split(self) -> str:
+    return "train" if self.split == "train" else self.split
+
+
+def dataset_info(name: str, image_size: int = 0) -> DatasetInfo:
   if name not in DATASETS:
     raise UnknownDatasetError(
         f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-  return DatasetInfo(name=name, **DATASETS[name])
+  info = DatasetInfo(name=name, **DATASETS[name])
+  return dataclasses.replace(info, image_size=image_size) if image_size else info
+
+
+def config_info(config) -> DatasetInfo:
+  """The DatasetInfo of config.dataset, with config.image_size (when set) as its size."""
+  return dataset_info(config.dataset, config.get("image_size", 0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,9 +259,11 @@ def _load_mnist5k(split: str):
   return images, y[idx].astype(np.int32)
 
 
-def load_dataset(name: str, split: str, data_dir: Optional[str] = None) -> Dataset:
-  """Loads split 'train' or 'test' of dataset `name` into memory, resized and normalised."""
-  info = dataset_info(name)
+def load_dataset(name: str, split: str, data_dir: Optional[str] = None,
+                 info: Optional[DatasetInfo] = None) -> Dataset:
+  """Loads split 'train' or 'test' of dataset `name` into memory, resized (to info's image
+  size: the dataset's unless given) and normalised."""
+  info = info or dataset_info(name)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   if name in _REGISTERED:
@@ -208,16 +280,23 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None) -> Datas
 
 class Splits(collections.abc.Mapping):
   """{'train': Dataset, 'test': Dataset} of one dataset, each split loaded on first use (the
-  data-free stages never read the training split)."""
+  data-free stages never read the training split). A STREAMED dataset's splits are
+  StreamedSplits: nothing is held in memory, batches are read as they are needed; 'test' is
+  its evaluation split (imagenet2012: 'validation')."""
 
-  def __init__(self, name: str, data_dir: Optional[str] = None):
+  def __init__(self, name: str, data_dir: Optional[str] = None,
+               info: Optional[DatasetInfo] = None):
     self.name, self.data_dir, self._loaded = name, data_dir, {}
+    self.info = info or dataset_info(name)
 
-  def __getitem__(self, split: str) -> Dataset:
+  def __getitem__(self, split: str):
     if split not in ("train", "test"):
       raise KeyError(split)
     if split not in self._loaded:
-      self._loaded[split] = load_dataset(self.name, split, self.data_dir)
+      if self.name in STREAMED:
+        self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir)
+      else:
+        self._loaded[split] = load_dataset(self.name, split, self.data_dir, self.info)
     return self._loaded[split]
 
   def __iter__(self):

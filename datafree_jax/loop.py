@@ -171,28 +171,26 @@ def evaluate_classifier(apply_logits: Callable, variables, images: np.ndarray, l
   Batches are padded to a fixed size and masked, so every process runs the same number of
   identical-shape steps even when their shards differ in length.
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
+  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return evaluate_batches(apply_logits, variables, input_pipeline.masked_batches(
+      images, labels, eval_local_batch(batch_size)), mesh)
 
-  n_local = len(labels)
+
+def eval_local_batch(batch_size: int = 500) -> int:
+  """This process's evaluation batch: about batch_size, a multiple of its device count."""
   n_dev_local = jax.local_device_count()
-  bs = max(n_dev_local, (batch_size // n_dev_local) * n_dev_local)
-  n_batches = int(-(-n_local // bs))
-  if jax.process_count() > 1:
-    n_batches = int(np.max(multihost_utils.process_allgather(np.int32(n_batches))))
+  return max(n_dev_local, (batch_size // n_dev_local) * n_dev_local)
+
+
+def evaluate_batches(apply_logits: Callable, variables, batches, mesh) -> dict:
+  """Top-1 accuracy and CE over host-local (images, labels, mask) batches (every process the
+  same number of the same shape), counting the examples of mask 1."""
+  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
   correct = jnp.zeros((), jnp.float32)
   nll = jnp.zeros((), jnp.float32)
   count = jnp.zeros((), jnp.float32)
   fn = _eval_batch_fn(apply_logits)
-  for i in range(n_batches):
-    x = images[i * bs:(i + 1) * bs]
-    y = labels[i * bs:(i + 1) * bs]
-    mask = np.zeros((bs,), np.float32)
-    mask[:len(y)] = 1.0
-    pad = bs - len(y)
-    if pad:
-      x = np.concatenate([x, np.zeros((pad,) + images.shape[1:], images.dtype)])
-      y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
+  for x, y, mask in batches:
     c, l, n = fn(variables, *parallel.global_batch((x, y, mask), mesh))
     correct, nll, count = correct + c, nll + l, count + n
   correct, nll, count = jax.device_get((correct, nll, count))

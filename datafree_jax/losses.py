@@ -117,7 +117,7 @@ def dafl_generator_loss(logits, features, w_oh, w_a, w_ie):
   return w_oh * terms["l_oh"] + w_a * terms["l_a"] + w_ie * terms["l_ie"], terms
 
 
-def kd_loss(teacher_logits, student_logits, temperature=1.0):
+def kd_loss(teacher_logits, student_logits, temperature=1.0, weights=None):
   """Knowledge-distillation loss T^2 * KL(softmax(t/T) || softmax(s/T)), summed, / N.
 
     p_i = softmax(t_i / T),  q_i = softmax(s_i / T)
@@ -136,15 +136,23 @@ def kd_loss(teacher_logits, student_logits, temperature=1.0):
     teacher_logits: (N, K) logits of the teacher.
     student_logits: (N, K) logits of the student.
     temperature: softmax temperature T > 0.
+    weights: optional (N,) non-negative example weights w_i: the loss is then
+      T^2 * sum_i w_i KL_i / sum_i w_i (the weighted mean; 0 when every weight is 0).
 
   Returns:
     Scalar loss (>= 0).
   """
-  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  teacher_logits = jax.lax.stop_gradient(
+      teacher_logits.astype(jnp.promote_types(teacher_logits.dtype, jnp.float32)))
+  student_logits = student_logits.astype(jnp.promote_types(student_logits.dtype, jnp.float32))
   log_p = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
   log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
   p = jnp.exp(log_p)
   terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)
+  if weights is not None:
+    per_example = jnp.sum(terms, axis=-1)
+    total = jnp.sum(weights)
+    return jnp.sum(weights * per_example) / jnp.maximum(total, 1e-30) * temperature**2
   n = teacher_logits.shape[0]
   return jnp.sum(terms) / n * temperature**2
 

@@ -17,6 +17,8 @@ an object with:
                                   other runs) before anything is written; `finished`: its own
                                   checkpoint in the workdir already ends it
     plan(ctx) -> Plan             the initial state, the jitted step, batches, evaluation
+    programs(ctx)                 the same jitted step(s) with abstract inputs, for the sizing
+                                  dry run (dry_run.py)
     summarize(ctx, done) -> dict  the stage's entries of the run's summary, once it has
                                   finished (now or in an earlier run); the teacher stage also
                                   publishes the frozen teacher there (ctx.teacher)
@@ -114,6 +116,11 @@ class Stage:
 
   def summarize(self, ctx, done: Done) -> dict:
     return {self.name: {"steps": done.step, "eval": done.eval, "checkpoint": done.directory}}
+
+  def programs(self, ctx) -> list:
+    """The stage's jitted step(s) with abstract inputs (dry_run.Program), for the sizing dry
+    run: nothing materialised, read or written. ctx.teacher is the abstract frozen teacher."""
+    raise NotImplementedError(f"stage {self.name!r} has no dry run")
 
 
 def directory(ctx, stage: Stage) -> str:

@@ -95,7 +95,7 @@ def validate(config):
   what depends on several fields (Stage.check).
   """
   config_lib.check_config(config)
-  info = input_pipeline.dataset_info(config.dataset)
+  info = input_pipeline.config_info(config)
   for s in stages_to_run(config):
     s.check(config, info)
 
@@ -139,7 +139,8 @@ def _writable(directory: str) -> bool:
 
 def load_data(config) -> input_pipeline.Splits:
   """The dataset's splits, each read on first use."""
-  return input_pipeline.Splits(config.dataset, config.data_dir or None)
+  return input_pipeline.Splits(config.dataset, config.data_dir or None,
+                               input_pipeline.config_info(config))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -153,7 +154,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_workdir(config, workdir)
   stages = stages_to_run(config)
   ctx = stage_lib.Context(config=config, workdir=workdir, data=load_data(config),
-                          info=input_pipeline.dataset_info(config.dataset),
+                          info=input_pipeline.config_info(config),
                           running=tuple(s.name for s in stages))
   summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
   teacher = method_stages(config.method)[0]
@@ -200,8 +201,13 @@ def _user_errors():
 
 
 def main_entry(config, workdir: str, debug: bool = False) -> int:
-  """CLI body: runs the pipeline, prints where the results are; returns the exit code."""
+  """CLI body: runs the pipeline, prints where the results are; returns the exit code (with
+  config.dry_run: the sizing dry run instead, which writes nothing)."""
   try:
+    if config.get("dry_run"):
+      from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+      validate(config)
+      return dry_run.main(config, stages_to_run(config), input_pipeline.config_info(config))
     summary = train_and_evaluate(config, workdir)
   except loop.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)

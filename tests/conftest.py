@@ -110,3 +110,39 @@ def generators_workdir(bn_teacher_workdir, tmp_path_factory):
   workdir = copy_stages(bn_teacher_workdir, tmp_path_factory.mktemp("generators"), "teacher")
   summary = train.train_and_evaluate(ensemble_config(stage="generators"), workdir)
   return workdir, summary
+
+
+def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:
+  """A really prepared (tfrecord) tfds 'mnist' of the given digits, built offline; its data dir.
+
+  arrays: {'train': (images (N, 28, 28) uint8, labels (N,)), 'test': (...)}. The real MNIST
+  builder runs with its download replaced by local idx files and its example counts set to
+  these; everything downstream (tfrecords, dataset_info.json, reading) is real tfds.
+  """
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  mnist_mod = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  raw = tmp_path_factory.mktemp("mnist_raw")
+  data_dir = str(tmp_path_factory.mktemp("mnist_prepared"))
+  files = {}
+  for split, (images, labels) in arrays.items():
+    files[f"{split}_data"] = str(raw / f"{split}_data")
+    files[f"{split}_labels"] = str(raw / f"{split}_labels")
+    (raw / f"{split}_data").write_bytes(b"\0" * 16 + images.tobytes())  # idx3 header + pixels
+    (raw / f"{split}_labels").write_bytes(b"\0" * 8 + labels.tobytes())  # idx1 header + labels
+  with mock.patch.object(mnist_mod, "_TRAIN_EXAMPLES", len(arrays["train"][1])), \
+       mock.patch.object(mnist_mod, "_TEST_EXAMPLES", len(arrays["test"][1])), \
+       mock.patch("tensorflow_datasets.core.download.DownloadManager.download_and_extract",
+                  lambda self, urls: files), \
+       pytest.MonkeyPatch.context() as mp:
+    try:
+      import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      # etils' resource helpers want the importlib_resources backport, which tfds does not
+      # declare; the standard library module does the same job.
+      mp.setitem(sys.modules, "importlib_resources", importlib.resources)
+    tfds.builder("mnist", data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return data_dir

@@ -94,6 +94,9 @@ def _step_dirs(stage_dir):
     ("generator.w_oh", -1.0, "generator.w_oh must be >= 0, got -1.0"),
     ("generator.w_ie", -5.0, "generator.w_ie must be >= 0, got -5.0"),
     ("student.steps", -3, "student.steps must be positive, got -3"),
+    ("student.augment_shift", 2, "student.augment_shift / augment_flip apply to the "
+                                 "distillation stages"),
+    ("student.augment_flip", True, "leave them at 0 / False for method=dafl"),
 ])
 def test_bad_config_value(tmp_path, capsys, key, value, expected):
   workdir = tmp_path / "w"

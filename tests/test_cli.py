@@ -89,7 +89,7 @@ def test_packaged_configs_by_name_after_a_non_editable_install(tmp_path):
                   "--no-build-isolation", "--target", str(target), str(source)],
                  check=True, capture_output=True, timeout=300)
   assert sorted(p.name for p in (target / "datafree_jax" / "configs").glob("*.py")) == [
-      "__init__.py", "cifar10.py", "cifar100.py", "mnist.py", "mnist5k.py"]
+      "__init__.py", "cifar10.py", "cifar100.py", "imagenet.py", "mnist.py", "mnist5k.py"]
   env = dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="3")
   run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,
                                      capture_output=True, text=True, timeout=300)

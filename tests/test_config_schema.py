@@ -40,7 +40,7 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  assert len(FIELDS) == 66
+  assert len(FIELDS) == 75
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
@@ -100,7 +100,7 @@ def _arguments(path):
 @pytest.mark.parametrize("path,arg", [(p, a) for p in CONFIG_FILES for a in _arguments(p)],
                          ids=lambda x: os.path.basename(x) if str(x).endswith(".py") else x)
 def test_every_config_file_validates_with_every_method(path, arg):
-  assert len(CONFIG_FILES) == 4
+  assert len(CONFIG_FILES) == 5
   assert sorted(config_lib.packaged_configs()) == sorted(
       os.path.basename(p)[:-3] for p in CONFIG_FILES)
   refused = REFUSED.get((os.path.basename(path), arg))

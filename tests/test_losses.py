@@ -291,3 +291,24 @@ def test_bn_moment_matching_gradient(form):
     np.testing.assert_allclose(grad_b["conv1"]["BatchNorm_0"]["mean"], [-0.6, -0.8, 0.0],
                                rtol=RTOL)
     np.testing.assert_array_equal(grad_b["conv1"]["BatchNorm_0"]["var"], [0.0, 0.0, 0.0])
+
+
+def test_kd_loss_weighted_hand_value():
+  # Per-example KLs k0, k1 (uniform student): weights (3, 1) give (3 k0 + k1) / 4; equal
+  # weights the plain mean; weight 0 drops an example; all weights 0 give 0, not NaN.
+  student = np.array([[0.0, 0.0], [1.0, 1.0]], np.float32)
+  kl = lambda p: sum(pk * math.log(2 * pk) for pk in p)
+  k0, k1 = kl(P_ROW0), kl(P_ROW1)
+  w = np.array([3.0, 1.0], np.float32)
+  np.testing.assert_allclose(losses.kd_loss(LOGITS, student, weights=w), (3 * k0 + k1) / 4,
+                             rtol=RTOL)
+  np.testing.assert_allclose(losses.kd_loss(LOGITS, student, weights=np.ones(2, np.float32)),
+                             (k0 + k1) / 2, rtol=RTOL)
+  np.testing.assert_allclose(
+      losses.kd_loss(LOGITS, student, weights=np.array([0.0, 2.0], np.float32)), k1, rtol=RTOL)
+  assert float(losses.kd_loss(LOGITS, student, weights=np.zeros(2, np.float32))) == 0.0
+  # Temperature: still times T^2.
+  p0 = [E / (E + 1), 1 / (E + 1)]
+  p1 = [1 / (1 + E**0.5), E**0.5 / (1 + E**0.5)]
+  np.testing.assert_allclose(losses.kd_loss(LOGITS, student, 2.0, w),
+                             4 * (3 * kl(p0) + kl(p1)) / 4, rtol=RTOL)

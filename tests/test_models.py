@@ -14,7 +14,18 @@ BN_LAYERS = {"lenet5": 0, "lenet5_half": 0, "lenet5_bn": 3, "lenet5_half_bn": 3,
              "hinton_half": 0, "resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3}
 
 
-@pytest.mark.parametrize("name", sorted(models.CLASSIFIERS))
+# The ImageNet models (models/imagenet.py) have their own tests: test_imagenet_models.py.
+IMAGENET_MODELS = {"resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet", "mobilenet_v2"}
+
+
+def test_every_classifier_is_tested_here_or_in_test_imagenet_models():
+  from datafree_jax.models import imagenet  # pylint: disable=g-import-not-at-top
+  assert IMAGENET_MODELS <= set(models.CLASSIFIERS)
+  for name in IMAGENET_MODELS:
+    assert isinstance(models.get_classifier(name, 10, 8), (imagenet.ResNet, imagenet.MobileNetV2))
+
+
+@pytest.mark.parametrize("name", sorted(set(models.CLASSIFIERS) - IMAGENET_MODELS))
 def test_classifier_shapes(name):
   channels = 3 if name.startswith("resnet") else 1
   model = models.get_classifier(name, 7, width=4)

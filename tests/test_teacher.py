@@ -152,3 +152,27 @@ def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, tiny):
   resumed = teacher_stage.train(config, workdir, data, writer=None)
   for a, b in zip(jax.tree.leaves(full["variables"]), jax.tree.leaves(resumed["variables"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_teacher_init_from_another_run_skips_training(tmp_path, tiny):
+  """teacher.init_from: the stage takes 0 steps and ends in the same teacher checkpoint (its
+  parameters, test accuracy and BN statistics) as the run it starts from."""
+  config = tiny("teacher", **{"teacher.model": "lenet5_bn"})
+  data = train.load_data(config)
+  first = teacher_stage.train(config, str(tmp_path / "a"), data, writer=None)
+  config_b = tiny("teacher", **{"teacher.model": "lenet5_bn",
+                                "teacher.init_from": str(tmp_path / "a")})
+  summary = train.train_and_evaluate(config_b, str(tmp_path / "b"))
+  second = teacher_stage.load(config_b, str(tmp_path / "b"), data["test"].info)
+  assert second["meta"]["step"] == 0 and second["meta"]["done"]
+  assert summary["teacher"]["test_accuracy"] == first["meta"]["eval"]["accuracy"]
+  for a, b in zip(jax.tree.leaves((first["variables"], first["bn_stats"])),
+                  jax.tree.leaves((second["variables"], second["bn_stats"]))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # A path without a teacher checkpoint, or one of another model, is refused before writing.
+  for path, model, message in ((tmp_path / "none", "lenet5_bn", "no such directory"),
+                               (tmp_path / "a", "lenet5", "cannot restore 'teacher'")):
+    bad = tiny("teacher", **{"teacher.model": model, "teacher.init_from": str(path)})
+    with pytest.raises((teacher_stage.TeacherError, ckpt_lib.CheckpointError), match=message):
+      train.train_and_evaluate(bad, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()

@@ -7,7 +7,6 @@ refuses. So the fixture writes each dataset's real metadata (dataset_info.json, 
 from the installed tfds' builder code) into a temporary dir, which is what mock_data documents
 for its USE_FILES policy; the examples then come from mock_data's random generator.
 """
-import importlib.resources
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+from conftest import prepare_tiny_mnist
 from datafree_jax import input_pipeline
 from datafree_jax import tfds_pipeline
 
@@ -147,34 +147,12 @@ def tiny_prepared_mnist(tmp_path_factory):
   counts shrunk; everything downstream (tfrecords, dataset_info.json, reading) is real tfds.
   Returns (data_dir, {split: (images (N, 28, 28) uint8, labels (N,))}).
   """
-  mnist_mod = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
-  raw = tmp_path_factory.mktemp("mnist_raw")
-  data_dir = str(tmp_path_factory.mktemp("mnist_prepared"))
   rng = np.random.default_rng(0)
-  arrays, files = {}, {}
+  arrays = {}
   for split, n in (("train", 11), ("test", 5)):
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    arrays[split] = images, labels
-    files[f"{split}_data"] = str(raw / f"{split}_data")
-    files[f"{split}_labels"] = str(raw / f"{split}_labels")
-    (raw / f"{split}_data").write_bytes(b"\0" * 16 + images.tobytes())  # idx3 header + pixels
-    (raw / f"{split}_labels").write_bytes(b"\0" * 8 + labels.tobytes())  # idx1 header + labels
-  with mock.patch.object(mnist_mod, "_TRAIN_EXAMPLES", 11), \
-       mock.patch.object(mnist_mod, "_TEST_EXAMPLES", 5), \
-       mock.patch("tensorflow_datasets.core.download.DownloadManager.download_and_extract",
-                  lambda self, urls: files), \
-       pytest.MonkeyPatch.context() as mp:
-    try:
-      import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      # etils' resource helpers want the importlib_resources backport, which tfds does not
-      # declare; the standard library module does the same job.
-      mp.setitem(sys.modules, "importlib_resources", importlib.resources)
-    builder = tfds.builder("mnist", data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return data_dir, arrays
+    arrays[split] = images, rng.integers(0, 10, n).astype(np.uint8)
+  return prepare_tiny_mnist(tmp_path_factory, arrays), arrays
 
 
 def _sorted_rows(images):

@@ -393,3 +393,64 @@ def test_random_shift_pad_zero_is_identity_and_flip_mirrors_about_half():
     assert (s is None) != (m is None)
     kinds.append(m is not None)
   assert 0 < sum(kinds) < n
+
+
+# ------------------------------------------------------------------ distillation augmentation
+
+def test_distill_step_augments_the_images_both_networks_see():
+  """student.augment_shift/flip: one distill_step equals an unaugmented step on the images
+  random_shift makes with the step's key folded with AUGMENT_SALT (teacher and student see the
+  same shifted images), and differs from the unaugmented step on the raw images."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from datafree_jax.stages import distill  # pylint: disable=g-import-not-at-top
+  teacher = models.get_classifier("lenet5_bn", 10)
+  tp, tbs = common.init_model(teacher, jax.random.key(1), (32, 32, 1))
+  tvars = common.variables_of(tp, tbs)
+  student = models.get_classifier("lenet5_half_bn", 10)
+  sp, sbs = common.init_model(student, jax.random.key(2), (32, 32, 1))
+  tx = optax.sgd(0.1)
+  state = {"student": {"params": sp, "batch_stats": sbs}, "student_opt": tx.init(sp),
+           "step": jnp.asarray(3, jnp.int32)}
+  raw = jax.random.normal(jax.random.key(4), (16, 32, 32, 1))
+  mesh = parallel.make_mesh("data")
+  augment = dict(pad=2, fill=(-0.4242,), flip=True)
+  off = dict(pad=0, fill=(0.0,), flip=False)
+
+  def step(aug, images):
+    fn = jax.jit(functools.partial(distill.distill_step, student, tx, 2.0, teacher,
+                                   distill.data_images, parallel.split_leading(mesh), 7, 16,
+                                   aug))
+    return fn(state, (images, None), tvars, None)
+  key = common.step_key(7, distill.STAGE_SALT, 3)
+  shifted = common.random_shift(jax.random.fold_in(key, distill.AUGMENT_SALT), raw, **augment)
+  assert not np.allclose(shifted, raw)
+  got, m_got = step(augment, raw)
+  want, m_want = step(off, shifted)
+  plain, m_plain = step(off, raw)
+  np.testing.assert_allclose(m_got["loss_kd"], m_want["loss_kd"], rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), got, want)
+  assert abs(float(m_got["loss_kd"]) - float(m_plain["loss_kd"])) > 1e-4
+
+
+def test_bn_stats_streaming_pass_equals_the_in_memory_statistics():
+  """bn_stats.compute_streaming over masked batches (per-class running sums of each example's
+  moments) gives compute()'s statistics of the same images: class-conditional means and
+  variances of every BN input, counts, and the global statistics for a class with no images."""
+  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  model = models.get_classifier("resnet18_imagenet", 5, 8)
+  params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 3))
+  batch_stats = jax.tree.map(lambda x: x + 0.3, batch_stats)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
+  y = rng.integers(0, 4, 40).astype(np.int32)  # class 4 has no images
+  want = bn_stats.compute(model, params, batch_stats, [x[y == k] for k in range(5)])
+  got = bn_stats.compute_streaming(model, params, batch_stats,
+                                   input_pipeline.masked_batches(x, y, 16), 5,
+                                   parallel.make_mesh("data"))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  np.testing.assert_array_equal(got["class_counts"], np.bincount(y, minlength=5))
+  for a, b in zip(jax.tree.leaves(got["class"]), jax.tree.leaves(want["class"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # Class 4: the global running statistics.
+  _assert_tree_equal(bn_stats.for_class(got, 4), batch_stats)

@@ -20,8 +20,15 @@ function of the same parameters (nn.Conv's names and shapes), without the upsamp
 
 Generators are always applied in training mode (`mutable=['batch_stats']`): their BN layers
 normalise with the statistics of the generated batch, in training and when sampling.
+
+`dtype` is the computation dtype (None by default: the dtype of inputs and parameters, float32
+here; bfloat16 for mixed precision): the dense layer, convolutions and BatchNorms compute in it,
+parameters and BN running statistics stay float32, and the images are returned in float32 (or
+wider).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -60,20 +67,24 @@ class UpsampleConv(nn.Module):
   out[2h + a, 2w + b] only reads x rows h - 1..h + 1 and columns w - 1..w + 1, with the
   3x3 taps summed per parity (a, b); zero padding of the upsampled image is zero padding of x.
   Parameters are nn.Conv's ('kernel' (3, 3, C, D), 'bias' (D,)), initialised the same way.
+  The low-resolution kernel is formed in float32 and the convolution computed in `dtype`.
   """
   features: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    k = upsample_conv_kernel(kernel).astype(x.dtype)
+    dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, kernel.dtype)
+    x = x.astype(dtype)
+    k = upsample_conv_kernel(kernel).astype(dtype)
     dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
     conv = cpu_conv.conv_for_backend() or lax.conv_general_dilated
     y = conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(b, 2 * h, 2 * w, self.features) + bias
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(dtype)
 
 
 class Generator(nn.Module):
@@ -84,6 +95,7 @@ class Generator(nn.Module):
   num_upsample: int = 2
   style: str = "dafl"  # "dafl" or "luo"
   num_classes: int = 0  # > 0: conditional, __call__ takes the class labels
+  dtype: Any = None  # computation dtype; parameters and the output stay float32
 
   def block_widths(self) -> list:
     if self.style == "luo":
@@ -102,17 +114,20 @@ class Generator(nn.Module):
     if init * 2**self.num_upsample != self.image_size:
       raise ValueError(f"image_size {self.image_size} is not divisible by 2^{self.num_upsample}")
     bn = lambda eps, name, **kw: nn.BatchNorm(  # PyTorch momentum 0.1 == flax momentum 0.9.
-        use_running_average=not train, momentum=0.9, epsilon=eps, name=name, **kw)
-    x = nn.Dense(self.width * init * init, name="fc")(z)
+        use_running_average=not train, momentum=0.9, epsilon=eps, dtype=self.dtype, name=name,
+        **kw)
+    x = nn.Dense(self.width * init * init, dtype=self.dtype, name="fc")(z)
     x = x.reshape((z.shape[0], init, init, self.width))
     x = bn(1e-5, "bn0")(x)
     if self.style == "luo":
       x = nn.leaky_relu(x, 0.2)
     for i, width in enumerate(self.block_widths()):
-      x = UpsampleConv(width, name=f"conv{i + 1}")(x)
+      x = UpsampleConv(width, self.dtype, name=f"conv{i + 1}")(x)
       x = nn.leaky_relu(bn(0.8, f"bn{i + 1}")(x), 0.2)
-    x = Conv(self.channels, (3, 3), padding=1, name="conv_out")(x)
+    x = Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
     x = jnp.tanh(x)
     if self.style == "dafl":
-      return bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)
-    return bn(0.8, "bn_out", use_scale=True, use_bias=False)(x)
+      x = bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)
+    else:
+      x = bn(0.8, "bn_out", use_scale=True, use_bias=False)(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))

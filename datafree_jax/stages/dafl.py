@@ -31,11 +31,13 @@ def directory(workdir: str) -> str:
   return os.path.join(workdir, "dafl")
 
 
-def make_generator(gcfg, info, style=None) -> models.Generator:
-  """The generator of config section `gcfg` (style: gcfg.style unless given)."""
+def make_generator(gcfg, info, style=None, dtype=None) -> models.Generator:
+  """The generator of config section `gcfg` (style: gcfg.style unless given), computing in
+  `dtype`."""
   return models.Generator(latent_dim=gcfg.latent_dim, image_size=info.image_size,
                           channels=info.channels, width=gcfg.width,
-                          num_upsample=gcfg.num_upsample, style=style or gcfg.style)
+                          num_upsample=gcfg.num_upsample, style=style or gcfg.style,
+                          dtype=dtype)
 
 
 def check_generator_fits(config, info):
@@ -88,20 +90,32 @@ def dafl_step(gen, student, tx_g, tx_s, gcfg, scfg, teacher_model, data_sharding
   return new, metrics
 
 
-def build(config, teacher: dict, info):
-  """(initial state, step(state, None), student, generator, mesh) of the joint loop."""
-  gcfg, scfg = config.generator, config.student
-  mesh = parallel.make_mesh("data")
-  gen = make_generator(gcfg, info)
-  tx_g = common.make_optimizer(gcfg, scfg.steps)
-  tx_s = common.make_optimizer(scfg, scfg.steps)
+def _init_state(config, info, gen, student, tx_g, tx_s):
+  """The joint loop's initial state (unplaced)."""
   kg, ks = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
   gp, gbs = init_generator(gen, kg)
-  student, svars, sopt = distill.init_student(config, info, tx_s, ks)
-  state = parallel.put_replicated({
-      "gen": {"params": gp, "batch_stats": gbs}, "gen_opt": tx_g.init(gp),
-      "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}, mesh)
+  sp, sbs = common.init_model(student, ks, info.image_shape)
+  return {"gen": {"params": gp, "batch_stats": gbs}, "gen_opt": tx_g.init(gp),
+          "student": {"params": sp, "batch_stats": sbs}, "student_opt": tx_s.init(sp),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def build(config, teacher: dict, info, abstract: bool = False):
+  """(initial state, step(state, None), student, generator, mesh) of the joint loop; with
+  `abstract`, the state as ShapeDtypeStructs (nothing materialised, for the dry run)."""
+  gcfg, scfg = config.generator, config.student
+  mesh = parallel.make_mesh("data")
+  gen = make_generator(gcfg, info, dtype=common.compute_dtype(config))
+  tx_g = common.make_optimizer(gcfg, scfg.steps)
+  tx_s = common.make_optimizer(scfg, scfg.steps)
+  student = distill.make_student(config, info)
   rep = parallel.replicated(mesh)
+  init = functools.partial(_init_state, config, info, gen, student, tx_g, tx_s)
+  if abstract:
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                         jax.eval_shape(init))
+  else:
+    state = parallel.put_replicated(init(), mesh)
   step_jit = jax.jit(
       functools.partial(dafl_step, gen, student, tx_g, tx_s, gcfg, scfg, teacher["model"],
                         parallel.split_leading(mesh), config.seed),
@@ -117,6 +131,11 @@ class Dafl(stage_lib.Stage):
   def check(self, config, info):
     check_generator_fits(config, info)
     parallel.check_global_batch(config.student.batch_size)
+    if config.student.augment_shift or config.student.augment_flip:
+      raise config_lib.ConfigError(
+          "student.augment_shift / augment_flip apply to the distillation stages; DAFL's "
+          "student learns from the generator's images as they are (the authors' loop): leave "
+          "them at 0 / False for method=dafl")
 
   def steps(self, config):
     return config.student.steps
@@ -134,6 +153,13 @@ class Dafl(stage_lib.Stage):
         state=state, step=step,
         evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
         eval_every=ctx.config.student.eval_every, on_eval=grid)
+
+  def programs(self, ctx):
+    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+    state, step, _, _, _ = build(ctx.config, ctx.teacher, ctx.info, abstract=True)
+    return [dry_run.Program(
+        f"joint generator + student step, batch {ctx.config.student.batch_size}", step.func,
+        (state, None), step.keywords, state=state, steps=ctx.config.student.steps)]
 
   def summarize(self, ctx, done):
     return distill.student_summary(ctx, done)

@@ -17,22 +17,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from datafree_jax import common
-from datafree_jax import input_pipeline
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import stage as stage_lib
 
 STAGE_SALT = 3
+AUGMENT_SALT = 1  # folded into a step's key for the augmentation of its images
 
 
 def directory(workdir: str, source: str) -> str:
   return os.path.join(workdir, f"distill_{source}")
 
 
+def make_student(config, info):
+  scfg = config.student
+  return models.get_classifier(scfg.model, info.num_classes, scfg.width,
+                               common.compute_dtype(config))
+
+
 def init_student(config, info, tx, key):
   """(student model, its initial {'params', 'batch_stats'} and optimiser state)."""
-  scfg = config.student
-  student = models.get_classifier(scfg.model, info.num_classes, scfg.width)
+  student = make_student(config, info)
   sp, sbs = common.init_model(student, key, info.image_shape)
   return student, {"params": sp, "batch_stats": sbs}, tx.init(sp)
 
@@ -50,17 +55,25 @@ def student_summary(ctx, done) -> dict:
 
 
 def distill_step(student, tx, temperature: float, teacher_model, images_fn: Callable,
-                 data_sharding, seed: int, n: int, state, batch, teacher_vars, source):
-  """One student step on kd_loss(T(x), S(x)), x = images_fn(key, n, batch, source): `batch`
-  is the loop's batch of the step (or None), `source` the placed arrays of the image source
-  (the frozen generators' variables, or None)."""
+                 data_sharding, seed: int, n: int, augment: dict, state, batch, teacher_vars,
+                 source):
+  """One student step on kd_loss(T(x), S(x)), x = images_fn(key, n, batch, source), randomly
+  shifted/flipped when `augment` (common.random_shift's pad/fill/flip) asks: `batch` is the
+  loop's batch of the step (or None), `source` the placed arrays of the image source (the
+  frozen generators' variables, or None). An images_fn may return (images, weights): the loss
+  is then the weighted mean over the images."""
   key = common.step_key(seed, STAGE_SALT, state["step"])
-  images = jax.lax.with_sharding_constraint(images_fn(key, n, batch, source), data_sharding)
+  images = images_fn(key, n, batch, source)
+  images, weights = images if isinstance(images, tuple) else (images, None)
+  images = jax.lax.with_sharding_constraint(images, data_sharding)
+  if augment["pad"] or augment["flip"]:
+    images = common.random_shift(jax.random.fold_in(key, AUGMENT_SALT), images, **augment)
+    images = jax.lax.with_sharding_constraint(images, data_sharding)
   t_logits = teacher_model.apply(teacher_vars, images, train=False)
   s = state["student"]
   p, bs, opt, kd, gn = common.student_kd_update(student, tx, s["params"], s["batch_stats"],
                                                 state["student_opt"], images, t_logits,
-                                                temperature)
+                                                temperature, weights)
   return ({"student": {"params": p, "batch_stats": bs}, "student_opt": opt,
            "step": state["step"] + 1}, {"loss_kd": kd, "grad_norm_s": gn})
 
@@ -101,27 +114,62 @@ class Distill(stage_lib.Stage):
     """(images_fn(key, n, batch, source), batches(step) -> the step's batch or None, the
     source's placed arrays or None, extra meta)."""
     if self.source == "data":
-      batches = input_pipeline.StepBatches(
-          ctx.data["train"], parallel.check_global_batch(ctx.config.student.batch_size),
-          ctx.config.seed + 1)
+      batches = ctx.data["train"].train_batches(
+          parallel.check_global_batch(ctx.config.student.batch_size), ctx.config.seed + 1)
       return data_images, lambda step: parallel.global_batch(batches(step), mesh), None, {}
     return noise_images(ctx.info.image_shape), None, None, {}
 
-  def plan(self, ctx):
+  def abstract_source(self, ctx, mesh):
+    """source_images' (images_fn, abstract batch or None, abstract source or None) for the dry
+    run: nothing read or loaded."""
+    if self.source == "data":
+      b, split = ctx.config.student.batch_size, parallel.split_leading(mesh)
+      batch = (jax.ShapeDtypeStruct((b,) + tuple(ctx.info.image_shape), jnp.float32,
+                                    sharding=split),
+               jax.ShapeDtypeStruct((b,), jnp.int32, sharding=split))
+      return data_images, batch, None
+    return noise_images(ctx.info.image_shape), None, None
+
+  def _build(self, ctx, mesh, images_fn, abstract: bool = False):
+    """(initial state, or ShapeDtypeStructs of it with `abstract`; student; jitted step)."""
     config, info = ctx.config, ctx.info
     scfg = config.student
-    mesh = parallel.make_mesh("data")
     tx = common.make_optimizer(scfg, scfg.steps)
-    student, svars, sopt = init_student(
-        config, info, tx, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
-    state = parallel.put_replicated({"student": svars, "student_opt": sopt,
-                                     "step": jnp.zeros((), jnp.int32)}, mesh)
-    images_fn, batches, source, meta = self.source_images(ctx, mesh)
+    student = make_student(config, info)
+
+    def init():
+      _, svars, sopt = init_student(
+          config, info, tx, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
+      return {"student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
     rep = parallel.replicated(mesh)
+    if abstract:
+      state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                           jax.eval_shape(init))
+    else:
+      state = parallel.put_replicated(init(), mesh)
     step_jit = jax.jit(
         functools.partial(distill_step, student, tx, scfg.temperature, ctx.teacher["model"],
-                          images_fn, parallel.split_leading(mesh), config.seed, scfg.batch_size),
+                          images_fn, parallel.split_leading(mesh), config.seed, scfg.batch_size,
+                          common.augmentation(scfg, info)),
         out_shardings=(rep, rep), donate_argnums=(0,))
+    return state, student, step_jit
+
+  def programs(self, ctx):
+    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+    mesh = parallel.make_mesh("data")
+    images_fn, batch, source = self.abstract_source(ctx, mesh)
+    state, _, step_jit = self._build(ctx, mesh, images_fn, abstract=True)
+    return [dry_run.Program(
+        f"student step on {self.source}, batch {ctx.config.student.batch_size}", step_jit,
+        (state, batch), dict(teacher_vars=ctx.teacher["variables"], source=source),
+        state={"student": state, "source": source}, steps=ctx.config.student.steps)]
+
+  def plan(self, ctx):
+    config = ctx.config
+    scfg = config.student
+    mesh = parallel.make_mesh("data")
+    images_fn, batches, source, meta = self.source_images(ctx, mesh)
+    state, student, step_jit = self._build(ctx, mesh, images_fn)
     return stage_lib.Plan(
         state=state, step=functools.partial(step_jit, teacher_vars=ctx.teacher["variables"],
                                             source=source),

@@ -70,6 +70,8 @@ from datafree_jax.stages import distill
 STAGE_SALT = 4          # rng of the generator steps
 INIT_SALT = 40          # rng of the generators' initialisation
 SAMPLES_PER_ROW = 10    # samples per generator in the grids (visualize's 10 columns)
+GRID_GENERATORS = 20    # generators shown in the sample grids
+MAX_UNROLLED = 32       # members traced one by one in one chunk of the 'loop' lowering
 ALL_CLASSES = -1        # class id of a generator trained on all classes (G = 1)
 
 
@@ -115,9 +117,12 @@ def map_members(fn: Callable, stacked: tuple, lowering: str, at_once: int = 0, s
 
   'vmap' vectorises over members; 'loop' traces `fn` once per member. With `at_once` > 0 the
   members are processed in sequential chunks of chunk_size(n, at_once) (lax.map over chunks),
-  bounding the memory of one step.
+  bounding the memory of one step. 'loop' unrolls at most MAX_UNROLLED members per chunk (the
+  size of the traced program).
   """
   n = jax.tree.leaves(stacked)[0].shape[0]
+  if lowering != "vmap" and (at_once <= 0 or at_once > MAX_UNROLLED):
+    at_once = MAX_UNROLLED
   c = chunk_size(n, at_once)
   if lowering == "vmap":
     per_chunk = jax.vmap(lambda xs: fn(*xs, *shared))
@@ -170,7 +175,8 @@ def is_conditional(config, num_classes: int) -> bool:
 def make_generator(config, info) -> models.Generator:
   """Generator k: config.generator's sizes with config.ensemble.style (class-conditional for a
   single conditional generator)."""
-  gen = dafl.make_generator(config.generator, info, style=config.ensemble.style)
+  gen = dafl.make_generator(config.generator, info, style=config.ensemble.style,
+                            dtype=common.compute_dtype(config))
   if is_conditional(config, info.num_classes):
     gen = gen.clone(num_classes=info.num_classes)
   return gen
@@ -297,13 +303,31 @@ def _device_blocks(tree) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree, n: int):
+def _unstack_jit(tree, n: int):
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
 @jax.jit
-def _stack(trees):
+def _stack_jit(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree, n: int) -> list:
+  """The n members of a stacked pytree, cut MAX_UNROLLED at a time (one jitted call each)."""
+  out = []
+  for i in range(0, n, MAX_UNROLLED):
+    m = min(MAX_UNROLLED, n - i)
+    part = tree if m == n else jax.tree.map(lambda x, i=i, m=m: x[i:i + m], tree)
+    out.extend(_unstack_jit(part, m))
+  return out
+
+
+def _stack(trees: list):
+  """The members stacked again (MAX_UNROLLED at a time, then concatenated)."""
+  if len(trees) <= MAX_UNROLLED:
+    return _stack_jit(trees)
+  parts = [_stack_jit(trees[i:i + MAX_UNROLLED]) for i in range(0, len(trees), MAX_UNROLLED)]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 class _LoopStep:
@@ -412,28 +436,47 @@ def init_generators(gen: models.Generator, seed: int, index):
   return jax.vmap(lambda i: dafl.init_generator(gen, jax.random.fold_in(key, i)))(index)
 
 
-def build(config, teacher: dict, info, mesh: Optional[Mesh] = None) -> Ensemble:
-  """The initial stacked state and the jitted ensemble step (used by the stage and tests)."""
+def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
+          abstract: bool = False) -> Ensemble:
+  """The initial stacked state and the jitted ensemble step (used by the stage and tests).
+
+  The members are initialised on the devices that hold them. With `abstract` (the dry run),
+  state and consts are ShapeDtypeStructs (nothing materialised; `teacher` may be abstract too)
+  and the lowering is 'vmap', the one accelerators run.
+  """
   e = config.ensemble
   mesh = mesh if mesh is not None else parallel.make_mesh("gen")
   axis = mesh.axis_names[0]
   g = num_generators(config, info.num_classes)
   padded = -(-g // mesh.devices.size) * mesh.devices.size
   class_ids = member_class_ids(g, padded, info.num_classes)
-  lowering = resolve_lowering(e.lowering)
+  lowering = "vmap" if abstract else resolve_lowering(e.lowering)
   spec = member_spec(config, info, teacher["model"])
-  split = NamedSharding(mesh, P(axis))
+  split, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
   index = np.arange(padded, dtype=np.int32)
-  params, batch_stats = jax.device_put(
-      init_generators(spec.gen, config.seed, jnp.asarray(index)), split)
-  state = {"params": params, "batch_stats": batch_stats,
-           "opt_state": jax.jit(jax.vmap(spec.tx.init), out_shardings=split)(params),
-           "step": jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))}
-  consts = jax.jit(lambda s: {
-      "targets": _stack_targets(s, class_ids, spec.gen.num_classes),
-      "class_id": jnp.asarray(class_ids),
-      "index": jnp.asarray(index), "real": jnp.asarray(index < g, jnp.float32)},
-      out_shardings=split)(teacher.get("bn_stats") or {})
+
+  def init_state(idx):
+    params, batch_stats = init_generators(spec.gen, config.seed, idx)
+    return {"params": params, "batch_stats": batch_stats,
+            "opt_state": jax.vmap(spec.tx.init)(params)}
+
+  def make_consts(stats):
+    return {"targets": _stack_targets(stats, class_ids, spec.gen.num_classes),
+            "class_id": jnp.asarray(class_ids), "index": jnp.asarray(index),
+            "real": jnp.asarray(index < g, jnp.float32)}
+  stats = teacher.get("bn_stats") or {}
+  if abstract:
+    def place(tree, sharding):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          tree)
+    state = place(jax.eval_shape(init_state, jax.ShapeDtypeStruct(index.shape, jnp.int32)),
+                  split)
+    state["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    consts = place(jax.eval_shape(make_consts, stats), split)
+  else:
+    state = jax.jit(init_state, out_shardings=split)(jax.device_put(index, split))
+    state["step"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
+    consts = jax.jit(make_consts, out_shardings=split)(stats)
   step = make_step(spec, mesh, lowering, int(e.max_generators_per_device_at_once), g, consts,
                    teacher["variables"])
 
@@ -490,8 +533,9 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
 
 
 def _grid_writer(ctx, ens: Ensemble, batch: int):
-  """on_eval callback: one row of samples per real generator, titled G0, G1, ..."""
-  g = ens.num_generators
+  """on_eval callback: one row of samples per real generator, titled G0, G1, ... (the first
+  GRID_GENERATORS of them)."""
+  g = min(ens.num_generators, GRID_GENERATORS)
   per_gen = SAMPLES_PER_ROW if g > 1 else 4 * SAMPLES_PER_ROW
   n = max(batch, per_gen)
 
@@ -569,6 +613,20 @@ class Generators(stage_lib.Stage):
         final_items=lambda s: {"generators": real_only(s)},
         on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
 
+  def programs(self, ctx):
+    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+    config, e = ctx.config, ctx.config.ensemble
+    ens = build(config, ctx.teacher, ctx.info, abstract=True)
+    per_device = ens.padded // ens.mesh.devices.size
+    chunk = chunk_size(per_device, int(e.max_generators_per_device_at_once))
+    member_state = {k: ens.state[k] for k in MEMBER_KEYS}
+    return [dry_run.Program(
+        f"{ens.num_generators} generators ({per_device} per device, {chunk} at once), batch "
+        f"{e.batch_per_generator} each", ens.step.func, (ens.state, None), ens.step.keywords,
+        state=member_state, trips=per_device // chunk, steps=e.steps,
+        note=(f"FLOPs: one chunk of {chunk} members x {per_device // chunk} chunks per device"
+              if chunk < per_device else ""))]
+
   def summarize(self, ctx, done):
     return {"generators": {"num_generators": done.meta["num_generators"],
                            "members": done.meta["padded"], "steps": done.step,
@@ -587,12 +645,23 @@ def resolve_checkpoint_dir(path: str) -> str:
   return path
 
 
-def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
-  """The finished generators in `path`, replicated over `mesh`, checked against `info`.
+def distill_layout(setting: str, g: int, devices: int) -> str:
+  """config.ensemble.distill_layout resolved: 'sharded' or 'replicated'."""
+  if setting != "auto":
+    return setting
+  return "sharded" if g >= devices else "replicated"
+
+
+def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
+                    layout: str = "replicated") -> dict:
+  """The finished generators in `path` on `mesh`, checked against `info`; their module computes
+  in `dtype`. layout 'replicated': every device holds all G; 'sharded': the stacked members are
+  split over the mesh's axis, padded with zero members to a multiple of its size (each device
+  reads only its part); 'auto': distill_layout's choice.
 
   Works on any device count: the restore target is built from the checkpoint's own meta and
-  item shapes. Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G), 'meta',
-  'directory'}.
+  item shapes. Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G, or the padded
+  count when sharded), 'meta', 'directory', 'layout', 'padded'}.
 
   Raises:
     CheckpointError: no finished generator checkpoint in `path`, or one made for other images
@@ -625,7 +694,8 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
     gen = models.Generator(latent_dim=meta["latent_dim"], image_size=shape[0],
                            channels=shape[2], width=meta["width"],
                            num_upsample=meta["num_upsample"], style=meta["style"],
-                           num_classes=classes if meta.get("conditional") else 0)
+                           num_classes=classes if meta.get("conditional") else 0,
+                           dtype=dtype)
     g = int(meta["num_generators"])
     shapes = ckpt.item_shapes(step, "generators")
     expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
@@ -638,15 +708,50 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None) -> dict:
           f"the generators in {d} do not match their meta ({g} generators {meta['style']!r}, "
           f"width {meta['width']}, latent {meta['latent_dim']}); the checkpoint is corrupt")
     mesh = mesh if mesh is not None else parallel.make_mesh("data")
-    variables = ckpt.restore(step, "generators",
-                             ckpt_lib.abstract_like(shapes, parallel.replicated(mesh)))
+    layout = distill_layout(layout, g, mesh.devices.size)
+    padded = g
+    if layout == "sharded":
+      padded = -(-g // mesh.devices.size) * mesh.devices.size
+      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((padded,) + x.shape[1:], x.dtype),
+                            shapes)
+      target = ckpt_lib.abstract_like(shapes, parallel.split_leading(mesh))
+    else:
+      target = ckpt_lib.abstract_like(shapes, parallel.replicated(mesh))
+    variables = ckpt.restore(step, "generators", target, pad=padded > g)
   finally:
     ckpt.close()
   return {"gen": gen, "params": variables["params"], "batch_stats": variables["batch_stats"],
-          "meta": meta, "directory": d}
+          "meta": meta, "directory": d, "layout": layout, "padded": padded}
 
 
-def make_images_fn(gens: dict, lowering: str, bn_batch: int) -> Callable:
+def _draw_images(gen, bn_batch: int, lowering: str, key, size: int, variables, class_ids,
+                 real):
+  """`size` images from members [0, real) of the stacked `variables` (class_ids: theirs):
+  k = ceil(size / bn_batch) draws, draw j is member perm[j mod real] of a random permutation
+  of the real members, on latents keyed fold_in(key_z, j). `real` may be traced."""
+  n = class_ids.shape[0]
+  classes = max(gen.num_classes, 1)
+  k = -(-size // bn_batch)
+  k_perm, k_class, k_z = jax.random.split(key, 3)
+  perm = jax.random.permutation(k_perm, n)
+  if not isinstance(real, int) or real < n:  # the real members first, in permuted order
+    perm = perm[jnp.argsort(perm >= real, stable=True)]
+  draw = perm[jnp.arange(k) % jnp.maximum(real, 1)]
+  offsets = jax.random.randint(k_class, (k,), 0, classes)
+  conditions = sample_conditions(class_ids[draw], bn_batch, classes, offsets[:, None])
+
+  def one(p, bs, j, c):
+    z = jax.random.normal(jax.random.fold_in(k_z, j), (bn_batch, gen.latent_dim))
+    return common.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
+  chosen = jax.tree.map(lambda x: x[draw], variables)
+  images = map_members(one, (chosen["params"], chosen["batch_stats"], jnp.arange(k),
+                             conditions), lowering)
+  images = images.reshape((k * bn_batch,) + images.shape[2:])
+  return jax.lax.stop_gradient(images[:size])
+
+
+def make_images_fn(gens: dict, lowering: str, bn_batch: int,
+                   mesh: Optional[Mesh] = None) -> Callable:
   """images_fn(key, n, batch, variables): n images from the frozen generators' `variables`
   (the loop's `batch` is unused), each generator drawing `bn_batch` images at a time: the BN
   batch it was trained with, so that its images do not depend on G or n.
@@ -657,27 +762,47 @@ def make_images_fn(gens: dict, lowering: str, bn_batch: int) -> Callable:
   all-class generator is given the classes (r_j + i) mod num_classes for its images i, r_j
   random. The draws' images are concatenated and the first n kept. Generator BN runs in
   training mode (its updated statistics are discarded).
+
+  Sharded generators (gens['layout'] == 'sharded', on `mesh`): each of the D devices draws its
+  n / D images the same way from its own real members, with the step key folded with its index
+  (for D > 1). When D does not divide G the devices hold different numbers of real members
+  r_d (the last ones fewer, possibly none), and images_fn returns (images, weights) with
+  weight r_d D / G for the images of device d: a generator's share of the weighted loss is
+  then the same for every generator, in expectation, as with replicated generators.
   """
   gen = gens["gen"]
   g = int(gens["meta"]["num_generators"])
-  class_ids = jnp.asarray(np.asarray(gens["meta"]["class_ids"], np.int32))
-  classes = max(gen.num_classes, 1)
+  ids = np.asarray(gens["meta"]["class_ids"], np.int32)
+  if gens.get("layout", "replicated") != "sharded":
+    class_ids = jnp.asarray(ids)
+
+    def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
+      return _draw_images(gen, bn_batch, lowering, key, size, variables, class_ids, g)
+    return images_fn
+
+  axis = mesh.axis_names[0]
+  d = mesh.devices.size
+  padded = int(gens["padded"])
+  per_device = padded // d
+  ids = np.concatenate([ids, np.zeros((padded - g,), np.int32)])
+  weighted = g % d != 0
+
+  def local(key, variables, class_ids, size):
+    index = jax.lax.axis_index(axis)
+    real = g if d == 1 else jnp.clip(g - index * per_device, 0, per_device)
+    k_dev = key if d == 1 else jax.random.fold_in(key, index)
+    images = _draw_images(gen, bn_batch, lowering, k_dev, size, variables, class_ids, real)
+    if not weighted:
+      return images
+    w = jnp.full((size,), real * d / g, jnp.float32)
+    return images, w
 
   def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
-    k = -(-size // bn_batch)
-    k_perm, k_class, k_z = jax.random.split(key, 3)
-    draw = jax.random.permutation(k_perm, g)[jnp.arange(k) % g]
-    offsets = jax.random.randint(k_class, (k,), 0, classes)
-    conditions = sample_conditions(class_ids[draw], bn_batch, classes, offsets[:, None])
-
-    def one(p, bs, j, c):
-      z = jax.random.normal(jax.random.fold_in(k_z, j), (bn_batch, gen.latent_dim))
-      return common.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
-    chosen = jax.tree.map(lambda x: x[draw], variables)
-    images = map_members(one, (chosen["params"], chosen["batch_stats"], jnp.arange(k),
-                               conditions), lowering)
-    images = images.reshape((k * bn_batch,) + images.shape[2:])
-    return jax.lax.stop_gradient(images[:size])
+    fn = jax.shard_map(functools.partial(local, size=size // d), mesh=mesh,
+                       in_specs=(P(), P(axis), P(axis)),
+                       out_specs=(P(axis), P(axis)) if weighted else P(axis),
+                       check_vma=jax.default_backend() != "cpu")
+    return fn(key, variables, jax.device_put(ids, NamedSharding(mesh, P(axis))))
   return images_fn
 
 
@@ -695,7 +820,8 @@ class DistillGenerators(distill.Distill):
   def _generators(self, ctx) -> dict:
     if "frozen_generators" not in ctx.outputs:
       ctx.outputs["frozen_generators"] = load_generators(
-          checkpoint_to_distill(ctx.config, ctx.workdir), ctx.info, parallel.make_mesh("data"))
+          checkpoint_to_distill(ctx.config, ctx.workdir), ctx.info, parallel.make_mesh("data"),
+          common.compute_dtype(ctx.config), ctx.config.ensemble.distill_layout)
     return ctx.outputs["frozen_generators"]
 
   def source_images(self, ctx, mesh):
@@ -704,13 +830,35 @@ class DistillGenerators(distill.Distill):
       log.warn(f"the generators in {gens['directory']} were trained against a "
                f"{gens['meta'].get('teacher_model')!r} teacher; distilling from a "
                f"{ctx.teacher['meta'].get('model')!r}")
-    variables = parallel.put_replicated(
-        {"params": gens["params"], "batch_stats": gens["batch_stats"]}, mesh)
+    variables = {"params": gens["params"], "batch_stats": gens["batch_stats"]}
+    if gens["layout"] != "sharded":
+      variables = parallel.put_replicated(variables, mesh)
     bn_batch = int(gens["meta"].get("batch_per_generator",
                                     ctx.config.ensemble.batch_per_generator))
-    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering), bn_batch)
+    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering), bn_batch,
+                               mesh)
     return images_fn, None, variables, {"generators": gens["directory"],
                                         "num_generators": gens["meta"]["num_generators"]}
+
+  def abstract_source(self, ctx, mesh):
+    """The generators the generators stage of this config would save, as ShapeDtypeStructs."""
+    config, info = ctx.config, ctx.info
+    gen = make_generator(config, info)
+    g = num_generators(config, info.num_classes)
+    params, batch_stats = jax.eval_shape(
+        lambda: dafl.init_generator(gen, jax.random.key(0)))
+    layout = distill_layout(config.ensemble.distill_layout, g, mesh.devices.size)
+    padded = -(-g // mesh.devices.size) * mesh.devices.size if layout == "sharded" else g
+    sharding = (parallel.split_leading(mesh) if layout == "sharded"
+                else parallel.replicated(mesh))
+    variables = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((padded,) + x.shape, x.dtype, sharding=sharding),
+        {"params": params, "batch_stats": batch_stats})
+    gens = {"gen": gen, "layout": layout, "padded": padded, "meta": {
+        "num_generators": g,
+        "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}}
+    images_fn = make_images_fn(gens, "vmap", int(config.ensemble.batch_per_generator), mesh)
+    return images_fn, None, variables
 
 
 DISTILL = DistillGenerators()

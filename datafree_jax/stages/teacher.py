@@ -17,6 +17,8 @@ from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import input_pipeline
+from datafree_jax import log
+from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
@@ -31,13 +33,6 @@ class TeacherError(RuntimeError):
 
 def directory(workdir: str) -> str:
   return os.path.join(workdir, "teacher")
-
-
-def _augment(cfg, info):
-  """Shifts pad with black pixels (0 before normalisation), as torchvision's RandomCrop with
-  padding does in the official scripts."""
-  fill = tuple(float((0.0 - m) / s) for m, s in zip(info.mean, info.std))
-  return dict(pad=cfg.augment_shift, fill=fill, flip=bool(cfg.augment_flip))
 
 
 def supervised_loss(model, params, batch_stats, images, labels):
@@ -76,7 +71,7 @@ class Teacher(stage_lib.Stage):
     return bool(meta.get("done"))
 
   def steps(self, config):
-    return config.teacher.steps
+    return 0 if config.teacher.init_from else config.teacher.steps
 
   def identity(self, ctx):
     return {"model": ctx.config.teacher.model, "num_classes": ctx.info.num_classes,
@@ -88,30 +83,40 @@ class Teacher(stage_lib.Stage):
   def prepare(self, ctx, finished):
     if finished:
       ctx.teacher = load(ctx.config, ctx.workdir, ctx.info)  # Its arrays are known intact.
-    else:
-      _ = ctx.data["train"]
+      return
+    _ = ctx.data["train"]
+    if ctx.config.teacher.init_from:
+      ctx.outputs["teacher_init"] = load_variables(ctx.config, ctx.info)
 
   def plan(self, ctx):
     config, info = ctx.config, ctx.info
     cfg = config.teacher
     mesh = parallel.make_mesh("data")
-    model = models.get_classifier(cfg.model, info.num_classes, cfg.width)
-    tx = common.make_optimizer(cfg, cfg.steps)
-    params, batch_stats = common.init_model(model, jax.random.key(config.seed), info.image_shape)
+    model, tx, step_jit = _build(config, info, mesh)
+    if cfg.init_from:
+      start = ctx.outputs.pop("teacher_init", None) or load_variables(config, info)
+      params, batch_stats = start["params"], start["batch_stats"]
+      log.info(f"teacher: starting from {cfg.init_from} (no training; evaluation and BN "
+               "statistics)")
+    else:
+      params, batch_stats = common.init_model(model, jax.random.key(config.seed),
+                                              info.image_shape)
     state = parallel.put_replicated(
         {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
          "step": jnp.zeros((), jnp.int32)}, mesh)
-    rep = parallel.replicated(mesh)
-    step_jit = jax.jit(functools.partial(train_step, model, tx, _augment(cfg, info), config.seed),
-                       out_shardings=(rep, rep), donate_argnums=(0,))
     train = ctx.data["train"]
-    local = input_pipeline.StepBatches(train, parallel.check_global_batch(cfg.batch_size),
-                                       config.seed)
+    local = train.train_batches(parallel.check_global_batch(cfg.batch_size), config.seed)
 
     def final_items(state):
-      stats = bn_stats_lib.compute(
-          model, state["params"], state["batch_stats"],
-          input_pipeline.class_examples(train, cfg.bn_stats_per_class, config.seed))
+      if isinstance(train, input_pipeline.Dataset):
+        stats = bn_stats_lib.compute(
+            model, state["params"], state["batch_stats"],
+            input_pipeline.class_examples(train, cfg.bn_stats_per_class, config.seed))
+      else:  # streamed: per-class running sums over one pass
+        stats = bn_stats_lib.compute_streaming(
+            model, state["params"], state["batch_stats"],
+            train.class_batches(loop.eval_local_batch(), cfg.bn_stats_per_class),
+            info.num_classes, mesh)
       items = {"teacher": {"params": state["params"], "batch_stats": state["batch_stats"]}}
       if stats:
         items["bn_stats"] = stats
@@ -122,6 +127,36 @@ class Teacher(stage_lib.Stage):
         batches=lambda step: parallel.global_batch(local(step), mesh), evaluate=common.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
         eval_every=cfg.eval_every, meta={"dataset": info.name}, final_items=final_items)
 
+  def programs(self, ctx):
+    """The training step from abstract state and batch; publishes the abstract frozen teacher
+    (variables and BN statistics as ShapeDtypeStructs) as ctx.teacher."""
+    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+    config, info = ctx.config, ctx.info
+    cfg = config.teacher
+    mesh = parallel.make_mesh("data")
+    model, tx, step_jit = _build(config, info, mesh)
+    rep, split = parallel.replicated(mesh), parallel.split_leading(mesh)
+    params, batch_stats = jax.eval_shape(
+        lambda: common.init_model(model, jax.random.key(0), info.image_shape))
+    state = dry_run.abstract({"params": params, "batch_stats": batch_stats,
+                              "opt_state": jax.eval_shape(tx.init, params),
+                              "step": jax.ShapeDtypeStruct((), jnp.int32)}, rep)
+    b = cfg.batch_size
+    batch = (jax.ShapeDtypeStruct((b,) + tuple(info.image_shape), jnp.float32, sharding=split),
+             jax.ShapeDtypeStruct((b,), jnp.int32, sharding=split))
+    stats = {}
+    if batch_stats:
+      k = info.num_classes
+      stats = {"global": batch_stats,
+               "class": jax.tree.map(lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype),
+                                     batch_stats),
+               "class_counts": jax.ShapeDtypeStruct((k,), jnp.int32)}
+    variables = common.variables_of(params, batch_stats)
+    ctx.teacher = dry_run.teacher_like(model, dry_run.abstract(variables, rep),
+                                       dry_run.abstract(stats, rep), cfg.model)
+    return [dry_run.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
+                            steps=cfg.steps)]
+
   def summarize(self, ctx, done):
     if ctx.teacher is None:
       ctx.teacher = load(ctx.config, ctx.workdir, ctx.info)
@@ -131,6 +166,19 @@ class Teacher(stage_lib.Stage):
 
 
 STAGE = Teacher()
+
+
+def _build(config, info, mesh):
+  """(model, optimiser, jitted train step) of the teacher stage."""
+  cfg = config.teacher
+  model = models.get_classifier(cfg.model, info.num_classes, cfg.width,
+                                 common.compute_dtype(config))
+  tx = common.make_optimizer(cfg, cfg.steps)
+  rep = parallel.replicated(mesh)
+  step_jit = jax.jit(functools.partial(train_step, model, tx, common.augmentation(cfg, info),
+                                       config.seed),
+                     out_shardings=(rep, rep), donate_argnums=(0,))
+  return model, tx, step_jit
 
 
 def _check_meta(meta: dict, cfg, info, d: str):
@@ -144,6 +192,31 @@ def _check_meta(meta: dict, cfg, info, d: str):
           f"the teacher in {d} was made for {meta.get('num_classes')} classes of "
           f"{tuple(meta.get('image_shape', ()))} images, but dataset {info.name!r} has "
           f"{info.num_classes} classes of {tuple(info.image_shape)} images")
+
+
+def load_variables(config, info) -> dict:
+  """{'params', 'batch_stats'} of the teacher in config.teacher.init_from (the 'teacher' item
+  of its latest checkpoint), restored into config.teacher.model's shapes; raises TeacherError
+  when there is none, CheckpointError when it does not fit the model."""
+  cfg = config.teacher
+  d = os.path.abspath(cfg.init_from)
+  if os.path.isdir(os.path.join(d, "teacher")) and not any(n.isdigit() for n in os.listdir(d)):
+    d = os.path.join(d, "teacher")
+  if not os.path.isdir(d):
+    raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no such directory")
+  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no checkpoint in {d}")
+    model = models.get_classifier(cfg.model, info.num_classes, cfg.width)
+    params, batch_stats = jax.eval_shape(
+        lambda: common.init_model(model, jax.random.key(0), info.image_shape))
+    rep = parallel.replicated(parallel.make_mesh("data"))
+    return ckpt.restore(step, "teacher", ckpt_lib.abstract_like(
+        {"params": params, "batch_stats": batch_stats}, rep))
+  finally:
+    ckpt.close()
 
 
 def load(config, workdir: str, info=None) -> dict:
@@ -163,7 +236,8 @@ def load(config, workdir: str, info=None) -> dict:
       raise TeacherError(f"the teacher in {d} is unfinished (step {step} of "
                          f"{meta.get('total_steps')}); run the teacher stage again to finish it")
     _check_meta(meta, cfg, info, d)
-    model = models.get_classifier(cfg.model, meta["num_classes"], cfg.width)
+    model = models.get_classifier(cfg.model, meta["num_classes"], cfg.width,
+                                  common.compute_dtype(config))
     rep = parallel.replicated(parallel.make_mesh("data"))
     params, batch_stats = jax.eval_shape(
         lambda: common.init_model(model, jax.random.key(0), meta["image_shape"]))

@@ -1,0 +1,117 @@
+r"""ImageNet (tfds 'imagenet2012'): Luo et al.'s headline experiment, ResNet-50 teacher.
+
+    python -m datafree_jax.main --config=configs/imagenet.py --config.data_dir=gs://BUCKET/tfds
+    python -m datafree_jax.main --config=configs/imagenet.py:student=mobilenet_v2,dry_run=True
+
+Published (Luo et al. 2020, ../shared/REFERENCE.md): ResNet-50 teacher 75.45% trained from
+scratch; students from 1,000 per-class generators ResNet-50 69.75%, ResNet-18 54.66%,
+MobileNetV2 43.15%. What it costs, from the dry run (dry_run=True; benchmarks/RESULTS.md,
+"ImageNet sizing"): per chip of a TPU v4-32 (16 chips) 12.0 GiB peak for the teacher's step,
+28.6 GiB for the generators' (63 per chip, 3 at a time), 8.3 GiB for distillation; on paper,
+at 40% of peak FLOP/s, about 0.4 / 0.6 / 0.5 hours for the three stages' schedules below. An
+8x H100 host holds 125 generators per GPU (54.7 GiB); 8 TPU v4 or v5e chips do not. The full
+run is an accelerator job; on a CPU only the dry run and smoke=True run.
+
+Arguments (`:k=v,k=v`):
+  student   resnet18 (default) | resnet50 | mobilenet_v2
+  method    ensemble (default) | dafl | kd_data | kd_noise | teacher
+  seed      0
+  stage     all | teacher | train | generators | distill
+  dry_run   compile one step of every stage from abstract inputs and print the sizing table
+  smoke     the same pipeline at toy size (32x32 images, tiny widths, generators for 4
+            classes, a few steps of every stage), for tfds.testing.mock_data and a CPU
+
+Choices of this project (the paper does not publish them; each is a config field):
+  - teacher recipe: the standard 90-epoch ResNet-50 one (SGD momentum 0.9, lr 0.1 x batch/256,
+    weight decay 1e-4, cosine), batch 1024, random-resized crops and flips;
+  - generators: latent 512 and four upsampling blocks from 14x14 (the paper's latent and
+    "extra upsampling layers"), width 128 (the authors' TF code), batch 32 per generator,
+    Adam 1e-3, 5,000 steps; moment matching against 100 images per class (the paper's);
+  - distillation: batch 1024, SGD momentum 0.9, lr 0.4, cosine, weight decay 1e-4, 150,000 steps
+    (120 epochs' worth of images), temperature 1.
+Computation is bfloat16 (parameters, optimiser state and BN statistics float32).
+"""
+from datafree_jax import config_lib
+
+STUDENTS = {"resnet18": "resnet18_imagenet", "resnet50": "resnet50_imagenet",
+            "mobilenet_v2": "mobilenet_v2"}
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, student="resnet18", method="ensemble", seed=0, stage="all",
+                           dry_run=False, smoke=False)
+  config_lib.check_choice("student", a.student, tuple(STUDENTS))
+  config_lib.check_choice("method", a.method,
+                          ("ensemble", "dafl", "kd_data", "kd_noise", "teacher"))
+  c = config_lib.base_config()
+  c.dataset = "imagenet2012"
+  c.method, c.seed, c.stage = a.method, a.seed, a.stage
+  c.dry_run = a.dry_run
+  c.dtype = "bfloat16"
+  c.checkpoint_every = 2000
+
+  c.teacher.model = "resnet50_imagenet"
+  c.teacher.batch_size = 1024
+  c.teacher.steps = 112600          # 90 epochs of 1,281,167 images at batch 1024
+  c.teacher.optimizer = "sgd"
+  c.teacher.lr = 0.4
+  c.teacher.momentum = 0.9
+  c.teacher.weight_decay = 1e-4
+  c.teacher.schedule = "cosine"
+  c.teacher.eval_every = 5000
+  c.teacher.bn_stats_per_class = 100
+
+  c.student.model = STUDENTS[a.student]
+  c.student.batch_size = 1024
+  c.student.steps = 150000
+  c.student.optimizer = "sgd"
+  c.student.lr = 0.4
+  c.student.momentum = 0.9
+  c.student.weight_decay = 1e-4
+  c.student.schedule = "cosine"
+  c.student.eval_every = 5000
+
+  c.generator.latent_dim = 512
+  c.generator.width = 128
+  c.generator.num_upsample = 4      # 14x14 -> 224x224
+  c.generator.lr = 0.02             # method=dafl: the paper's CIFAR settings for BN teachers
+  c.generator.w_oh, c.generator.w_a, c.generator.w_ie = 0.05, 0.01, 5.0
+
+  e = c.ensemble
+  e.num_generators = 0              # one per class: 1,000
+  e.batch_per_generator = 32
+  e.steps = 5000
+  e.lr = 1e-3
+  e.w_mm = 1.0
+  e.eval_every = 1000
+  e.max_generators_per_device_at_once = 5
+
+  if a.smoke:
+    _smoke(c)
+  return c
+
+
+def _smoke(c):
+  """Toy size: every stage a few steps on 32x32 images, tiny widths, generators for the first
+  4 of the 1,000 classes."""
+  c.image_size = 32
+  c.checkpoint_every = 0
+  c.teacher.width = 8
+  c.teacher.batch_size = 16
+  c.teacher.steps = 4
+  c.teacher.lr = 0.005              # the full recipe's lr is for batch 1024
+  c.teacher.eval_every = 0
+  c.teacher.bn_stats_per_class = 4
+  c.student.width = 8
+  c.student.batch_size = 16
+  c.student.steps = 4
+  c.student.lr = 0.005
+  c.student.eval_every = 0
+  c.generator.latent_dim = 16
+  c.generator.width = 8
+  c.generator.num_upsample = 2      # 8x8 -> 32x32
+  c.ensemble.num_generators = 4
+  c.ensemble.batch_per_generator = 4
+  c.ensemble.steps = 3
+  c.ensemble.eval_every = 0
+  c.ensemble.max_generators_per_device_at_once = 0

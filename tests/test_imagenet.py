@@ -1,0 +1,43 @@
+"""configs/imagenet.py: the smoke run (every stage, mock ImageNet) and the sizing dry run."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from datafree_jax import config_lib
+from datafree_jax import train
+
+tfds = pytest.importorskip("tensorflow_datasets")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_streaming import write_metadata  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+IMAGENET = os.path.join(REPO_ROOT, "configs", "imagenet.py")
+
+
+def test_smoke_runs_every_stage_on_mock_imagenet(tmp_path):
+  """imagenet.py:smoke=True under tfds.testing.mock_data: the streamed teacher training,
+  its streamed class-conditional BN statistics, the generators and the distillation, in
+  bfloat16, end to end."""
+  metadata = str(tmp_path / "metadata")
+  write_metadata(metadata)
+  config = config_lib.load_config_file(IMAGENET, "smoke=True")
+  assert config.dtype == "bfloat16" and config.dataset == "imagenet2012"
+  workdir = tmp_path / "w"
+  with tfds.testing.mock_data(num_examples=40, data_dir=metadata):
+    summary = train.train_and_evaluate(config, str(workdir))
+  assert summary["teacher"]["model"] == "resnet50_imagenet"
+  assert summary["generators"]["num_generators"] == 4 and summary["generators"]["steps"] == 3
+  assert summary["student"]["model"] == "resnet18_imagenet" and summary["student"]["steps"] == 4
+  assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
+  from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  teacher = teacher_stage.load(config, str(workdir), input_pipeline.config_info(config))
+  counts = np.asarray(teacher["bn_stats"]["class_counts"])
+  # The streamed pass saw every mocked training example once (<= 4 per class).
+  assert counts.shape == (1000,) and 0 < counts.sum() <= 40 and counts.max() <= 4
+  leaves = jax.tree.leaves(teacher["bn_stats"]["class"])
+  assert len(leaves) == 2 * 53  # mean and var of ResNet-50's 53 BatchNorms
+  assert all(x.shape[0] == 1000 and np.all(np.isfinite(np.asarray(x))) for x in leaves)
