@@ -60,7 +60,8 @@ class StageCheckpoints:
 
   def restore(self, step: int, name: str, abstract_tree, pad: bool = False):
     """Restores item `name` of checkpoint `step` into the shapes/shardings of `abstract_tree`;
-    with `pad`, a target larger than a saved array gets it padded with zeros at the end."""
+    with `pad`, the target's leading size may differ from the saved one: a larger target gets
+    the saved array padded with zeros at the end, a smaller one its first rows."""
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**{
           name: ocp.args.StandardRestore(abstract_tree, strict=not pad)}))[name]

@@ -31,8 +31,8 @@ DATASETS = {
 }
 
 # Datasets too large for host memory: streamed batch by batch (datafree_jax.streaming)
-# rather than held in memory (load_dataset).
-STREAMED = frozenset({"imagenet2012"})
+# rather than held in memory (load_dataset); register_streamed_dataset adds one.
+STREAMED = {"imagenet2012"}
 
 MNIST5K_TRAIN_PER_CLASS = 400
 MNIST5K_TEST_PER_CLASS = 100
@@ -191,6 +191,18 @@ def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
 
 # Datasets given as arrays (register_dataset): name -> {split: (images, labels)}.
 _REGISTERED: dict = {}
+
+
+def register_streamed_dataset(name: str, *, image_size: int, num_classes: int, channels: int = 3,
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+  """Makes tfds image-classification dataset `name` (with 'image' and 'label' features,
+  prepared in the data dir) usable as config.dataset, streamed like imagenet2012: images
+  resized/cropped to image_size, normalised with mean/std (default: ImageNet's)."""
+  if name in DATASETS and name not in STREAMED:
+    raise ValueError(f"dataset {name!r} exists already (held in memory)")
+  DATASETS[name] = dict(image_size=image_size, channels=channels, num_classes=num_classes,
+                        mean=tuple(mean), std=tuple(std))
+  STREAMED.add(name)
 
 
 def register_dataset(name: str, test, train=None, *, mean=None, std=None, class_names=()):

@@ -155,7 +155,12 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
     stage_lib.run_alone(ensemble.GENERATORS, check.config_for("auto", at_once=1), unfinished,
                         info=info, teacher=random_teacher)
 
-  # Restore the finished generators written on 8 devices here, on this process's device(s).
+  # The final checkpoint holds all 16 members as they were split (nothing gathered onto one
+  # device); restored here, on this process's device(s), as the real 10.
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "generators"), create=False)
+  saved = ckpt.item_shapes(ckpt.latest_step(), "generators")
+  ckpt.close()
+  assert {x.shape[0] for x in jax.tree.leaves(saved)} == {16}
   gens = ensemble.load_generators(os.path.join(workdir, "generators"), info)
   assert gens["meta"]["num_generators"] == 10 and gens["meta"]["padded"] == 16
   expected = np.load(os.path.join(workdir, "expected.npz"))

@@ -41,3 +41,27 @@ def test_smoke_runs_every_stage_on_mock_imagenet(tmp_path):
   leaves = jax.tree.leaves(teacher["bn_stats"]["class"])
   assert len(leaves) == 2 * 53  # mean and var of ResNet-50's 53 BatchNorms
   assert all(x.shape[0] == 1000 and np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_any_tfds_dataset_can_be_streamed_by_name(tmp_path, monkeypatch):
+  """input_pipeline.register_streamed_dataset: a tfds image-classification dataset by name
+  (here the mocked imagenet2012 under another size) goes through the streamed splits."""
+  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(input_pipeline, "DATASETS", dict(input_pipeline.DATASETS))
+  monkeypatch.setattr(input_pipeline, "STREAMED", set(input_pipeline.STREAMED))
+  del input_pipeline.DATASETS["imagenet2012"]
+  input_pipeline.STREAMED.discard("imagenet2012")
+  input_pipeline.register_streamed_dataset("imagenet2012", image_size=48, num_classes=1000)
+  with pytest.raises(ValueError, match="held in memory"):
+    input_pipeline.register_streamed_dataset("cifar10", image_size=32, num_classes=10)
+  metadata = str(tmp_path / "metadata")
+  write_metadata(metadata)
+  config = config_lib.load_config_file(IMAGENET, "smoke=True")
+  config.image_size = 0
+  with tfds.testing.mock_data(num_examples=40, data_dir=metadata):
+    splits = train.load_data(config)
+    assert isinstance(splits["train"], input_pipeline.StreamedSplit)
+    images, labels = splits["train"].train_batches(8, seed=0)(0)
+    x, y, mask = next(iter(splits["test"].eval_batches(8)))
+  assert images.shape == (8, 48, 48, 3) and x.shape == (8, 48, 48, 3) and mask.sum() == 8
+  assert labels.dtype == np.int32 and y.max() < 1000

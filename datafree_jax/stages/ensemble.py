@@ -30,8 +30,9 @@ Member k's randomness is the stage key with the step and k folded in, so results
 depend on the lowering, the device count or the chunking.
 
 Padding: when G is not a multiple of the device count, the ensemble is padded with extra members
-(member k, k >= G, trains towards class k mod num_classes). They cost compute, are left out of
-the metrics, the sample grids and the 'generators' item of the final checkpoint, and the real G
+(member k, k >= G, trains towards class k mod num_classes). They cost compute and are left out of
+the metrics and the sample grids; the 'generators' item of the final checkpoint holds every
+member as it is split over the devices (nothing is gathered), the real G first, and the real G
 is stored in the checkpoint's meta. A run resumes only on a device count that gives the same
 padding; the distillation stage loads the generators on any device count.
 
@@ -555,8 +556,8 @@ def teacher_has_bn(config, info) -> bool:
 
 
 class Generators(stage_lib.Stage):
-  """Trains the ensemble. Its output is the 'generators' item of the final checkpoint (the real
-  G members' params and BN state), which stage 'distill_generators' loads. An Ensemble built
+  """Trains the ensemble. Its output is the 'generators' item of the final checkpoint (the
+  members' params and BN state, the real G first), which stage 'distill_generators' loads. An Ensemble built
   by `build` from the same config and teacher in ctx.outputs['ensemble'] is used (its compiled
   step reused) instead of building one."""
   name = "generators"
@@ -598,10 +599,6 @@ class Generators(stage_lib.Stage):
     ens = ctx.outputs.pop("ensemble", None) or build(config, ctx.teacher, info)
     log.info(f"generators: {ens.num_generators} generators ({ens.padded} members over "
              f"{ens.mesh.devices.size} devices, lowering {ens.lowering})")
-    g = ens.num_generators
-    real_only = jax.jit(lambda s: jax.tree.map(lambda x: x[:g], {
-        "params": s["params"], "batch_stats": s["batch_stats"]}),
-                        out_shardings=parallel.replicated(ens.mesh))
     meta = {"kind": "generator_ensemble", "padded": ens.padded,
             "batch_per_generator": int(e.batch_per_generator),
             "num_classes": info.num_classes, "loss": e.loss,
@@ -610,7 +607,8 @@ class Generators(stage_lib.Stage):
         state=ens.state, step=ens.step,
         evaluate=make_eval(ens, ctx.teacher, e.batch_per_generator, info.num_classes, e.loss),
         eval_every=e.eval_every, meta=meta, resume_keys=("padded",),
-        final_items=lambda s: {"generators": real_only(s)},
+        final_items=lambda s: {"generators": {"params": s["params"],
+                                              "batch_stats": s["batch_stats"]}},
         on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
 
   def programs(self, ctx):
@@ -700,24 +698,28 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
     shapes = ckpt.item_shapes(step, "generators")
     expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
     expected = {"params": expected[0], "batch_stats": expected[1]}
-    same = jax.tree.structure(shapes) == jax.tree.structure(expected) and all(
-        tuple(a.shape) == (g,) + tuple(b.shape)
-        for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(expected)))
+    saved = {int(a.shape[0]) for a in jax.tree.leaves(shapes) if a.shape}
+    same = (jax.tree.structure(shapes) == jax.tree.structure(expected) and len(saved) == 1
+            and min(saved) >= g and all(
+                tuple(a.shape[1:]) == tuple(b.shape)
+                for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(expected))))
     if not same:
       raise ckpt_lib.CheckpointError(
           f"the generators in {d} do not match their meta ({g} generators {meta['style']!r}, "
           f"width {meta['width']}, latent {meta['latent_dim']}); the checkpoint is corrupt")
     mesh = mesh if mesh is not None else parallel.make_mesh("data")
     layout = distill_layout(layout, g, mesh.devices.size)
+    # The checkpoint holds the real G first, then the padding of the run that wrote it: read
+    # the first G (replicated) or as many members as this mesh splits evenly (sharded; the
+    # slots past G, padding or zeros, are never drawn).
     padded = g
     if layout == "sharded":
       padded = -(-g // mesh.devices.size) * mesh.devices.size
-      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((padded,) + x.shape[1:], x.dtype),
-                            shapes)
-      target = ckpt_lib.abstract_like(shapes, parallel.split_leading(mesh))
-    else:
-      target = ckpt_lib.abstract_like(shapes, parallel.replicated(mesh))
-    variables = ckpt.restore(step, "generators", target, pad=padded > g)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((padded,) + x.shape[1:], x.dtype),
+                          shapes)
+    target = ckpt_lib.abstract_like(shapes, parallel.split_leading(mesh) if layout == "sharded"
+                                    else parallel.replicated(mesh))
+    variables = ckpt.restore(step, "generators", target, pad=padded != min(saved))
   finally:
     ckpt.close()
   return {"gen": gen, "params": variables["params"], "batch_stats": variables["batch_stats"],
