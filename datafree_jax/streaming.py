@@ -335,10 +335,12 @@ class StreamBatches:
 
   def __init__(self, name: str, info: DatasetInfo, local_batch: int, seed: int,
                data_dir: Optional[str] = None, split: str = "train", *,
-               shuffle_buffer: int = SHUFFLE_BUFFER, host_prefetch: int = HOST_PREFETCH):
+               shuffle_buffer: int = SHUFFLE_BUFFER, host_prefetch: Optional[int] = None):
     if local_batch <= 0:
       raise ValueError(f"local batch size must be positive, got {local_batch}")
     self.name, self.info, self.local_batch, self.seed = name, info, int(local_batch), int(seed)
+    if host_prefetch is None:
+      host_prefetch = HOST_PREFETCH
     self.split, self.shuffle_buffer, self.host_prefetch = split, shuffle_buffer, host_prefetch
     self._builder = _builder(name, data_dir, info)
     self._shard, sizes = _process_shards(self._builder, split)
@@ -422,7 +424,7 @@ class StreamBatches:
 def train_batches(name: str, info: DatasetInfo, local_batch: int, seed: int,
                   data_dir: Optional[str] = None, split: str = "train", *,
                   shuffle_buffer: int = SHUFFLE_BUFFER,
-                  host_prefetch: int = HOST_PREFETCH) -> StreamBatches:
+                  host_prefetch: Optional[int] = None) -> StreamBatches:
   """Augmented training batches of this process's shard of `split`, by step (StreamBatches).
 
   Args:
@@ -435,7 +437,7 @@ def train_batches(name: str, info: DatasetInfo, local_batch: int, seed: int,
     split: the split to train on.
     shuffle_buffer: examples (undecoded) in the shuffle buffer; <= 1: no shuffle buffer (the
       files are still read in a seeded order).
-    host_prefetch: batches a background thread keeps ready (0: none).
+    host_prefetch: batches a background thread keeps ready (0: none; None: HOST_PREFETCH).
 
   Returns:
     A StreamBatches: `batches(step) -> (images, labels)`.
