@@ -27,6 +27,16 @@ def abstract_like(tree, sharding=None):
   return jax.tree.map(one, tree)
 
 
+def stage_directory(path: str, stage: str) -> str:
+  """The checkpoint directory of `stage` at `path`: `path` itself, or a workdir holding
+  `stage`/ (a directory with no step directories of its own and a `stage` subdirectory)."""
+  path = os.path.abspath(path)
+  nested = os.path.join(path, stage)
+  if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
+    return nested
+  return path
+
+
 class StageCheckpoints:
   """The checkpoints of one stage, in `directory`."""
 

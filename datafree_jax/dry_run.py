@@ -71,9 +71,11 @@ class Row:
   note: str
 
 
-def abstract(tree, sharding) -> Any:
-  """ShapeDtypeStructs of a pytree of arrays or ShapeDtypeStructs, all with `sharding`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
+  """A training batch (images float32, labels int32) as ShapeDtypeStructs with `sharding`."""
+  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.float32,
+                               sharding=sharding),
+          jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding))
 
 
 def bytes_per_device(tree) -> int:

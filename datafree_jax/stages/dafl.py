@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import losses
@@ -112,8 +113,7 @@ def build(config, teacher: dict, info, abstract: bool = False):
   rep = parallel.replicated(mesh)
   init = functools.partial(_init_state, config, info, gen, student, tx_g, tx_s)
   if abstract:
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                         jax.eval_shape(init))
+    state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
   else:
     state = parallel.put_replicated(init(), mesh)
   step_jit = jax.jit(

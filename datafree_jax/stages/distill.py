@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import models
 from datafree_jax import parallel
@@ -123,10 +124,9 @@ class Distill(stage_lib.Stage):
     """source_images' (images_fn, abstract batch or None, abstract source or None) for the dry
     run: nothing read or loaded."""
     if self.source == "data":
-      b, split = ctx.config.student.batch_size, parallel.split_leading(mesh)
-      batch = (jax.ShapeDtypeStruct((b,) + tuple(ctx.info.image_shape), jnp.float32,
-                                    sharding=split),
-               jax.ShapeDtypeStruct((b,), jnp.int32, sharding=split))
+      from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+      batch = dry_run.abstract_batch(ctx.config.student.batch_size, ctx.info.image_shape,
+                                     parallel.split_leading(mesh))
       return data_images, batch, None
     return noise_images(ctx.info.image_shape), None, None
 
@@ -143,8 +143,7 @@ class Distill(stage_lib.Stage):
       return {"student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
     rep = parallel.replicated(mesh)
     if abstract:
-      state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                           jax.eval_shape(init))
+      state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
     else:
       state = parallel.put_replicated(init(), mesh)
     step_jit = jax.jit(

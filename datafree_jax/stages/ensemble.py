@@ -467,13 +467,10 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
             "real": jnp.asarray(index < g, jnp.float32)}
   stats = teacher.get("bn_stats") or {}
   if abstract:
-    def place(tree, sharding):
-      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          tree)
-    state = place(jax.eval_shape(init_state, jax.ShapeDtypeStruct(index.shape, jnp.int32)),
-                  split)
+    state = ckpt_lib.abstract_like(
+        jax.eval_shape(init_state, jax.ShapeDtypeStruct(index.shape, jnp.int32)), split)
     state["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-    consts = place(jax.eval_shape(make_consts, stats), split)
+    consts = ckpt_lib.abstract_like(jax.eval_shape(make_consts, stats), split)
   else:
     state = jax.jit(init_state, out_shardings=split)(jax.device_put(index, split))
     state["step"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
@@ -634,15 +631,6 @@ class Generators(stage_lib.Stage):
 GENERATORS = Generators()
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-  """A generators stage directory; a workdir holding generators/ is accepted too."""
-  path = os.path.abspath(path)
-  nested = os.path.join(path, "generators")
-  if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
-    return nested
-  return path
-
-
 def distill_layout(setting: str, g: int, devices: int) -> str:
   """config.ensemble.distill_layout resolved: 'sharded' or 'replicated'."""
   if setting != "auto":
@@ -665,7 +653,7 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
     CheckpointError: no finished generator checkpoint in `path`, or one made for other images
       or another number of classes.
   """
-  d = resolve_checkpoint_dir(path)
+  d = ckpt_lib.stage_directory(path, "generators")
   hint = ("run the generators stage first (stage=generators or stage=all), or point "
           "generator_checkpoint at a generators directory")
   if not os.path.isdir(d):

@@ -138,12 +138,11 @@ class Teacher(stage_lib.Stage):
     rep, split = parallel.replicated(mesh), parallel.split_leading(mesh)
     params, batch_stats = jax.eval_shape(
         lambda: common.init_model(model, jax.random.key(0), info.image_shape))
-    state = dry_run.abstract({"params": params, "batch_stats": batch_stats,
-                              "opt_state": jax.eval_shape(tx.init, params),
-                              "step": jax.ShapeDtypeStruct((), jnp.int32)}, rep)
+    state = ckpt_lib.abstract_like({"params": params, "batch_stats": batch_stats,
+                                    "opt_state": jax.eval_shape(tx.init, params),
+                                    "step": jax.ShapeDtypeStruct((), jnp.int32)}, rep)
     b = cfg.batch_size
-    batch = (jax.ShapeDtypeStruct((b,) + tuple(info.image_shape), jnp.float32, sharding=split),
-             jax.ShapeDtypeStruct((b,), jnp.int32, sharding=split))
+    batch = dry_run.abstract_batch(b, info.image_shape, split)
     stats = {}
     if batch_stats:
       k = info.num_classes
@@ -152,8 +151,8 @@ class Teacher(stage_lib.Stage):
                                      batch_stats),
                "class_counts": jax.ShapeDtypeStruct((k,), jnp.int32)}
     variables = common.variables_of(params, batch_stats)
-    ctx.teacher = dry_run.teacher_like(model, dry_run.abstract(variables, rep),
-                                       dry_run.abstract(stats, rep), cfg.model)
+    ctx.teacher = dry_run.teacher_like(model, ckpt_lib.abstract_like(variables, rep),
+                                       ckpt_lib.abstract_like(stats, rep), cfg.model)
     return [dry_run.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
                             steps=cfg.steps)]
 
@@ -199,9 +198,7 @@ def load_variables(config, info) -> dict:
   of its latest checkpoint), restored into config.teacher.model's shapes; raises TeacherError
   when there is none, CheckpointError when it does not fit the model."""
   cfg = config.teacher
-  d = os.path.abspath(cfg.init_from)
-  if os.path.isdir(os.path.join(d, "teacher")) and not any(n.isdigit() for n in os.listdir(d)):
-    d = os.path.join(d, "teacher")
+  d = ckpt_lib.stage_directory(cfg.init_from, "teacher")
   if not os.path.isdir(d):
     raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no such directory")
   ckpt = ckpt_lib.StageCheckpoints(d, create=False)
