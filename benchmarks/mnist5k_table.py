@@ -26,7 +26,10 @@ the same seed. Methods:
 
 Prints a markdown table: final test accuracy (mean +- std over seeds; the final student, never
 the best-on-test one), steps and wall time per run (teacher excluded: it is shared). Reruns
-reuse finished stages in the workdir.
+reuse finished stages in the workdir. Also draws test accuracy vs step of the teacher and of
+every method's student in one figure, <workdir>/accuracy_vs_step.png (each seed a thin line,
+their mean a thick one; from the runs' TensorBoard scalars, datafree_jax.plots); --no-plot
+skips it, --plot_only redraws it from the runs already in the workdir without training.
 """
 from __future__ import annotations
 
@@ -79,6 +82,35 @@ def get_config(arg: str, overrides: list[str]):
   return c
 
 
+def plot_accuracy(workdir: str, seeds, methods, labels: dict) -> str | None:
+  """Draws test accuracy vs step of the teacher and of each method's student, all seeds, in
+  one figure: <workdir>/accuracy_vs_step.png (returned; None when no run has an evaluation).
+  Reads the TensorBoard scalars of <workdir>/seed<S>/teacher_only and <workdir>/seed<S>/<method>
+  (runs missing there are left out)."""
+  from datafree_jax import paths, plots  # pylint: disable=g-import-not-at-top
+  curves = {}
+  for method in ("teacher",) + tuple(methods):
+    runs = []
+    for seed in seeds:
+      run = os.path.join(workdir, f"seed{seed}", "teacher_only" if method == "teacher" else method)
+      if not os.path.isdir(os.path.join(run, "tensorboard")):
+        continue
+      acc = plots.accuracy_curves(plots.read_workdir_scalars(run))
+      # A method's workdir holds the teacher copied from teacher_only, not its events: its
+      # curve is the student's (the stage other than the teacher's).
+      stage = "teacher" if method == "teacher" else next((s for s in acc if s != "teacher"), None)
+      if stage in acc:
+        runs.append(acc[stage])
+    if runs:
+      curves[labels.get(method, method)] = runs
+  if not curves:
+    return None
+  path = os.path.join(workdir, "accuracy_vs_step.png")
+  paths.write_bytes(path, plots.accuracy_figure(
+      curves, f"mnist5k: test accuracy vs step, seeds {', '.join(map(str, seeds))}"))
+  return path
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--seeds", default="0,1,2")
@@ -87,6 +119,10 @@ def main():
   p.add_argument("--workdir", default="/tmp/mnist5k_table")
   p.add_argument("--set", action="append", default=[],
                  help="config override key=value for every run, e.g. student.steps=500")
+  p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                 help="draw <workdir>/accuracy_vs_step.png after the table")
+  p.add_argument("--plot_only", action="store_true",
+                 help="only redraw the figure from the runs already in --workdir")
   args = p.parse_args()
   seeds = [int(s) for s in args.seeds.split(",")]
   methods = args.methods.split(",")
@@ -96,6 +132,10 @@ def main():
   rows = {m: [] for m in ("teacher",) + tuple(methods)}
   labels = {m: SPECS[m][2] for m in methods}
   labels["teacher"] = f"teacher {args.teacher}"
+  if args.plot_only:
+    print(plot_accuracy(args.workdir, seeds, methods, labels) or
+          f"no evaluated runs in {args.workdir}")
+    return
   for seed in seeds:
     base = os.path.join(args.workdir, f"seed{seed}")
     t0 = time.time()
@@ -128,6 +168,10 @@ def main():
     acc = np.array([x[0] for x in r]) * 100
     print(f"| {labels[m]} | {acc.mean():.2f} +- {acc.std():.2f} | "
           f"{', '.join(f'{a:.2f}' for a in acc)} | {r[0][1]} | {np.mean([x[2] for x in r]):.0f} s |")
+  if args.plot:
+    figure = plot_accuracy(args.workdir, seeds, methods, labels)
+    if figure:
+      print(f"\naccuracy vs step: {figure}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ leaves no checkpoint that `latest_step` would return.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from datafree_jax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -30,9 +31,9 @@ def abstract_like(tree, sharding=None):
 def stage_directory(path: str, stage: str) -> str:
   """The checkpoint directory of `stage` at `path`: `path` itself, or a workdir holding
   `stage`/ (a directory with no step directories of its own and a `stage` subdirectory)."""
-  path = os.path.abspath(path)
-  nested = os.path.join(path, stage)
-  if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
+  path = paths.resolve(path)
+  nested = paths.join(path, stage)
+  if paths.isdir(nested) and not any(n.isdigit() for n in paths.listdir(path)):
     return nested
   return path
 
@@ -41,7 +42,7 @@ class StageCheckpoints:
   """The checkpoints of one stage, in `directory`."""
 
   def __init__(self, directory: str, max_to_keep: int = 2, create: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -90,7 +91,7 @@ class StageCheckpoints:
     """
     try:
       with ocp.StandardCheckpointer() as checkpointer:
-        meta = checkpointer.metadata(os.path.join(self.directory, str(step), name))
+        meta = checkpointer.metadata(paths.join(self.directory, str(step), name))
       tree = getattr(meta, "item_metadata", meta)
       tree = getattr(tree, "tree", tree)
       return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)

@@ -58,7 +58,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Student stage of each built-in method, when results.json does not name the checkpoint.
 METHOD_STUDENT_STAGE = {"dafl": "dafl", "ensemble": "distill_generators",
                         "kd_data": "distill_data", "kd_noise": "distill_noise"}
-NOT_STAGES = ("tensorboard", "samples", "export")  # workdir entries that are no stage
+NOT_STAGES = ("tensorboard", "samples", "export", "plots")  # workdir entries that are no stage
 DIGITS = tuple(str(i) for i in range(10))
 KNOWN_CLASS_NAMES = {"mnist5k": DIGITS}
 

@@ -37,7 +37,8 @@ class Preempted(Exception):
 
 
 class _SigtermFlag:
-  """Records SIGTERM while installed (main thread only); restores the old handler on exit."""
+  """Records SIGTERM while installed (main thread only); restores the old handler on exit.
+  `reached(step)`: whether this step is the one to save at and stop (called every step)."""
 
   def __init__(self):
     self.received = False
@@ -53,9 +54,36 @@ class _SigtermFlag:
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.received = True
 
+  def reached(self, step: int) -> bool:  # pylint: disable=unused-argument
+    return self.received
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+class _PreemptionSync:
+  """The multi-process form of _SigtermFlag: JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM on any process and tells all of them; every
+  process then reaches the same sync step, so all save the same step and stop."""
+
+  def __enter__(self):
+    return self
+
+  def reached(self, step: int) -> bool:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.reached_preemption_sync_point(step)
+
+  def __exit__(self, *exc):
+    pass
+
+
+def _preemption_watch():
+  """The SIGTERM watch of this run: one process, or JAX's preemption service across all."""
+  if (jax.process_count() > 1 and jax.distributed.is_initialized()
+      and jax.config.jax_enable_preemption_service):
+    return _PreemptionSync()
+  return _SigtermFlag()
 
 
 @dataclasses.dataclass
@@ -78,7 +106,9 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
   """Runs `step_fn` from the latest checkpoint (or `state`) to `total_steps`.
 
   `final_extras(state)` returns extra items saved with the final checkpoint. `on_eval(state,
-  step)` runs beside each evaluation (sample grids).
+  step)` runs beside each evaluation (sample grids). TensorBoard scalars are tagged
+  `<stage>/eval/<metric>` and `<stage>/train/<metric>`: the stages of a run share one writer
+  and each counts its steps from 0, so the stage name keeps their curves apart.
   """
   meta = dict(meta or {})
   t_start = time.time()
@@ -113,14 +143,14 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
       return
     eval_metrics = {k: float(v) for k, v in eval_fn(state).items()}
     if writer is not None:
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      writer.write_scalars(step, {f"{stage}/eval/{k}": v for k, v in eval_metrics.items()})
     log.info(f"{stage} step {step}/{total_steps} eval: " +
              " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     if on_eval is not None:
       on_eval(state, step)
 
   step = start
-  with _SigtermFlag() as sigterm:
+  with _preemption_watch() as sigterm:
     while step < total_steps:
       batch = batch_fn(step) if batch_fn is not None else None
       state, metrics = step_fn(state, batch)
@@ -134,7 +164,7 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
       step += 1
       last_metrics = metrics
       if writer is not None and (step % scalars_every == 0 or step == total_steps):
-        writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+        writer.write_scalars(step, {f"{stage}/train/{k}": v for k, v in metrics.items()})
       now = time.time()
       if now - t_last_log >= log_every_secs or step == total_steps:
         steps_per_sec = (step - step_rate) / max(now - t_rate, 1e-9)
@@ -144,7 +174,7 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
                  " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
                  f" | {steps_per_sec:.2f} steps/s | ETA {log.format_seconds(eta)}")
         if writer is not None:
-          writer.write_scalars(step, {"train/steps_per_sec": steps_per_sec})
+          writer.write_scalars(step, {f"{stage}/train/steps_per_sec": steps_per_sec})
         t_last_log = now
       if eval_every and step % eval_every == 0 and step < total_steps:
         evaluate(step)
@@ -153,7 +183,7 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
       saved = bool(checkpoint_every) and step % checkpoint_every == 0
       if saved:
         save(step, done=False)
-      if sigterm.received:  # (also while the periodic save above ran: that save is the one)
+      if sigterm.reached(step):  # (also while the periodic save above ran: that save is it)
         if not saved:
           save(step, done=False)
         raise Preempted(stage, step, ckpt.directory)

@@ -12,9 +12,18 @@
                                 applied in order after the config is loaded.
   --workdir=DIR                 output directory (default: workdir/<dataset>-<method>-seed<seed>)
   --debug, --nodebug            full tracebacks instead of one-line errors (default: --nodebug)
+  --distributed=auto|on|off     multi-process runs (one process per host, every process runs the
+                                same command): auto (default) starts jax.distributed when the
+                                flags below, their JAX_* variables, a SLURM step of several
+                                tasks or a multi-host GKE TPU slice say so; on always (Cloud
+                                TPU VM pod slices); off never
+  --coordinator_address=HOST:PORT, --num_processes=N, --process_id=I
+                                an explicit multi-process run (or JAX_COORDINATOR_ADDRESS,
+                                JAX_NUM_PROCESSES, JAX_PROCESS_ID)
   -h, --help                    this text
 
---config, --config.a.b and --workdir also take their value as the next argument
+--workdir may be a gs:// path (or any path etils.epath opens). --config, --config.a.b,
+--workdir and the distributed flags also take their value as the next argument
 (--config FILE.py). Bad input is one line `error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -33,7 +42,10 @@ import ml_collections
 from datafree_jax import config_lib
 
 DEFAULT_CONFIG = "mnist5k"
-_OPTIONS = "(the options are --config, --config.<field>=<value>, --workdir and --debug)"
+_OPTIONS = ("(the options are --config, --config.<field>=<value>, --workdir, --debug, "
+            "--distributed, --coordinator_address, --num_processes and --process_id)")
+_DISTRIBUTED_FLAGS = ("--distributed", "--coordinator_address", "--num_processes",
+                      "--process_id")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -187,7 +199,7 @@ def parse_command_line(args: list) -> dict:
   """argv[1:] as {config, overrides: [(key, text or None)], workdir, debug, help}; raises
   CommandLineError for an unknown flag, a positional argument or a flag without its value."""
   out = {"config": DEFAULT_CONFIG, "overrides": [], "workdir": None, "debug": False,
-         "help": False}
+         "help": False, "distributed": {}}
   unknown, positional = [], []
   i = 0
   while i < len(args):
@@ -207,7 +219,8 @@ def parse_command_line(args: list) -> dict:
       if eq and value.strip().lower() not in _TRUE + _FALSE:
         raise CommandLineError(f"flag {arg}: expected true or false")
       out["debug"] = name == "--debug" and (not eq or value.strip().lower() in _TRUE)
-    elif name in ("--config", "--workdir") or name.startswith("--config."):
+    elif (name in ("--config", "--workdir") + _DISTRIBUTED_FLAGS
+          or name.startswith("--config.")):
       if not eq:
         if i < len(args) and not args[i].startswith("--"):
           value = args[i]
@@ -218,6 +231,8 @@ def parse_command_line(args: list) -> dict:
           raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
       if name == "--config":
         out["config"] = value
+      elif name in _DISTRIBUTED_FLAGS:
+        out["distributed"]["mode" if name == "--distributed" else name[2:]] = value
       elif name == "--workdir":
         out["workdir"] = value
       else:
@@ -267,6 +282,14 @@ def main(argv) -> int:
   if args["help"]:
     print(__doc__.strip())
     return 0
+  from datafree_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:  # Before anything touches a JAX backend (a config file may).
+    distributed.initialize(**{"mode": "auto", **args["distributed"]})
+  except distributed.DistributedError as e:
+    if args["debug"]:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     config = load_config(args["config"])
     for key, text in args["overrides"]:

@@ -29,6 +29,13 @@ def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
+def replicate_host(tree, mesh: Mesh):
+  """A tree of values that every process holds alike (numpy, or jax arrays on this process's
+  devices) as arrays replicated over every device of the mesh."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(jax.device_get(x)), replicated(mesh)),
+                      tree)
+
+
 def global_batch(local_arrays, mesh: Mesh):
   """Host-local numpy batch -> global jax arrays split over the mesh (per-process data loading)."""
   sharding = split_leading(mesh)

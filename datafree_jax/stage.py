@@ -31,12 +31,12 @@ non-finite metric, evaluates and logs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Mapping, Optional
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import log
 from datafree_jax import loop
+from datafree_jax import paths
 
 
 @dataclasses.dataclass
@@ -124,14 +124,14 @@ class Stage:
 
 
 def directory(ctx, stage: Stage) -> str:
-  return os.path.join(ctx.workdir, stage.name)
+  return paths.join(ctx.workdir, stage.name)
 
 
 def saved_meta(ctx, stage: Stage) -> tuple[Optional[int], Optional[dict]]:
   """(step, meta) of the stage's latest checkpoint in the workdir, (None, None) if none; the
   meta checked against the stage's identity. Reads only."""
   d = directory(ctx, stage)
-  if not os.path.isdir(d):
+  if not paths.isdir(d):
     return None, None
   ckpt = ckpt_lib.StageCheckpoints(d, create=False)
   try:

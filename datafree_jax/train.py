@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 
@@ -30,6 +29,8 @@ from datafree_jax import config_lib
 from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
+from datafree_jax import paths
+from datafree_jax import plots
 from datafree_jax import stage as stage_lib
 from datafree_jax.stages import dafl
 from datafree_jax.stages import distill
@@ -104,13 +105,14 @@ def check_workdir(config, workdir: str):
   """Raises ConfigError when `workdir` cannot hold this run's results (checked before writing).
 
   Stages that continue an earlier run (stage=train, generators, distill) need the workdir with
-  its teacher; stage=all and stage=teacher create it.
+  its teacher; stage=all and stage=teacher create it. A remote workdir (gs://...) is checked by
+  writing a probe object there (and removing it).
   """
-  path = os.path.abspath(workdir)
-  if os.path.exists(path):
-    if not os.path.isdir(path):
+  path = paths.resolve(workdir)
+  if paths.exists(path):
+    if not paths.isdir(path):
       raise config_lib.ConfigError(f"workdir {path} exists and is not a directory")
-    if not _writable(path):
+    if not paths.writable(path):
       raise config_lib.ConfigError(f"workdir {path} is not writable")
     return
   if config.stage not in ("all", "teacher"):
@@ -118,23 +120,19 @@ def check_workdir(config, workdir: str):
         f"workdir {path} does not exist; stage={config.stage!r} continues from the teacher of "
         "an earlier run in that workdir (run stage=all or stage=teacher there first, or fix "
         "--workdir)")
-  parent = os.path.dirname(path)
+  if paths.is_remote(path):
+    if not paths.writable(path):
+      raise config_lib.ConfigError(
+          f"cannot write to workdir {path} (does the bucket exist, and may this account write "
+          "to it?)")
+    return
+  parent = paths.parent(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise config_lib.ConfigError(f"cannot create workdir {path}: {parent} is not a directory")
-  if not _writable(parent):
+  if not paths.writable(parent):
     raise config_lib.ConfigError(f"cannot create workdir {path}: {parent} is not writable")
-
-
-def _writable(directory: str) -> bool:
-  """Whether a file can be created in `directory` (tried, then removed: permission bits do not
-  tell for root, read-only mounts or ACLs)."""
-  try:
-    tempfile.TemporaryFile(dir=directory).close()
-    return True
-  except OSError:
-    return False
 
 
 def load_data(config) -> input_pipeline.Splits:
@@ -151,12 +149,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # here leaves the workdir as it was.
   validate(config)
   t0 = time.time()
+  workdir = paths.resolve(workdir)
   check_workdir(config, workdir)
   stages = stages_to_run(config)
   ctx = stage_lib.Context(config=config, workdir=workdir, data=load_data(config),
                           info=input_pipeline.config_info(config),
                           running=tuple(s.name for s in stages))
-  summary = {"config": config.to_dict(), "workdir": os.path.abspath(workdir)}
+  summary = {"config": config.to_dict(), "workdir": workdir}
   teacher = method_stages(config.method)[0]
   if teacher not in stages:  # Continues from the finished teacher of the workdir.
     ctx.teacher = teacher_stage.load(config, workdir, ctx.info)
@@ -167,8 +166,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step, meta = stage_lib.saved_meta(ctx, s)  # An existing checkpoint must be this config's.
     s.prepare(ctx, stage_lib.is_finished(ctx, s, step, meta))
 
-  os.makedirs(workdir, exist_ok=True)
-  ctx.writer = log.LazyWriter(os.path.join(workdir, "tensorboard"))
+  if jax.process_index() == 0:
+    paths.makedirs(workdir)
+  ctx.writer = log.LazyWriter(paths.join(workdir, "tensorboard"))
   try:
     for s in stages:
       summary.update(stage_lib.run(s, ctx))
@@ -176,14 +176,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         acc = summary["teacher"]["test_accuracy"]
         log.info(f"teacher {config.teacher.model}: test accuracy "
                  f"{acc if acc is None else format(acc, '.4f')}, checkpoint "
-                 f"{os.path.abspath(teacher_stage.directory(workdir))}, TensorBoard logs "
-                 f"{os.path.abspath(os.path.join(workdir, 'tensorboard'))}")
+                 f"{teacher_stage.directory(workdir)}, TensorBoard logs "
+                 f"{paths.join(workdir, 'tensorboard')}")
   finally:
     ctx.writer.close()
+  summary["plots"] = plots.write_plots(workdir, event_dir=ctx.writer.local_dir)
   summary["seconds"] = time.time() - t0
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    paths.write_text(paths.join(workdir, "results.json"), json.dumps(summary, indent=1))
   return summary
 
 
@@ -228,18 +228,21 @@ def _summary_text(s: dict) -> str:
     acc = t["test_accuracy"]
     lines.append(f"teacher {t['model']}: test accuracy {acc:.4f}" if acc is not None else
                  f"teacher {t['model']}")
-    lines.append(f"  checkpoint: {os.path.abspath(t['checkpoint'])}")
+    lines.append(f"  checkpoint: {paths.resolve(t['checkpoint'])}")
   g = s.get("generators")
   if g:
     lines.append(f"generators: {g['num_generators']} after {g['steps']} steps" + "".join(
         f", {k} {v:.4f}" for k, v in g["eval"].items()))
-    lines.append(f"  checkpoint: {os.path.abspath(g['checkpoint'])}")
+    lines.append(f"  checkpoint: {paths.resolve(g['checkpoint'])}")
   st = s.get("student")
   if st:
     lines.append(f"student {st['model']}: final test accuracy {st['test_accuracy']:.4f} after "
                  f"{st['steps']} steps")
-    lines.append(f"  checkpoint: {os.path.abspath(st['checkpoint'])}")
-  lines.append(f"TensorBoard logs: {os.path.join(s['workdir'], 'tensorboard')}  "
-               f"(tensorboard --logdir {os.path.join(s['workdir'], 'tensorboard')})")
-  lines.append(f"summary: {os.path.join(s['workdir'], 'results.json')}")
+    lines.append(f"  checkpoint: {paths.resolve(st['checkpoint'])}")
+  lines.append(f"TensorBoard logs: {paths.join(s['workdir'], 'tensorboard')}  "
+               f"(tensorboard --logdir {paths.join(s['workdir'], 'tensorboard')})")
+  if s.get("plots"):
+    lines.append("plots:")
+    lines.extend(f"  {p}" for p in s["plots"])
+  lines.append(f"summary: {paths.join(s['workdir'], 'results.json')}")
   return "\n".join(lines)

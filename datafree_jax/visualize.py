@@ -14,12 +14,14 @@ image of a partial last row stay background.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from datafree_jax import paths
 
 PAD = 2          # pixels between cells and around the grid
 LABEL_H = 12     # height of the label strip under each cell
@@ -130,6 +132,6 @@ def save_png(path: str, grid: np.ndarray) -> None:
   grid = np.asarray(grid)
   if grid.dtype != np.uint8:
     raise ValueError(f"expected a uint8 array, got {grid.dtype}")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  Image.fromarray(grid).save(path, format="PNG")
+  buf = io.BytesIO()
+  Image.fromarray(grid).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())

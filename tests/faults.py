@@ -5,6 +5,7 @@ function misbehaves at a chosen step. The production steps and losses know nothi
                            stage's loss and gradients are NaN there (the loop must stop)
   sigterm_at(stage, step)  the process sends itself SIGTERM in that step (a preemption: the loop
                            saves that step's checkpoint and raises loop.Preempted)
+  signal_at(stage, step, signum)  the same with any signal (SIGKILL: the process dies there)
   with_faulty_stage(method, wrapped)  registers a method like `method` with one stage replaced
                            by `wrapped` (same name, so the same checkpoint directory)
 """
@@ -63,14 +64,19 @@ def nan_at(stage, at: int):
   return Wrapped(stage, wrap_step)
 
 
-def sigterm_at(stage, at: int):
+def signal_at(stage, at: int, signum):
+  """The process sends itself `signum` in step `at` (while the state holds step at - 1)."""
   def wrap_step(step):
-    def preempted(state, batch):
+    def signalled(state, batch):
       if int(state["step"]) == at - 1:
-        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler sets a flag
+        os.kill(os.getpid(), signum)
       return step(state, batch)
-    return preempted
+    return signalled
   return Wrapped(stage, wrap_step)
+
+
+def sigterm_at(stage, at: int):
+  return signal_at(stage, at, signal.SIGTERM)  # the loop's SIGTERM watch takes it
 
 
 def with_faulty_stage(method: str, wrapped: Wrapped) -> str:

@@ -223,10 +223,15 @@ def _assert_override_refused(config, key, text, expected):
     (["--config.teacher.augment_flip", "--nodebug", "--config.a.b=x=y", "--debug=false"],
      {"config": "mnist5k", "overrides": [("teacher.augment_flip", None), ("a.b", "x=y")],
       "workdir": None, "debug": False}),
+    (["--workdir=gs://b/run", "--distributed=on", "--coordinator_address", "h:1234",
+      "--num_processes=2", "--process_id=1"],
+     {"config": "mnist5k", "overrides": [], "workdir": "gs://b/run", "debug": False,
+      "distributed": {"mode": "on", "coordinator_address": "h:1234", "num_processes": "2",
+                      "process_id": "1"}}),
 ])
 def test_parse_command_line(args, expected):
   from datafree_jax import main  # pylint: disable=g-import-not-at-top
-  assert main.parse_command_line(args) == dict(expected, help=False)
+  assert main.parse_command_line(args) == dict({"distributed": {}}, **expected, help=False)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -236,6 +241,7 @@ def test_parse_command_line(args, expected):
     (["--config", "--debug"], "flag --config needs a value"),
     (["--debug=maybe"], "flag --debug=maybe: expected true or false"),
     (["--", "--debug"], "unexpected arguments: --debug (the options are"),
+    (["--num_processes"], "flag --num_processes needs a value"),
 ])
 def test_parse_command_line_refuses(args, expected):
   from datafree_jax import main  # pylint: disable=g-import-not-at-top

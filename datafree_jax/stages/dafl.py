@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from datafree_jax import config_lib
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import paths
 from datafree_jax import stage as stage_lib
 from datafree_jax.stages import distill
 
@@ -29,7 +29,7 @@ STAGE_SALT = 2
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(workdir, "dafl")
+  return paths.join(workdir, "dafl")
 
 
 def make_generator(gcfg, info, style=None, dtype=None) -> models.Generator:

@@ -9,7 +9,6 @@ evaluation, summary and sample grids.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import jax
@@ -20,6 +19,7 @@ from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import paths
 from datafree_jax import stage as stage_lib
 
 STAGE_SALT = 3
@@ -27,7 +27,7 @@ AUGMENT_SALT = 1  # folded into a step's key for the augmentation of its images
 
 
 def directory(workdir: str, source: str) -> str:
-  return os.path.join(workdir, f"distill_{source}")
+  return paths.join(workdir, f"distill_{source}")
 
 
 def make_student(config, info):
@@ -184,25 +184,28 @@ DATA = Distill("data")
 NOISE = Distill("noise")
 
 
-def make_sample_writer(ctx, sample_fn: Callable, name: str,
-                       row_titles=None) -> Optional[Callable]:
-  """on_eval callback: a grid of sample_fn(state)'s images, the teacher's class under each,
-  written to <workdir>/samples/<name>_stepNNNNNN.png and TensorBoard (process 0 only)."""
+def make_sample_writer(ctx, sample_fn: Callable, name: str, row_titles=None,
+                       args: tuple = ()) -> Optional[Callable]:
+  """on_eval callback: a grid of sample_fn(state, *args)'s images, the teacher's class under
+  each, written to <workdir>/samples/<name>_stepNNNNNN.png and TensorBoard. Every process
+  computes them (one computation over the global mesh); process 0 writes them."""
   from datafree_jax import visualize  # pylint: disable=g-import-not-at-top
   tmodel, tvars = ctx.teacher["model"], ctx.teacher["variables"]
-  sample = jax.jit(sample_fn)
-  predict = jax.jit(lambda x: jnp.argmax(tmodel.apply(tvars, x, train=False), -1))
+  rep = parallel.replicated(parallel.make_mesh("data"))
+  sample = jax.jit(sample_fn, out_shardings=rep)
+  predict = jax.jit(lambda v, x: jnp.argmax(tmodel.apply(v, x, train=False), -1),
+                    out_shardings=rep)
   info = ctx.info
 
   def on_eval(state, step):
+    images = sample(state, *args)
+    preds = np.asarray(jax.device_get(predict(tvars, images)))
     if jax.process_index() != 0:
       return
-    images = sample(state)
-    preds = np.asarray(predict(images))
-    images = np.asarray(images)
+    images = np.asarray(jax.device_get(images))
     grid = visualize.sample_grid(images, preds, info.mean, info.std, ncols=10, scale=2,
                                  row_titles=row_titles)
-    visualize.save_png(os.path.join(ctx.workdir, "samples", f"{name}_step{step:06d}.png"), grid)
+    visualize.save_png(paths.join(ctx.workdir, "samples", f"{name}_step{step:06d}.png"), grid)
     if ctx.writer is not None:
       ctx.writer.write_images(step, {f"samples/{name}": grid[None]})
   return on_eval

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -64,6 +63,7 @@ from datafree_jax import log
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import paths
 from datafree_jax import stage as stage_lib
 from datafree_jax.stages import dafl
 from datafree_jax.stages import distill
@@ -77,7 +77,7 @@ ALL_CLASSES = -1        # class id of a generator trained on all classes (G = 1)
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(workdir, "generators")
+  return paths.join(workdir, "generators")
 
 
 def checkpoint_to_distill(config, workdir: str) -> str:
@@ -387,7 +387,8 @@ class Ensemble:
   state: Any                   # {'params', 'batch_stats', 'opt_state' (stacked), 'step'}
   consts: Any                  # {'targets', 'class_id', 'index', 'real'}, stacked
   step: Callable               # step(state, None) -> (state, metrics)
-  sample: Callable             # sample(state, n) -> (padded, n, H, W, C) images; jit it
+  sample: Callable             # sample(state, n, consts) -> (padded, n, H, W, C) images; jit
+                               # it with state and consts as arguments
 
   def sample_labels(self, n: int) -> np.ndarray:
     """(padded, n) the class of each image of sample(state, n): the member's class; for a
@@ -478,7 +479,7 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
   step = make_step(spec, mesh, lowering, int(e.max_generators_per_device_at_once), g, consts,
                    teacher["variables"])
 
-  def sample(state, n: int):
+  def sample(state, n: int, consts=consts):
     def one(p, bs, i, c):
       z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
                             (n, spec.gen.latent_dim))
@@ -506,12 +507,14 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
   """
   tmodel, tvars = teacher["model"], teacher["variables"]
 
-  def preds(state):
-    images = ens.sample(state, batch)
+  def preds(state, consts, tvars):
+    images = ens.sample(state, batch, consts)
     flat = images.reshape((-1,) + images.shape[2:])
     return jnp.argmax(tmodel.apply(tvars, flat, train=False), -1).reshape(images.shape[:2])
-  # Replicated output: every process can read it.
-  preds = jax.jit(preds, out_shardings=parallel.replicated(ens.mesh))
+  # Global arrays are arguments (a multi-process jit cannot close over them); the output is
+  # replicated, so that every process can read it.
+  preds = functools.partial(jax.jit(preds, out_shardings=parallel.replicated(ens.mesh)),
+                            consts=ens.consts, tvars=tvars)
 
   g = ens.num_generators
   labels = ens.sample_labels(batch)[:g]
@@ -537,12 +540,13 @@ def _grid_writer(ctx, ens: Ensemble, batch: int):
   per_gen = SAMPLES_PER_ROW if g > 1 else 4 * SAMPLES_PER_ROW
   n = max(batch, per_gen)
 
-  def sample_fn(state):
-    images = ens.sample(state, n)[:g, :per_gen]
+  def sample_fn(state, consts):
+    images = ens.sample(state, n, consts)[:g, :per_gen]
     return images.reshape((-1,) + images.shape[2:])
   rows = per_gen // SAMPLES_PER_ROW
   titles = [f"G{k}" if r == 0 else "" for k in range(g) for r in range(rows)]
-  return distill.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles)
+  return distill.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles,
+                                    args=(ens.consts,))
 
 
 def teacher_has_bn(config, info) -> bool:
@@ -656,7 +660,7 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
   d = ckpt_lib.stage_directory(path, "generators")
   hint = ("run the generators stage first (stage=generators or stage=all), or point "
           "generator_checkpoint at a generators directory")
-  if not os.path.isdir(d):
+  if not paths.isdir(d):
     raise ckpt_lib.CheckpointError(f"no generator checkpoint in {d}; {hint}")
   ckpt = ckpt_lib.StageCheckpoints(d, create=False)
   try:

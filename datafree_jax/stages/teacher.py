@@ -3,6 +3,13 @@
 Checkpoints go to <workdir>/teacher/. The final checkpoint also holds the items 'teacher' (the
 model variables that later stages load) and 'bn_stats' (see bn_stats.py). This stage reads the
 training split; the data-free stages after it do not.
+
+With `teacher.init_from=PATH` the teacher is not trained (0 steps): it is read from a teacher
+checkpoint of this project (a teacher stage directory or a workdir holding one), a PyTorch
+state_dict (.pt/.pth/.bin, .safetensors), a Flax msgpack file or an orbax PyTree checkpoint
+(teacher_import.py has the formats and names), then evaluated, and its BN statistics are
+computed on the training split. A dataset without a training split (one registered with test
+arrays only) then gets the imported running averages as its only, global, BN statistics.
 """
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from etils import epath
 
 from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
@@ -22,17 +31,16 @@ from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import paths
 from datafree_jax import stage as stage_lib
+from datafree_jax import teacher_import
+from datafree_jax.teacher_import import TeacherError  # pylint: disable=unused-import
 
 STAGE_SALT = 1
 
 
-class TeacherError(RuntimeError):
-  pass
-
-
 def directory(workdir: str) -> str:
-  return os.path.join(workdir, "teacher")
+  return paths.join(workdir, "teacher")
 
 
 def supervised_loss(model, params, batch_stats, images, labels):
@@ -84,7 +92,7 @@ class Teacher(stage_lib.Stage):
     if finished:
       ctx.teacher = load(ctx.config, ctx.workdir, ctx.info)  # Its arrays are known intact.
       return
-    _ = ctx.data["train"]
+    _train_split(ctx)
     if ctx.config.teacher.init_from:
       ctx.outputs["teacher_init"] = load_variables(ctx.config, ctx.info)
 
@@ -104,27 +112,44 @@ class Teacher(stage_lib.Stage):
     state = parallel.put_replicated(
         {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
          "step": jnp.zeros((), jnp.int32)}, mesh)
-    train = ctx.data["train"]
-    local = train.train_batches(parallel.check_global_batch(cfg.batch_size), config.seed)
+    train = _train_split(ctx)
+    local = None if train is None else train.train_batches(
+        parallel.check_global_batch(cfg.batch_size), config.seed)
 
     def final_items(state):
-      if isinstance(train, input_pipeline.Dataset):
+      if train is None:  # no data: the teacher's running averages (global statistics only)
+        stats = {"global": state["batch_stats"]} if state["batch_stats"] else {}
+        if stats:
+          log.info(f"teacher: dataset {info.name!r} has no training split; its BN statistics "
+                   "are the teacher's running averages (global, no class-conditional ones)")
+      elif isinstance(train, input_pipeline.Dataset) and jax.process_count() == 1:
         stats = bn_stats_lib.compute(
             model, state["params"], state["batch_stats"],
             input_pipeline.class_examples(train, cfg.bn_stats_per_class, config.seed))
+      elif isinstance(train, input_pipeline.Dataset):  # each process's share, summed over all
+        per_process = -(-cfg.bn_stats_per_class // jax.process_count())
+        images = input_pipeline.class_examples(train, per_process, config.seed)
+        labels = np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(images)])
+        stats = bn_stats_lib.compute_streaming(
+            model, state["params"], state["batch_stats"],
+            input_pipeline.masked_batches(np.concatenate(images), labels,
+                                          loop.eval_local_batch()),
+            info.num_classes, mesh)
       else:  # streamed: per-class running sums over one pass
         stats = bn_stats_lib.compute_streaming(
             model, state["params"], state["batch_stats"],
             train.class_batches(loop.eval_local_batch(), cfg.bn_stats_per_class),
             info.num_classes, mesh)
       items = {"teacher": {"params": state["params"], "batch_stats": state["batch_stats"]}}
-      if stats:
-        items["bn_stats"] = stats
+      if stats:  # the same values on every process: replicated over the mesh, as saved
+        items["bn_stats"] = parallel.replicate_host(stats, mesh)
       return items
 
     return stage_lib.Plan(
         state=state, step=step_jit,
-        batches=lambda step: parallel.global_batch(local(step), mesh), evaluate=common.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
+        batches=None if local is None else (
+            lambda step: parallel.global_batch(local(step), mesh)),
+        evaluate=common.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
         eval_every=cfg.eval_every, meta={"dataset": info.name}, final_items=final_items)
 
   def programs(self, ctx):
@@ -180,6 +205,18 @@ def _build(config, info, mesh):
   return model, tx, step_jit
 
 
+def _train_split(ctx):
+  """The training split; None for an imported teacher (teacher.init_from) of a dataset that
+  has none (registered with test arrays only), whose BN statistics are then its running
+  averages."""
+  try:
+    return ctx.data["train"]
+  except input_pipeline.UnknownDatasetError:
+    if not ctx.config.teacher.init_from:
+      raise
+    return None
+
+
 def _check_meta(meta: dict, cfg, info, d: str):
   if meta.get("model") != cfg.model:
     raise TeacherError(f"the teacher in {d} is a {meta.get('model')!r} but the config says "
@@ -194,24 +231,66 @@ def _check_meta(meta: dict, cfg, info, d: str):
 
 
 def load_variables(config, info) -> dict:
-  """{'params', 'batch_stats'} of the teacher in config.teacher.init_from (the 'teacher' item
-  of its latest checkpoint), restored into config.teacher.model's shapes; raises TeacherError
-  when there is none, CheckpointError when it does not fit the model."""
+  """{'params', 'batch_stats'} of the teacher in config.teacher.init_from, in
+  config.teacher.model's shapes. The path is a teacher checkpoint of this project (a teacher
+  stage directory or a workdir holding one: its latest checkpoint's 'teacher' item), a PyTorch
+  state_dict file (.pt/.pth/.bin, .safetensors), a Flax msgpack file (.msgpack) or another
+  orbax PyTree checkpoint directory (teacher_import.py). Raises TeacherError when there is
+  none or it does not fit the model (CheckpointError for this project's checkpoints)."""
   cfg = config.teacher
-  d = ckpt_lib.stage_directory(cfg.init_from, "teacher")
-  if not os.path.isdir(d):
-    raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no such directory")
-  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  path = epath.Path(cfg.init_from)
+  model = models.get_classifier(cfg.model, info.num_classes, cfg.width)
+  params, batch_stats = jax.eval_shape(
+      lambda: common.init_model(model, jax.random.key(0), info.image_shape))
+  target = {"params": params, "batch_stats": batch_stats}
+  where = (f"teacher.init_from={cfg.init_from!r} (teacher.model={cfg.model!r}, "
+           f"{info.num_classes} classes)")
+  if not path.exists():
+    raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no such directory or file")
+  if path.is_dir():
+    d = _project_teacher_directory(path)
+    if d is not None:
+      return _restore_project_teacher(d, target, cfg.init_from)
+  try:
+    if path.is_dir():
+      return teacher_import.read_flax(path, target)
+    suffix = path.suffix.lower()
+    if suffix in teacher_import.STATE_DICT_SUFFIXES:
+      return teacher_import.to_flax(cfg.model, teacher_import.read_state_dict(path), target)
+    if suffix == teacher_import.MSGPACK_SUFFIX:
+      return teacher_import.read_flax(path, target)
+  except TeacherError as e:
+    raise TeacherError(f"{where}: {e}") from e
+  raise TeacherError(
+      f"{where}: a file must be a PyTorch state_dict "
+      f"({', '.join(teacher_import.STATE_DICT_SUFFIXES)}) or a Flax msgpack file "
+      f"({teacher_import.MSGPACK_SUFFIX}); got {suffix or 'no suffix'!r}")
+
+
+def _project_teacher_directory(path: epath.Path):
+  """The teacher stage directory of this project at `path` (itself, or `path`/teacher of a
+  workdir) when it holds a step with a 'teacher' item, or is a workdir's teacher/ without any
+  step yet; else None (then `path` is read as another project's orbax checkpoint)."""
+  nested = path / "teacher"
+  d = path
+  if nested.is_dir() and not any(c.name.isdigit() for c in path.iterdir()):
+    d = nested
+  steps = [c for c in d.iterdir() if c.name.isdigit() and c.is_dir()]
+  if any((s / "teacher").is_dir() for s in steps):
+    return d
+  if d == nested and not steps:  # a workdir whose teacher has no checkpoint yet
+    return d
+  return None
+
+
+def _restore_project_teacher(d: epath.Path, target: dict, init_from: str) -> dict:
+  ckpt = ckpt_lib.StageCheckpoints(os.fspath(d), create=False)
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise TeacherError(f"teacher.init_from={cfg.init_from!r}: no checkpoint in {d}")
-    model = models.get_classifier(cfg.model, info.num_classes, cfg.width)
-    params, batch_stats = jax.eval_shape(
-        lambda: common.init_model(model, jax.random.key(0), info.image_shape))
+      raise TeacherError(f"teacher.init_from={init_from!r}: no checkpoint in {d}")
     rep = parallel.replicated(parallel.make_mesh("data"))
-    return ckpt.restore(step, "teacher", ckpt_lib.abstract_like(
-        {"params": params, "batch_stats": batch_stats}, rep))
+    return ckpt.restore(step, "teacher", ckpt_lib.abstract_like(target, rep))
   finally:
     ckpt.close()
 
@@ -220,7 +299,7 @@ def load(config, workdir: str, info=None) -> dict:
   """The finished teacher of `workdir`, checked against the config and dataset."""
   cfg = config.teacher
   d = directory(workdir)
-  if not os.path.isdir(d):
+  if not paths.isdir(d):
     raise TeacherError(f"no teacher checkpoint in {d}; run the teacher stage first "
                        f"(--config=...:stage=teacher or stage=all)")
   ckpt = ckpt_lib.StageCheckpoints(d, create=False)

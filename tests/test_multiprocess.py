@@ -1,0 +1,169 @@
+"""Multi-process runs on this machine: 2 processes on a localhost coordinator, 4 fake CPU devices
+each, CPU collectives through gloo (tests/multiprocess_check.py is one process), against one
+process with 8 fake devices; SIGKILL of both and SIGTERM of one mid-stage."""
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import copy_stages
+from conftest import stage_state
+from datafree_jax import checkpoints as ckpt_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECK = os.path.join(HERE, "multiprocess_check.py")
+TIMEOUT = 600
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # multiprocess_check sets the device count itself
+  env["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
+  return env
+
+
+def run_processes(workdir, n: int, devices: int, fault: str = "") -> list:
+  """Starts n processes of multiprocess_check.py on `workdir`; [(returncode, stdout + stderr)]."""
+  port = _free_port()
+  procs = []
+  for i in range(n):
+    cmd = [sys.executable, CHECK, str(workdir), f"--num_processes={n}", f"--process_id={i}",
+           f"--port={port}", f"--devices={devices}"] + ([f"--fault={fault}"] if fault else [])
+    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  out = []
+  try:
+    for p in procs:
+      text, _ = p.communicate(timeout=TIMEOUT)
+      out.append((p.returncode, text))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return out
+
+
+def _ok(results, what):
+  for i, (rc, err) in enumerate(results):
+    assert rc == 0, f"{what}: process {i} exited {rc}:\n{err[-4000:]}"
+
+
+def flatten(tree) -> dict:
+  """{'a/b/c': leaf} of a nested dict."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def final_parameters(workdir) -> dict:
+  """{'generators/...': array, 'student/...': array}: the real generators' final parameters and
+  the student's, restored here on 1 device."""
+  gdir = os.path.join(workdir, "generators")
+  ckpt = ckpt_lib.StageCheckpoints(gdir, create=False)
+  try:
+    step = ckpt.latest_step()
+    meta = ckpt.restore_meta(step)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    gens = ckpt.restore(step, "generators", ckpt_lib.abstract_like(
+        ckpt.item_shapes(step, "generators"), one))
+  finally:
+    ckpt.close()
+  g = meta["num_generators"]
+  out = {f"generators/{k}": np.asarray(v)[:g] for k, v in flatten(gens["params"]).items()}
+  _, state, _ = stage_state(os.path.join(workdir, "distill_generators"))
+  out.update({f"student/{k}": np.asarray(v) for k, v in flatten(state["student"]["params"]).items()})
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference(bn_teacher_workdir, tmp_path_factory):
+  """The pipeline in one process with 8 fake devices: its final parameters."""
+  workdir = copy_stages(bn_teacher_workdir, tmp_path_factory.mktemp("one_process"), "teacher")
+  _ok(run_processes(workdir, 1, 8), "1 process x 8 devices")
+  return final_parameters(workdir)
+
+
+# Leaves whose gradient is zero in exact arithmetic: the biases of convolutions that feed a
+# BatchNorm (it subtracts them again). What is left of their gradient is float rounding, and
+# Adam divides it by its own running size, so any rounding difference moves them by up to a
+# full Adam step (about lr) per step.
+PRE_BN_BIASES = ("generators/conv1/bias", "generators/conv2/bias", "student/conv1/bias",
+                 "student/conv2/bias", "student/conv3/bias")
+
+
+def tolerances() -> dict:
+  """{leaf name or '': max |difference|} between 2 processes x 4 devices and 1 x 8.
+
+  Every member's generator update and every student gradient shard runs on one device with the
+  same inputs either way, but XLA:CPU's kernels in a process with 4 devices do not round
+  exactly as in one with 8 (differences of about 1e-7 relative after one step, on every
+  device). Everything but PRE_BN_BIASES stays within 2e-3 after the run (measured: 3.4e-4 at
+  most); those are bounded by 2 Adam steps of size lr per step. A member trained on the
+  wrong class, seed or device, or a student fed other images, is off by far more.
+  """
+  from multiprocess_check import CONFIG  # pylint: disable=g-import-not-at-top
+  from conftest import ensemble_config  # pylint: disable=g-import-not-at-top
+  c = ensemble_config(**CONFIG)
+  out = {"": 2e-3}
+  for name in PRE_BN_BIASES:
+    lr, steps = ((c.ensemble.lr, c.ensemble.steps) if name.startswith("generators/") else
+                 (c.student.lr, c.student.steps))
+    out[name] = 2 * lr * steps
+  return out
+
+
+def _compare(got: dict, want: dict, what: str, tolerance=None):
+  """Asserts got == want leaf by leaf: bitwise, or within tolerance[name] (tolerance[''] for
+  the leaves not named)."""
+  assert sorted(got) == sorted(want)
+  for k in sorted(want):
+    diff = float(np.max(np.abs(got[k].astype(np.float64) - want[k]), initial=0.0))
+    limit = 0.0 if tolerance is None else tolerance.get(k, tolerance[""])
+    assert diff <= limit, f"{what}: {k} differs by {diff:.3g} (allowed {limit:.3g})"
+
+
+def test_two_processes_equal_one_and_resume_after_sigkill(reference, bn_teacher_workdir,
+                                                          tmp_path):
+  workdir = copy_stages(bn_teacher_workdir, tmp_path / "two_processes", "teacher")
+  _ok(run_processes(workdir, 2, 4), "2 processes x 4 devices")
+  uninterrupted = final_parameters(workdir)
+  _compare(uninterrupted, reference, "2 processes vs 1", tolerances())
+
+  killed = copy_stages(bn_teacher_workdir, tmp_path / "killed", "teacher")
+  results = run_processes(killed, 2, 4, fault="kill@generators:3")
+  assert [rc for rc, _ in results] == [-9, -9], [err[-2000:] for _, err in results]
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(killed, "generators"), create=False)
+  assert ckpt.latest_step() == 2  # checkpoint_every=2: step 2 saved, killed in step 3
+  ckpt.close()
+  results = run_processes(killed, 2, 4)
+  _ok(results, "the rerun after SIGKILL")
+  assert "generators: resuming from step 2" in results[0][1] + results[1][1]
+  _compare(final_parameters(killed), uninterrupted, "resumed after SIGKILL vs uninterrupted")
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step(bn_teacher_workdir, tmp_path):
+  workdir = copy_stages(bn_teacher_workdir, tmp_path / "sigterm", "teacher")
+  results = run_processes(workdir, 2, 4, fault="sigterm@generators:2@1")
+  assert [rc for rc, _ in results] == [143, 143], [err[-3000:] for _, err in results]
+  steps = []
+  for _, err in results:
+    m = re.search(r"generators: preempted \(SIGTERM\) at step (\d+)", err)
+    assert m, err[-3000:]
+    steps.append(int(m.group(1)))
+  assert steps[0] == steps[1], steps
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "generators"), create=False)
+  try:
+    assert ckpt.latest_step() == steps[0]
+    assert not ckpt.restore_meta()["done"]
+  finally:
+    ckpt.close()
