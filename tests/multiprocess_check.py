@@ -2,11 +2,14 @@
 
     python tests/multiprocess_check.py WORKDIR --num_processes=N --process_id=I --port=P
                                        [--devices=D] [--fault=KIND@STAGE:STEP[@PROCESS]]
+                                       [--teacher_from=DIR]
 
 Runs stage=train of conftest.ensemble_config(**CONFIG) (the generators, then the distillation
 from them) on the finished teacher in WORKDIR, as process I of N (a localhost coordinator on
 port P, D fake CPU devices per process, CPU collectives through gloo), through the same entry
-point as the command line (train.main_entry). N=1 is a plain single-process run.
+point as the command line (train.main_entry). N=1 is a plain single-process run. With
+--teacher_from only the teacher stage runs, from the teacher in DIR (0 steps: its evaluation
+and its class-conditional BN statistics, from each process's part of the training split).
 
 --fault injects, from outside the package (tests/faults.py), at step STEP of stage STAGE:
   kill     the process sends itself SIGKILL (every process: all hosts lost at once)
@@ -36,6 +39,9 @@ def _parse():
   p.add_argument("--port", type=int, default=0)
   p.add_argument("--devices", type=int, default=4)
   p.add_argument("--fault", default="")
+  p.add_argument("--teacher_from", default="",
+                 help="run only the teacher stage, from this finished teacher (0 steps: its "
+                      "evaluation and BN statistics)")
   return p.parse_args()
 
 
@@ -72,6 +78,9 @@ def main() -> int:
   from datafree_jax import train  # pylint: disable=g-import-not-at-top
   config = ensemble_config(**CONFIG)
   config.method = _faulty_method(args.fault, args.process_id)
+  if args.teacher_from:
+    config.stage = "teacher"
+    config.teacher.init_from = args.teacher_from
   return train.main_entry(config, args.workdir)
 
 

@@ -1,6 +1,7 @@
 """Multi-process runs on this machine: 2 processes on a localhost coordinator, 4 fake CPU devices
 each, CPU collectives through gloo (tests/multiprocess_check.py is one process), against one
-process with 8 fake devices; SIGKILL of both and SIGTERM of one mid-stage."""
+process with 8 fake devices; then SIGKILL of both mid-stage, a rerun in which SIGTERM reaches
+one of them, and a last rerun that must end where the uninterrupted run did."""
 import os
 import re
 import socket
@@ -33,13 +34,14 @@ def _env():
   return env
 
 
-def run_processes(workdir, n: int, devices: int, fault: str = "") -> list:
+def run_processes(workdir, n: int, devices: int, fault: str = "", extra=()) -> list:
   """Starts n processes of multiprocess_check.py on `workdir`; [(returncode, stdout + stderr)]."""
   port = _free_port()
   procs = []
   for i in range(n):
     cmd = [sys.executable, CHECK, str(workdir), f"--num_processes={n}", f"--process_id={i}",
            f"--port={port}", f"--devices={devices}"] + ([f"--fault={fault}"] if fault else [])
+    cmd += list(extra)
     procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   out = []
@@ -132,38 +134,75 @@ def _compare(got: dict, want: dict, what: str, tolerance=None):
     assert diff <= limit, f"{what}: {k} differs by {diff:.3g} (allowed {limit:.3g})"
 
 
-def test_two_processes_equal_one_and_resume_after_sigkill(reference, bn_teacher_workdir,
-                                                          tmp_path):
+def test_two_processes_equal_one_and_resume_after_sigkill_and_sigterm(reference,
+                                                                     bn_teacher_workdir,
+                                                                     tmp_path):
   workdir = copy_stages(bn_teacher_workdir, tmp_path / "two_processes", "teacher")
   _ok(run_processes(workdir, 2, 4), "2 processes x 4 devices")
   uninterrupted = final_parameters(workdir)
   _compare(uninterrupted, reference, "2 processes vs 1", tolerances())
 
-  killed = copy_stages(bn_teacher_workdir, tmp_path / "killed", "teacher")
-  results = run_processes(killed, 2, 4, fault="kill@generators:3")
-  assert [rc for rc, _ in results] == [-9, -9], [err[-2000:] for _, err in results]
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(killed, "generators"), create=False)
-  assert ckpt.latest_step() == 2  # checkpoint_every=2: step 2 saved, killed in step 3
-  ckpt.close()
-  results = run_processes(killed, 2, 4)
-  _ok(results, "the rerun after SIGKILL")
-  assert "generators: resuming from step 2" in results[0][1] + results[1][1]
-  _compare(final_parameters(killed), uninterrupted, "resumed after SIGKILL vs uninterrupted")
+  # Both processes killed (SIGKILL) in generator step 3: the checkpoint of step 2 remains.
+  broken = copy_stages(bn_teacher_workdir, tmp_path / "interrupted", "teacher")
+  results = run_processes(broken, 2, 4, fault="kill@generators:3")
+  assert [rc for rc, _ in results] == [-9, -9], [out[-2000:] for _, out in results]
+  assert _latest_step(broken, "generators") == 2  # checkpoint_every=2
 
-
-def test_sigterm_on_one_process_stops_both_at_the_same_step(bn_teacher_workdir, tmp_path):
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "sigterm", "teacher")
-  results = run_processes(workdir, 2, 4, fault="sigterm@generators:2@1")
-  assert [rc for rc, _ in results] == [143, 143], [err[-3000:] for _, err in results]
+  # The rerun resumes there; SIGTERM to process 1 alone in distillation step 3: JAX's
+  # preemption service tells process 0 too, and both save the same step and exit 143.
+  results = run_processes(broken, 2, 4, fault="sigterm@distill_generators:3@1")
+  assert [rc for rc, _ in results] == [143, 143], [out[-3000:] for _, out in results]
+  assert "generators: resuming from step 2" in results[0][1]
   steps = []
-  for _, err in results:
-    m = re.search(r"generators: preempted \(SIGTERM\) at step (\d+)", err)
-    assert m, err[-3000:]
+  for _, out in results:
+    m = re.search(r"distill_generators: preempted \(SIGTERM\) at step (\d+)", out)
+    assert m, out[-3000:]
     steps.append(int(m.group(1)))
-  assert steps[0] == steps[1], steps
-  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, "generators"), create=False)
+  assert steps[0] == steps[1] >= 3, steps
+  assert _latest_step(broken, "distill_generators") == steps[0]
+
+  # The last rerun finishes: bitwise the uninterrupted run.
+  results = run_processes(broken, 2, 4)
+  _ok(results, "the rerun after SIGKILL and SIGTERM")
+  assert f"distill_generators: resuming from step {steps[0]}" in results[0][1]
+  _compare(final_parameters(broken), uninterrupted, "interrupted twice vs uninterrupted")
+
+
+def _latest_step(workdir, stage):
+  ckpt = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), create=False)
   try:
-    assert ckpt.latest_step() == steps[0]
-    assert not ckpt.restore_meta()["done"]
+    step = ckpt.latest_step()
+    assert not ckpt.restore_meta(step)["done"]
+    return step
   finally:
     ckpt.close()
+
+
+def test_bn_statistics_of_two_processes_are_those_of_their_examples_together(
+    bn_teacher_workdir, tmp_path):
+  """The teacher's class-conditional BN statistics in 2 processes: each process takes its share
+  of bn_stats_per_class examples per class from its own part of the training split (every
+  second digit), and the sums are reduced over both; they must equal the statistics of all
+  those examples computed at once here, and be saved once for both."""
+  from conftest import ensemble_config  # pylint: disable=g-import-not-at-top
+  from multiprocess_check import CONFIG  # pylint: disable=g-import-not-at-top
+  from datafree_jax import bn_stats, input_pipeline  # pylint: disable=g-import-not-at-top
+  from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "bn"
+  _ok(run_processes(workdir, 2, 4, extra=[f"--teacher_from={bn_teacher_workdir}"]),
+      "the teacher stage in 2 processes")
+  config = ensemble_config(**CONFIG)
+  info = input_pipeline.config_info(config)
+  got = teacher_stage.load(config, str(workdir), info)
+  teacher = teacher_stage.load(config, bn_teacher_workdir, info)
+  full = input_pipeline.load_dataset("mnist5k", "train")
+  per_process = -(-config.teacher.bn_stats_per_class // 2)
+  parts = [input_pipeline.class_examples(input_pipeline.Dataset(
+      full.images[p::2], full.labels[p::2], info), per_process, config.seed) for p in (0, 1)]
+  union = [np.concatenate([a, b]) for a, b in zip(*parts)]
+  variables = jax.device_get(teacher["variables"])
+  want = bn_stats.compute(teacher["model"], variables["params"], variables["batch_stats"], union)
+  np.testing.assert_array_equal(np.asarray(got["bn_stats"]["class_counts"]),
+                                [len(u) for u in union])
+  for g, w in zip(jax.tree.leaves(got["bn_stats"]["class"]), jax.tree.leaves(want["class"])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
