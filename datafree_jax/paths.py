@@ -40,10 +40,6 @@ def parent(path) -> str:
   return os.path.dirname(path)
 
 
-def name(path) -> str:
-  return posixpath.basename(resolve(path)) if is_remote(path) else os.path.basename(resolve(path))
-
-
 def Path(path) -> epath.Path:  # pylint: disable=invalid-name
   return epath.Path(resolve(path))
 
@@ -56,10 +52,6 @@ def isdir(path) -> bool:
   return Path(path).is_dir()
 
 
-def isfile(path) -> bool:
-  return Path(path).is_file()
-
-
 def listdir(path) -> list:
   """Names of the entries of directory `path`."""
   return sorted(p.name for p in Path(path).iterdir())
@@ -67,10 +59,6 @@ def listdir(path) -> list:
 
 def makedirs(path) -> None:
   Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def read_text(path) -> str:
-  return Path(path).read_text()
 
 
 def write_text(path, text: str) -> None:
