@@ -196,7 +196,8 @@ def _describe(current) -> str:
 # --- The command line ------------------------------------------------------------------------
 
 def parse_command_line(args: list) -> dict:
-  """argv[1:] as {config, overrides: [(key, text or None)], workdir, debug, help}; raises
+  """argv[1:] as {config, overrides: [(key, text or None)], workdir, debug, help, distributed:
+  {mode, coordinator_address, num_processes, process_id: the ones given, as text}}; raises
   CommandLineError for an unknown flag, a positional argument or a flag without its value."""
   out = {"config": DEFAULT_CONFIG, "overrides": [], "workdir": None, "debug": False,
          "help": False, "distributed": {}}
