@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -35,24 +36,31 @@ def _env():
 
 
 def run_processes(workdir, n: int, devices: int, fault: str = "", extra=()) -> list:
-  """Starts n processes of multiprocess_check.py on `workdir`; [(returncode, stdout + stderr)]."""
+  """Starts n processes of multiprocess_check.py on `workdir`; [(returncode, stdout + stderr)].
+  Their output goes to files (a pipe read after another process's end could fill and stall a
+  process that the others wait for in a collective)."""
   port = _free_port()
-  procs = []
+  procs, logs = [], []
+  os.makedirs(workdir, exist_ok=True)
   for i in range(n):
     cmd = [sys.executable, CHECK, str(workdir), f"--num_processes={n}", f"--process_id={i}",
            f"--port={port}", f"--devices={devices}"] + ([f"--fault={fault}"] if fault else [])
     cmd += list(extra)
-    procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    log = tempfile.TemporaryFile(mode="w+")
+    logs.append(log)
+    procs.append(subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  text=True))
   out = []
   try:
-    for p in procs:
-      text, _ = p.communicate(timeout=TIMEOUT)
-      out.append((p.returncode, text))
+    for p, log in zip(procs, logs):
+      p.wait(timeout=TIMEOUT)
+      log.seek(0)
+      out.append((p.returncode, log.read()))
   finally:
-    for p in procs:
+    for p, log in zip(procs, logs):
       if p.poll() is None:
         p.kill()
+      log.close()
   return out
 
 
