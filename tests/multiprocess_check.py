@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 # The tiny ensemble pipeline these runs share (conftest.ensemble_config's flat overrides).
 CONFIG = {"stage": "train", "ensemble.num_generators": 3, "ensemble.steps": 4,
-          "ensemble.eval_every": 2, "student.steps": 6, "student.batch_size": 16,
+          "ensemble.eval_every": 4, "student.steps": 6, "student.batch_size": 16,
           "checkpoint_every": 2}
 
 
