@@ -38,6 +38,19 @@ def stage_directory(path: str, stage: str) -> str:
   return path
 
 
+def latest_meta(directory: str):
+  """(step, meta) of the latest checkpoint in `directory`; (None, None) when the directory or
+  a checkpoint in it does not exist. Reads only."""
+  if not paths.isdir(directory):
+    return None, None
+  ckpt = StageCheckpoints(directory, create=False)
+  try:
+    step = ckpt.latest_step()
+    return step, (None if step is None else ckpt.restore_meta(step))
+  finally:
+    ckpt.close()
+
+
 class StageCheckpoints:
   """The checkpoints of one stage, in `directory`."""
 

@@ -152,14 +152,9 @@ def read_checkpoint_meta(directory: str) -> tuple:
   from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(directory):
     raise ExportError(f"no checkpoint directory {directory}")
-  ckpt = ckpt_lib.StageCheckpoints(directory, create=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ExportError(f"no checkpoint in {directory}")
-    meta = ckpt.restore_meta(step)
-  finally:
-    ckpt.close()
+  step, meta = ckpt_lib.latest_meta(directory)
+  if step is None:
+    raise ExportError(f"no checkpoint in {directory}")
   if not meta.get("done"):
     raise ExportError(f"the checkpoint in {directory} is unfinished (step {step} of "
                       f"{meta.get('total_steps')}); resume the run to finish it first")

@@ -131,14 +131,7 @@ def saved_meta(ctx, stage: Stage) -> tuple[Optional[int], Optional[dict]]:
   """(step, meta) of the stage's latest checkpoint in the workdir, (None, None) if none; the
   meta checked against the stage's identity. Reads only."""
   d = directory(ctx, stage)
-  if not paths.isdir(d):
-    return None, None
-  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
-  try:
-    step = ckpt.latest_step()
-    meta = None if step is None else ckpt.restore_meta(step)
-  finally:
-    ckpt.close()
+  step, meta = ckpt_lib.latest_meta(d)
   if meta is not None:
     stage.check_checkpoint(ctx, meta, d)
   return step, meta

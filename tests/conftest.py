@@ -67,6 +67,22 @@ def ensemble_config(**overrides):
   return tiny_config("ensemble", **base)
 
 
+def flatten(tree, prefix=""):
+  """{prefix + 'a/b/0/c': numpy array} of a pytree of arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return {prefix + jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a server or coordinator a test starts)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def stage_state(directory):
   """(step, 'state' item, meta) of the latest checkpoint of a stage directory, on 1 device."""
   import jax  # pylint: disable=g-import-not-at-top

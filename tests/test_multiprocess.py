@@ -4,7 +4,6 @@ process with 8 fake devices; then SIGKILL of both mid-stage, a rerun in which SI
 one of them, and a last rerun that must end where the uninterrupted run did."""
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,18 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import copy_stages
+from conftest import flatten
+from conftest import free_port
 from conftest import stage_state
 from datafree_jax import checkpoints as ckpt_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "multiprocess_check.py")
 TIMEOUT = 600
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env():
@@ -39,7 +34,7 @@ def run_processes(workdir, n: int, devices: int, fault: str = "", extra=()) -> l
   """Starts n processes of multiprocess_check.py on `workdir`; [(returncode, stdout + stderr)].
   Their output goes to files (a pipe read after another process's end could fill and stall a
   process that the others wait for in a collective)."""
-  port = _free_port()
+  port = free_port()
   procs, logs = [], []
   os.makedirs(workdir, exist_ok=True)
   for i in range(n):
@@ -67,12 +62,6 @@ def run_processes(workdir, n: int, devices: int, fault: str = "", extra=()) -> l
 def _ok(results, what):
   for i, (rc, err) in enumerate(results):
     assert rc == 0, f"{what}: process {i} exited {rc}:\n{err[-4000:]}"
-
-
-def flatten(tree) -> dict:
-  """{'a/b/c': leaf} of a nested dict."""
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def final_parameters(workdir) -> dict:

@@ -271,14 +271,12 @@ def _project_teacher_directory(path: epath.Path):
   """The teacher stage directory of this project at `path` (itself, or `path`/teacher of a
   workdir) when it holds a step with a 'teacher' item, or is a workdir's teacher/ without any
   step yet; else None (then `path` is read as another project's orbax checkpoint)."""
-  nested = path / "teacher"
-  d = path
-  if nested.is_dir() and not any(c.name.isdigit() for c in path.iterdir()):
-    d = nested
+  d = epath.Path(ckpt_lib.stage_directory(os.fspath(path), "teacher"))
   steps = [c for c in d.iterdir() if c.name.isdigit() and c.is_dir()]
   if any((s / "teacher").is_dir() for s in steps):
     return d
-  if d == nested and not steps:  # a workdir whose teacher has no checkpoint yet
+  nested = d != epath.Path(paths.resolve(os.fspath(path)))
+  if nested and not steps:  # a workdir whose teacher has no checkpoint yet
     return d
   return None
 
