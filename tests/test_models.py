@@ -6,7 +6,7 @@ import pytest
 
 from datafree_jax import common
 from datafree_jax import models
-from datafree_jax.models import generators
+from datafree_jax.models import cpu_conv, generators
 
 FEATURES = {"lenet5": 120, "lenet5_half": 60, "lenet5_bn": 120, "lenet5_half_bn": 60,
             "hinton": 1200, "hinton_half": 800, "resnet18": 32, "resnet34": 32}
@@ -105,28 +105,31 @@ def test_unknown_model_is_a_clear_error():
     models.get_classifier("lenet6", 10)
 
 
-def test_upsample_conv_is_upsample_then_conv():
-  """UpsampleConv == nearest x2 then a padded 3x3 nn.Conv: same params, outputs, gradients."""
+@pytest.mark.parametrize("features,form", [(5, "3x3"), (16, "2x2")])
+def test_upsample_conv_is_upsample_then_conv(features, form):
+  """UpsampleConv == nearest x2 then a padded 3x3 nn.Conv: same params, outputs, gradients, in
+  both of its forms (features 16: 4 * 16 low-resolution outputs, the 2x2 form on CPU)."""
+  assert cpu_conv.upsample_conv_form(features) == form
 
   class Reference(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.Conv(5, (3, 3), padding=1, name="c")(generators.upsample_nearest(x))
+      return nn.Conv(features, (3, 3), padding=1, name="c")(generators.upsample_nearest(x))
 
   class Fused(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return generators.UpsampleConv(5, name="c")(x)
+      return generators.UpsampleConv(features, name="c")(x)
 
   x = jax.random.normal(jax.random.key(1), (2, 4, 6, 3))
   ref_v = Reference().init(jax.random.key(0), x)
   fused_v = Fused().init(jax.random.key(0), x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, ref_v, fused_v))
   # A kernel with distinct taps, so that a wrong tap or parity shows.
-  v = {"params": {"c": {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 3, 5)),
-                        "bias": jnp.arange(5.0)}}}
+  v = {"params": {"c": {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 3, features)),
+                        "bias": jnp.arange(float(features))}}}
   out = Fused().apply(v, x)
-  assert out.shape == (2, 8, 12, 5)
+  assert out.shape == (2, 8, 12, features)
   assert jnp.allclose(out, Reference().apply(v, x), atol=1e-5)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
   g_ref = jax.grad(loss(Reference()), argnums=(0, 1))(v, x)

@@ -2,6 +2,7 @@
 helpers, optimisers and schedules, random shifts."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,16 +21,6 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 # ------------------------------------------------------------------ cpu_conv vs XLA's gradient
-
-def _conv_case(cin, cout, ksize, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  # Non-square: with stride 2, 'SAME' pads H by (0, 1) and W by (1, 1), and strided windows
-  # do not tile W evenly.
-  x = jax.random.normal(keys[0], (2, 8, 9, cin), jnp.float32)
-  k = jax.random.normal(keys[1], (ksize, ksize, cin, cout), jnp.float32) / math.sqrt(
-      ksize * ksize * cin)
-  return x, k, keys[2]
-
 
 def _value_and_grads(conv, x, k, w):
   """(out, d/dx, d/dk) of sum(sin(conv(x, k)) * w): a random, non-constant cotangent."""
@@ -59,47 +50,104 @@ def _explicit(padding, x, k, strides):
   return padding
 
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 1), (1, 1)), ((2, 0), (0, 1))],
-                         ids=["same", "valid", "explicit", "asymmetric"])
-@pytest.mark.parametrize("ksize", [1, 3])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_cpu_conv_matches_lax_value_and_gradients(stride, ksize, padding):
-  x, k, wkey = _conv_case(16, 32, ksize)  # 16 * 32 = 512 >= MIN_CHANNEL_PRODUCT.
-  assert 16 * 32 >= cpu_conv.MIN_CHANNEL_PRODUCT
+# (cin, cout, kernel, input size, stride, padding) -> the CPU path it takes. Every path of
+# cpu_conv.cpu_path, with the models' own shapes among them (LeNet-5's conv1-3, the generators'
+# upsampling and output convolutions at widths 16 and 128).
+_CONV_CASES = [
+    ((1, 6, 5, 32, 1, "VALID"), "space_to_depth"),          # LeNet-5 conv1 (f = 4)
+    ((6, 16, 5, 14, 1, "VALID"), "space_to_depth"),         # LeNet-5 conv2 (f = 2)
+    ((3, 5, 3, 9, 1, "SAME"), "space_to_depth"),            # odd size, SAME, cropped blocks
+    ((2, 4, 3, 10, 1, ((2, 0), (0, 1))), "space_to_depth"),  # asymmetric padding
+    ((16, 120, 5, 5, 1, "VALID"), "dense"),                 # LeNet-5 conv3
+    ((4, 7, 3, 1, 2, "SAME"), "dense"),                     # 1x1 input padded to the window
+    ((64, 128, 3, 6, 1, "SAME"), "matmul_kernel_grad"),     # a generator block at width 128
+    ((64, 128, 3, 7, 1, ((1, 1), (1, 1))), "matmul_kernel_grad"),
+    ((8, 1, 3, 12, 1, "SAME"), "xla"),                      # the generator's output conv
+    ((16, 32, 3, 8, 1, "SAME"), "xla"),
+    ((16, 32, 3, 9, 2, "SAME"), "xla"),                     # strided
+    ((3, 8, 1, 8, 1, "VALID"), "xla"),                      # 1x1 kernel
+]
+
+
+def _case(cin, cout, ksize, size, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(keys[0], (2, size, size + (size > 1), cin), jnp.float32)
+  k = jax.random.normal(keys[1], (ksize, ksize, cin, cout), jnp.float32) / math.sqrt(
+      ksize * ksize * cin)
+  return x, k, keys[2]
+
+
+@pytest.mark.parametrize("case,path", _CONV_CASES, ids=[
+    f"{p}-{c[0]}to{c[1]}-k{c[2]}-s{c[4]}-{i}" for i, (c, p) in enumerate(_CONV_CASES)])
+def test_cpu_conv_paths_match_lax_value_and_gradients(case, path):
+  cin, cout, ksize, size, stride, padding = case
+  x, k, wkey = _case(cin, cout, ksize, size)
+  if path == "dense":   # the window covers the padded input: square input
+    x = x[:, :, :size]
   strides = (stride, stride)
+  assert cpu_conv.cpu_path(x.shape, k.shape, strides, _explicit(padding, x, k, strides)) == path
   # As flax's nn.Conv calls it: dimension numbers from the shapes.
   dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
   _assert_close_to_lax(
       lambda x_, k_: cpu_conv.conv_general_dilated(x_, k_, strides, padding,
                                                    dimension_numbers=dn),
       x, k, wkey, strides, padding)
-  # conv_nhwc itself takes explicit padding only.
-  pads = _explicit(padding, x, k, strides)
-  _assert_close_to_lax(lambda x_, k_: cpu_conv.conv_nhwc(x_, k_, strides, pads),
+
+
+def test_every_cpu_conv_path_is_tested():
+  assert {p for _, p in _CONV_CASES} == set(cpu_conv.CPU_PATHS)
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((2, 0), (0, 1))])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_nhwc_matches_lax_value_and_gradients(stride, padding):
+  """The matrix-product kernel gradient at every stride and padding (the dispatcher sends it
+  stride-1 convolutions only)."""
+  x, k, wkey = _case(16, 32, 3, 8)
+  strides = (stride, stride)
+  _assert_close_to_lax(lambda x_, k_: cpu_conv.conv_nhwc(x_, k_, strides,
+                                                          _explicit(padding, x, k, strides)),
                        x, k, wkey, strides, padding)
 
 
-def test_cpu_conv_uses_its_own_gradient_only_above_the_channel_threshold():
-  """Above the threshold the custom kernel gradient is in the program; below it, lax's."""
-  def grad_jaxpr(cin, cout):
-    x, k, _ = _conv_case(cin, cout, 3)
+def test_cpu_conv_paths_are_in_the_program():
+  """Each path puts its own operations in the jitted program: a plain convolution only on 'xla'."""
+  def jaxpr(cin, cout, ksize, size, padding="SAME"):
+    x, k, _ = _case(cin, cout, ksize, size)
+    x = x[:, :, :size]
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
-    f = lambda k_: jnp.sum(cpu_conv.conv_general_dilated(x, k_, (1, 1), "SAME",
-                                                         dimension_numbers=dn) ** 2)
-    return str(jax.make_jaxpr(jax.grad(f))(k))
-  # Ours: the kernel gradient is 3 * 3 matrix products.
-  assert grad_jaxpr(16, 32).count("dot_general[") == 9
-  # lax's: the kernel gradient is a second convolution, no matrix product.
-  assert 4 * 8 < cpu_conv.MIN_CHANNEL_PRODUCT
-  theirs = grad_jaxpr(4, 8)
-  assert theirs.count("conv_general_dilated[") == 2 and "dot_general[" not in theirs
-  # And below the threshold the values are lax's.
-  x, k, wkey = _conv_case(4, 8, 3, seed=1)
-  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, _DN)
-  _assert_close_to_lax(
-      lambda x_, k_: cpu_conv.conv_general_dilated(x_, k_, (2, 2), "SAME",
-                                                   dimension_numbers=dn),
-      x, k, wkey, (2, 2), "SAME")
+    f = lambda x_, k_: jnp.sum(cpu_conv.conv_general_dilated(x_, k_, (1, 1), padding,
+                                                             dimension_numbers=dn) ** 2)
+    return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, k))
+  ours = jaxpr(64, 128, 3, 6)            # matmul_kernel_grad: 3 * 3 matrix products
+  assert ours.count("dot_general[") == 9
+  assert "conv_general_dilated[" not in jaxpr(16, 120, 5, 5, "VALID")   # dense
+  # space_to_depth: 4 x 4 blocks of the 32 x 32 image (8 x 8 of them, 16 channels).
+  assert "f32[2,8,8,16]" in jaxpr(1, 6, 5, 32, "VALID")
+  theirs = jaxpr(16, 32, 3, 8)           # xla
+  assert theirs.count("conv_general_dilated[") == 3 and "dot_general[" not in theirs
+
+
+def test_cpu_max_pool_matches_flax():
+  """Values and gradients equal flax's, with ties (after a ReLU) too."""
+  x = jax.random.normal(jax.random.key(3), (2, 8, 6, 3))
+  ref = lambda x_: nn.max_pool(x_, (2, 2), strides=(2, 2))
+  ours = lambda x_: cpu_conv.max_pool(x_, (2, 2), (2, 2))
+  w = jax.random.normal(jax.random.key(4), (2, 4, 3, 3))
+  for f in (lambda p: (lambda x_: jnp.sum(p(x_) * w)),
+            lambda p: (lambda x_: jnp.sum(p(jax.nn.relu(x_ - 0.5)) * w))):
+    np.testing.assert_array_equal(jax.grad(f(ours))(x), jax.grad(f(ref))(x))
+  # Ties: the gradient goes to the first maximum of the window, as flax's.
+  t = jnp.round(x)
+  np.testing.assert_array_equal(jax.grad(lambda x_: jnp.sum(ours(x_) * w))(t),
+                                jax.grad(lambda x_: jnp.sum(ref(x_) * w))(t))
+  np.testing.assert_array_equal(ours(x), ref(x))
+  # Windows that do not tile the input, and overlapping windows: flax's own.
+  y = jax.random.normal(jax.random.key(5), (1, 7, 7, 2))
+  np.testing.assert_array_equal(cpu_conv.max_pool(y, (2, 2), (2, 2)),
+                                nn.max_pool(y, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(cpu_conv.max_pool(y, (3, 3), (2, 2)),
+                                nn.max_pool(y, (3, 3), strides=(2, 2)))
 
 
 # ------------------------------------------------------------------ evaluate_classifier padding

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from datafree_jax.models import imagenet
+from datafree_jax.models import cpu_conv, imagenet
 from datafree_jax.models.layers import Conv, RecordingBatchNorm, classifier_output
 
 
@@ -48,7 +48,7 @@ class LeNet5(nn.Module):
         x = _bn(train, f"bn{i + 1}", self.dtype)(x)
       x = nn.relu(x)
       if pool:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = cpu_conv.max_pool(x, (2, 2), strides=(2, 2))
     feats = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(f4, dtype=self.dtype, name="fc1")(feats))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
