@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Step speed (this project's JAX steps beside their PyTorch references) and the ImageNet sizing
+# dry run on a GPU or TPU host, into one results file.
+#
+#   bash benchmarks/accelerator.sh [OUT_FILE]     # default benchmarks/accelerator_results.md
+#   STEP_SPEED_ARGS="--rounds=1 --reps=1" bash benchmarks/accelerator.sh /tmp/quick.md
+#   ACCELERATOR_STEPS="1 3" bash benchmarks/accelerator.sh        # some of the steps only
+#
+# Run from the repository root, with the package installed for the accelerator (jax[cuda12] or
+# jax[tpu]); PyTorch is optional: where it is installed, the step_speed tables have its
+# columns beside the project's (on the GPU when PyTorch sees one). Nothing is downloaded or
+# installed. Appends to OUT_FILE (created if missing): the date, the devices (`nvidia-smi -L`
+# where present, and jax.devices()), then for each step a heading with its command, what the
+# step writes there itself (step_speed.py's --out: its header line and markdown table) and the
+# step's whole stdout + stderr (also shown here as it runs) in a collapsed block:
+#   1. DAFL steps: mnist5k, the paper's MNIST setting and CIFAR-10 at batch 1024 (ResNet-34 ->
+#      ResNet-18), project and PyTorch:
+#        python benchmarks/step_speed.py --settings=mnist5k,paper_mnist,cifar10 \
+#          --cifar_batch=1024 --rounds=3 --reps=5 --out=OUT_FILE
+#   2. one step of 10 and of 100 CIFAR-10 generators (configs/cifar10.py:method=ensemble,
+#      ResNet-34 teacher), lowering 'vmap', with the single-generator step's compile time:
+#        python benchmarks/step_speed.py --settings=cifar_ensemble10,cifar_ensemble100 \
+#          --lowering=vmap --rounds=3 --reps=5 --out=OUT_FILE
+#   3. the ImageNet sizing dry run (configs/imagenet.py:dry_run=True; compiles every stage's
+#      step from abstract inputs, trains and writes nothing):
+#        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True --workdir=TMP
+# STEP_SPEED_ARGS (words) are appended to the step_speed.py command lines (a later option wins:
+# STEP_SPEED_ARGS="--rounds=1 --reps=1" for a quick pass). ACCELERATOR_STEPS picks the steps
+# (default "1 2 3"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
+# 2 see one GPU (CUDA_VISIBLE_DEVICES, default 0), PyTorch's: both implementations on one
+# device. A failed step is recorded ("step N failed, rc=..") and the next one runs; the exit
+# status is 1 when any failed.
+set -euo pipefail
+
+if [[ ! -f benchmarks/step_speed.py ]]; then
+  echo "accelerator.sh: run it from the repository root (bash benchmarks/accelerator.sh)" >&2
+  exit 2
+fi
+out=${1:-benchmarks/accelerator_results.md}
+python=${PYTHON:-python}
+read -r -a extra <<< "${STEP_SPEED_ARGS:-}"
+read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3}"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+log="$work/step.log"
+failed=()
+
+# wanted N: whether step N is in ACCELERATOR_STEPS.
+wanted() {
+  local s
+  for s in "${steps[@]}"; do
+    [[ $s == "$1" ]] && return 0
+  done
+  return 1
+}
+
+# step N TITLE CMD...: runs CMD, its stdout + stderr shown and copied into the results file;
+# a failure is recorded and the script goes on.
+step() {
+  local n=$1 title=$2 rc
+  shift 2
+  if ! wanted "$n"; then
+    echo "== step $n: $title: skipped (ACCELERATOR_STEPS=${steps[*]})"
+    return 0
+  fi
+  echo "== step $n: $title"
+  echo "+ $*"
+  printf '\n## Step %s: %s\n\n    %s\n\n' "$n" "$title" "$*" >> "$out"
+  set +e
+  "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  {
+    printf '<details><summary>step %s: stdout and stderr</summary>\n\n' "$n"
+    printf '%s\n' '```text'
+    cat "$log"
+    printf '%s\n\n</details>\n' '```'
+  } >> "$out"
+  if ((rc != 0)); then
+    echo "step $n failed, rc=$rc"
+    printf '\nstep %s failed, rc=%s\n' "$n" "$rc" >> "$out"
+    failed+=("$n")
+  fi
+}
+
+echo "== writing to $out"
+{
+  printf '\n# Accelerator run, %s\n\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  printf 'host %s\n\n%s\n' "${HOSTNAME:-unknown}" '```text'
+  if command -v nvidia-smi > /dev/null 2>&1; then
+    nvidia-smi -L || echo "nvidia-smi -L failed"
+  fi
+  "$python" -c 'import jax; d = jax.devices(); print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(d)} device(s), kind {d[0].device_kind}: {d}")' 2>&1 || echo "jax.devices() failed"
+  "$python" -c 'import torch; print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")' 2>/dev/null || echo "PyTorch: not installed (the project's columns only)"
+  printf '%s\n' '```'
+} | tee -a "$out"
+
+one_device=()
+if command -v nvidia-smi > /dev/null 2>&1; then
+  one_device=(env "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}")
+fi
+
+step 1 "DAFL steps: mnist5k, paper MNIST, CIFAR-10 at batch 1024" \
+  ${one_device[@]+"${one_device[@]}"} "$python" benchmarks/step_speed.py \
+  --settings=mnist5k,paper_mnist,cifar10 --cifar_batch=1024 --rounds=3 --reps=5 \
+  "--out=$out" ${extra[@]+"${extra[@]}"}
+step 2 "one step of 10 and of 100 CIFAR-10 generators, lowering vmap" \
+  ${one_device[@]+"${one_device[@]}"} "$python" benchmarks/step_speed.py \
+  --settings=cifar_ensemble10,cifar_ensemble100 --lowering=vmap --rounds=3 --reps=5 \
+  "--out=$out" ${extra[@]+"${extra[@]}"}
+step 3 "ImageNet sizing dry run" \
+  "$python" -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
+  "--workdir=$work/imagenet_dry_run"
+
+if ((${#failed[@]})); then
+  printf '\nstep(s) %s failed\n' "${failed[*]}" >> "$out"
+  echo "accelerator.sh: step(s) ${failed[*]} failed; results in $out" >&2
+  exit 1
+fi
+echo "accelerator.sh: done; results in $out"
