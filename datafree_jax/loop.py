@@ -149,41 +149,57 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
     if on_eval is not None:
       on_eval(state, step)
 
+  def check(n, metrics):
+    """Host side of step n - 1 (whose state is step n's): the NaN stop, scalars, progress."""
+    nonlocal last_metrics, t_last_log, t_rate, step_rate, steps_per_sec
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+      raise NonFiniteError(
+          f"{stage}: non-finite {', '.join(bad)} at step {n - 1} "
+          f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); the run stopped, the last good "
+          f"checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is kept")
+    last_metrics = metrics
+    if writer is not None and (n % scalars_every == 0 or n == total_steps):
+      writer.write_scalars(n, {f"{stage}/train/{k}": v for k, v in metrics.items()})
+    now = time.time()
+    if now - t_last_log >= log_every_secs or n == total_steps:
+      steps_per_sec = (n - step_rate) / max(now - t_rate, 1e-9)
+      t_rate, step_rate = now, n
+      eta = (total_steps - n) / steps_per_sec if steps_per_sec > 0 else float("nan")
+      log.info(f"{stage} step {n}/{total_steps} " +
+               " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
+               f" | {steps_per_sec:.2f} steps/s | ETA {log.format_seconds(eta)}")
+      if writer is not None:
+        writer.write_scalars(n, {f"{stage}/train/steps_per_sec": steps_per_sec})
+      t_last_log = now
+
+  # The metrics of a step are read back (NaN stop, logging) after the next step is dispatched,
+  # so that the device does not wait for the host between steps; before anything reads or saves
+  # the state (evaluation, checkpoint, preemption, the end) the pending step is checked first.
+  pending = None
   step = start
   with _preemption_watch() as sigterm:
     while step < total_steps:
       batch = batch_fn(step) if batch_fn is not None else None
       state, metrics = step_fn(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-      if bad:
-        raise NonFiniteError(
-            f"{stage}: non-finite {', '.join(bad)} at step {step} "
-            f"({', '.join(f'{k}={metrics[k]}' for k in bad)}); the run stopped, the last good "
-            f"checkpoint in {ckpt.directory} (step {ckpt.latest_step()}) is kept")
+      if pending is not None:
+        check(*pending)
+      pending = (step + 1, metrics)
       step += 1
-      last_metrics = metrics
-      if writer is not None and (step % scalars_every == 0 or step == total_steps):
-        writer.write_scalars(step, {f"{stage}/train/{k}": v for k, v in metrics.items()})
-      now = time.time()
-      if now - t_last_log >= log_every_secs or step == total_steps:
-        steps_per_sec = (step - step_rate) / max(now - t_rate, 1e-9)
-        t_rate, step_rate = now, step
-        eta = (total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("nan")
-        log.info(f"{stage} step {step}/{total_steps} " +
-                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) +
-                 f" | {steps_per_sec:.2f} steps/s | ETA {log.format_seconds(eta)}")
-        if writer is not None:
-          writer.write_scalars(step, {f"{stage}/train/steps_per_sec": steps_per_sec})
-        t_last_log = now
-      if eval_every and step % eval_every == 0 and step < total_steps:
+      is_eval = bool(eval_every) and step % eval_every == 0 and step < total_steps
+      saved = bool(checkpoint_every) and step % checkpoint_every == 0 and step < total_steps
+      preempt = step < total_steps and sigterm.reached(step)
+      if is_eval or saved or preempt or step == total_steps:
+        check(*pending)
+        pending = None
+      if is_eval:
         evaluate(step)
       if step == total_steps:
         break
-      saved = bool(checkpoint_every) and step % checkpoint_every == 0
       if saved:
         save(step, done=False)
-      if sigterm.reached(step):  # (also while the periodic save above ran: that save is it)
+      if preempt:  # (also while the periodic save above ran: that save is it)
         if not saved:
           save(step, done=False)
         raise Preempted(stage, step, ckpt.directory)

@@ -253,3 +253,53 @@ def test_sigterm_in_a_periodic_checkpoint_step_saves_once(tmp_path, signal_in_st
   restored = ckpt.restore(signal_in_step, "state", ckpt_lib.abstract_like(state))
   np.testing.assert_array_equal(np.asarray(restored["w"]), 2.0 ** signal_in_step)
   ckpt.close()
+
+
+def test_loop_reads_a_steps_metrics_after_dispatching_the_next(tmp_path):
+  """The host reads step k's metrics once step k + 1 is dispatched (the device does not wait
+  for it), except where the state is used: before the evaluation, the checkpoint and the end,
+  the pending step is read first. A non-finite value stops the run naming its own step, and no
+  checkpoint holds a state that a non-finite step made."""
+  events = []
+
+  class Probe:
+    """A metric whose reading by the host is recorded."""
+
+    def __init__(self, i, value=1.0):
+      self.i, self.value = i, value
+
+    def __float__(self):
+      events.append(("read", self.i))
+      return self.value
+
+  def run(bad_step=None, total=6):
+    events.clear()
+
+    def step_fn(state, _):
+      i = int(state["step"])
+      events.append(("step", i))
+      value = float("nan") if i == bad_step else 1.0
+      return {"step": state["step"] + 1, "w": state["w"] + 1.0}, {"loss": Probe(i, value)}
+    ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / f"stage{bad_step}"))
+    state = {"step": jax.numpy.zeros((), jax.numpy.int32), "w": jax.numpy.zeros(2)}
+    try:
+      return loop.run(stage="toy", ckpt=ckpt, state=state, step_fn=step_fn, total_steps=total,
+                      eval_fn=lambda s: events.append(("eval", int(s["step"]))) or {},
+                      eval_every=3, checkpoint_every=4, log_every_secs=1e9), ckpt
+    finally:
+      ckpt.close()
+
+  run()
+  assert events == [("step", 0), ("step", 1), ("read", 0), ("step", 2), ("read", 1),
+                    ("read", 2), ("eval", 3),          # step 3's state is evaluated
+                    ("step", 3), ("read", 3),          # step 4's is saved
+                    ("step", 4), ("step", 5), ("read", 4), ("read", 5), ("eval", 6)]
+  # A NaN in step 3 (its state is step 4's, a checkpoint step): found before that save.
+  with pytest.raises(loop.NonFiniteError, match="at step 3") as err:
+    run(bad_step=3)
+  assert ("read", 3) == events[-1] and ("step", 4) not in events
+  assert "(step None)" in str(err.value)
+  # A NaN in step 4 is read once step 5 is dispatched, and the run stops there.
+  with pytest.raises(loop.NonFiniteError, match="at step 4"):
+    run(bad_step=4)
+  assert events[-2:] == [("step", 5), ("read", 4)]
