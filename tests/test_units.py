@@ -128,6 +128,21 @@ def test_cpu_conv_paths_are_in_the_program():
   assert theirs.count("conv_general_dilated[") == 3 and "dot_general[" not in theirs
 
 
+def test_export_traces_the_portable_program():
+  """export.logits_fn traces XLA's own convolutions and max-pools (the exported program runs
+  on other platforms); the same model traced plainly on CPU takes the CPU paths."""
+  from datafree_jax import export  # pylint: disable=g-import-not-at-top
+  model = models.get_classifier("lenet5_half_bn", 10)
+  params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 1))
+  v = common.variables_of(params, batch_stats)
+  x = jnp.zeros((2, 32, 32, 1))
+  exported = str(jax.make_jaxpr(export.logits_fn(model))(v, x))
+  assert exported.count("conv_general_dilated[") == 3 and "reduce_window_max" in exported
+  assert "dot_general[" in exported   # the two dense layers only
+  cpu = str(jax.make_jaxpr(lambda v_, x_: model.apply(v_, x_, train=False))(v, x))
+  assert "reduce_window_max" not in cpu and cpu.count("conv_general_dilated[") == 2
+
+
 def test_cpu_max_pool_matches_flax():
   """Values and gradients equal flax's, with ties (after a ReLU) too."""
   x = jax.random.normal(jax.random.key(3), (2, 8, 6, 3))

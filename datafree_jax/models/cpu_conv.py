@@ -34,6 +34,7 @@ the entries with other rounding than the max.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax.linen as nn
@@ -51,6 +52,26 @@ MATMUL_KERNEL_GRAD_MIN_IN = 64
 CPU_PATHS = ("dense", "space_to_depth", "matmul_kernel_grad", "xla")
 # generators.UpsampleConv's 2x2 form on CPU from this many low-resolution outputs (4 x features).
 UPSAMPLE_TAPS_MIN_OUT = 64
+
+_PORTABLE = [False]
+
+
+@contextlib.contextmanager
+def portable():
+  """Inside: every backend's choice is XLA's own (plain convolutions and reduce_window
+  max-pools), for programs traced once for several platforms (export: SavedModel, TFLite,
+  StableHLO, ONNX), where CPU-shaped paths would be baked in."""
+  saved = _PORTABLE[0]
+  _PORTABLE[0] = True
+  try:
+    yield
+  finally:
+    _PORTABLE[0] = saved
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu" and not _PORTABLE[0]
+
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
@@ -209,14 +230,14 @@ def upsample_conv_form(features: int) -> str:
   every backend's default) or '2x2' (2x2 phase kernels, 4/9 of the multiply-adds, as taps_conv:
   XLA:CPU's gradients of even-sized kernels are slow), on CPU from UPSAMPLE_TAPS_MIN_OUT
   low-resolution outputs."""
-  if jax.default_backend() == "cpu" and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
+  if _on_cpu() and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
     return "2x2"
   return "3x3"
 
 
 def conv_for_backend():
   """The conv_general_dilated to hand nn.Conv: ours on CPU, XLA's own elsewhere (None)."""
-  return conv_general_dilated if jax.default_backend() == "cpu" else None
+  return conv_general_dilated if _on_cpu() else None
 
 
 def _window_last(x, wh: int, ww: int):
@@ -253,7 +274,7 @@ def max_pool(x, window, strides, padding="VALID"):
   """nn.max_pool; on CPU, windows that tile the input exactly are `tile_max_pool`."""
   _, h, w, _ = x.shape
   window, strides = tuple(window), tuple(strides)
-  if (jax.default_backend() == "cpu" and window == strides and padding == "VALID"
+  if (_on_cpu() and window == strides and padding == "VALID"
       and h % window[0] == 0 and w % window[1] == 0):
     return tile_max_pool(x, *window)
   return nn.max_pool(x, window, strides=strides, padding=padding)
