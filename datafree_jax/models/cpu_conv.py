@@ -17,9 +17,10 @@ picks a path per shape at trace time (`cpu_path` says which; measured in benchma
   is slow on convolutions with one or few channels, the input gradient of a one-channel
   convolution most of all.
 - 'matmul_kernel_grad': wide stride-1 convolutions (>= 64 inputs, outputs >= 2x inputs, kernel
-  larger than 1x1: the generator's upsampling convolutions at the papers' width 128): XLA's
-  forward pass and input gradient, and the kernel gradient as kh*kw matrix products of shifted
-  input windows with the output gradient (XLA:CPU's own kernel gradient is slow there).
+  larger than 1x1): XLA's forward pass and input gradient, and the kernel gradient as kh*kw matrix
+  products of shifted input windows with the output gradient. The generators' upsampling blocks
+  took it at width 128 before their 2x2 form below; custom models with such layers still do
+  (XLA:CPU's own kernel gradient is slower there).
 - 'xla': everything else (dilation, groups, other layouts included).
 
 `upsample_conv_form`: the generators' "nearest x2, then 3x3 convolution" blocks
