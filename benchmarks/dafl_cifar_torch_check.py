@@ -54,8 +54,9 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+for _path in (REPO, os.path.dirname(os.path.abspath(__file__))):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
@@ -66,13 +67,12 @@ except ImportError:
   raise
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from datafree_jax import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
-from datafree_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top,wrong-import-position
+import random_teachers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 nn = torch.nn
 
@@ -384,34 +384,11 @@ def cifar_config(batch: int, schedule_steps: int, seed: int = 0):
 
 
 def random_teacher(config, info, seed: int):
-  """A random teacher of the config's model (ResNet-34) in the dict form `dafl.build` takes.
-
-  Kernels ~ N(0, 1/fan_in) (the scale of Flax's lecun_normal), the head's bias ~ N(0, 0.1^2),
-  BN scale ~ U(0.8, 1.2), offset ~ N(0, 0.1^2), running mean ~ N(0, 0.1^2), running var ~
-  U(0.5, 2). Drawn with numpy on the shapes of the Flax model (no initialiser is compiled).
-  """
-  model = models.get_classifier(config.teacher.model, info.num_classes, config.teacher.width)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False))
-  rng = np.random.default_rng(seed)
-  out = {}
-  for collection in ("params", "batch_stats"):
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[collection])[0]:
-      path = tuple(k.key for k in path)
-      shape = leaf.shape
-      if path[-1] == "kernel":
-        x = rng.normal(0.0, 1.0 / math.sqrt(np.prod(shape[:-1])), shape)
-      elif path[-1] == "scale":
-        x = rng.uniform(0.8, 1.2, shape)
-      elif path[-1] == "var":
-        x = rng.uniform(0.5, 2.0, shape)
-      else:   # bias, BN offset, running mean
-        x = rng.normal(0.0, 0.1, shape)
-      flat[path] = jnp.asarray(x, jnp.float32)
-    out[collection] = _unflat(flat)
-  return {"model": model, "variables": out, "bn_stats": {},
-          "meta": {"model": config.teacher.model}}
+  """A random teacher of the config's model (ResNet-34) in the dict form `dafl.build` takes
+  (random_teachers.random_teacher: kernels ~ N(0, 1/fan_in), the head's bias ~ N(0, 0.1^2), BN
+  scale ~ U(0.8, 1.2), offset ~ N(0, 0.1^2), running mean ~ N(0, 0.1^2), running var ~ U(0.5,
+  2), drawn with numpy on the shapes of the Flax model: nothing is compiled)."""
+  return random_teachers.random_teacher(config.teacher.model, info, seed, config.teacher.width)
 
 
 def _cast(tree, dtype):
