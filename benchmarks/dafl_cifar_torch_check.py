@@ -288,8 +288,8 @@ def torch_name(path, generator: bool) -> str:
   return f"{ {'stem_conv': 'conv1', 'stem_bn': 'bn1', 'head': 'linear'}[mod]}.{_LEAF[leaf]}"
 
 
-def _flat(tree):
-  """{('a', 'b', 'leaf'): array} of a nested dict."""
+def flat(tree):
+  """{('a', 'b', 'leaf'): numpy array} of a nested dict (Flax params / batch_stats)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     out[tuple(k.key for k in path)] = np.asarray(leaf)
@@ -345,7 +345,7 @@ def load_into_torch(module, params, batch_stats, generator=False, gen_width=0):
   done = set()
   with torch.no_grad():
     for tree in (params, batch_stats):
-      for path, x in _flat(tree).items():
+      for path, x in flat(tree).items():
         name = torch_name(path, generator)
         t = targets[name]
         src = torch.from_numpy(flax_to_torch_array(path, x, gen_width))
@@ -364,7 +364,7 @@ def torch_tree(module, like, generator=False, gen_width=0, grads=False):
   tensors = dict(module.named_parameters())
   tensors.update(dict(module.named_buffers()))
   out = {}
-  for path in _flat(like):
+  for path in flat(like):
     t = tensors[torch_name(path, generator)]
     out[path] = torch_to_flax_array(path, t.grad if grads else t, gen_width)
   return _unflat(out)
@@ -542,7 +542,7 @@ def _row(quantity, a, b, tol=None, kind="rel"):
 
 def _leaf_rows(label, ours, theirs, tol, per_leaf: bool, skip=()):
   """Per-leaf rows of two Flax-layout pytrees (each leaf, or the worst one as a summary)."""
-  a, b = _flat(ours), _flat(theirs)
+  a, b = flat(ours), flat(theirs)
   rows = [_row(f"{label} {'/'.join(p)}", a[p], b[p], tol) for p in sorted(b)
           if "/".join(p) not in skip]
   if per_leaf or len(rows) <= 1:
@@ -562,12 +562,12 @@ def _torch_grads(authors, like_g, like_s, width):
 
 def _bn_cancelled_rows(label, ours, theirs):
   """The BN-cancelled biases' gradients: both sides' norm over the whole gradient's norm."""
-  scale = max(math.sqrt(sum(float(np.sum(np.square(x))) for x in _flat(theirs).values())),
+  scale = max(math.sqrt(sum(float(np.sum(np.square(x))) for x in flat(theirs).values())),
               1e-30)
   rows = []
   for name in BN_CANCELLED:
     path = tuple(name.split("/"))
-    a, b = _flat(ours)[path], _flat(theirs)[path]
+    a, b = flat(ours)[path], flat(theirs)[path]
     r = _row(f"{label} {name} (BN-cancelled: ||g|| / ||grad G||, larger side)", a, b)
     r.update(rel=max(np.linalg.norm(a), np.linalg.norm(b)) / scale, tol=GRAD_TOL)
     r["ok"] = r["rel"] <= GRAD_TOL
@@ -595,7 +595,7 @@ def one_step(v: Variant):
 
 def _global_row(quantity, ours, theirs, tol, skip=()):
   """One row over all leaves of two pytrees, as one concatenated vector."""
-  a, b = _flat(ours), _flat(theirs)
+  a, b = flat(ours), flat(theirs)
   keys = [p for p in sorted(b) if "/".join(p) not in skip]
   return _row(quantity, np.concatenate([np.ravel(a[p]) for p in keys]),
               np.concatenate([np.ravel(b[p]) for p in keys]), tol)
@@ -653,7 +653,7 @@ def _biased_running_var(v: Variant, module, like, prev_t, prev_fix, generator):
   v_fix = (1-m) v_fix_prev + (v_torch - (1-m) v_torch_prev) * (n-1)/n, n values per channel."""
   bns = dict(module.named_modules())
   out = {}
-  for path, x in _flat(torch_tree(module, like, generator=generator)).items():
+  for path, x in flat(torch_tree(module, like, generator=generator)).items():
     if path[-1] != "var":
       out[path] = x
       continue
@@ -671,7 +671,7 @@ def steps_rows(v: Variant, steps: int, per_leaf=False, checked=True, prefix=""):
   a, s0, width = v.authors, v.state0, v.width
   param_tol = PARAM_TOL if checked else None
   gen_bs_like, st_bs_like = s0["gen"]["batch_stats"], s0["student"]["batch_stats"]
-  prev_t = {"G": _flat(gen_bs_like), "S": _flat(st_bs_like)}
+  prev_t = {"G": flat(gen_bs_like), "S": flat(st_bs_like)}
   fixed = {"G": dict(prev_t["G"]), "S": dict(prev_t["S"])}
   rows = []
   with v.precision():
@@ -692,7 +692,7 @@ def steps_rows(v: Variant, steps: int, per_leaf=False, checked=True, prefix=""):
                          metrics[f"grad_norm_{name}"], norm, tol))
       for key, mod, like, gen in (("G", a.generator, gen_bs_like, True),
                                   ("S", a.net, st_bs_like, False)):
-        cur = _flat(torch_tree(mod, like, generator=gen))
+        cur = flat(torch_tree(mod, like, generator=gen))
         fixed[key] = _biased_running_var(v, mod, like, prev_t[key], fixed[key], gen)
         prev_t[key] = cur
     state = jax.device_get(state)
@@ -704,23 +704,23 @@ def steps_rows(v: Variant, steps: int, per_leaf=False, checked=True, prefix=""):
     for name in BN_CANCELLED:   # Adam scales their noise gradients: no effect on the output.
       path = tuple(name.split("/"))
       rows.append(_row(f"{after} G param {name} (BN-cancelled, no effect on G)",
-                       _flat(state["gen"]["params"])[path], _flat(gen_t)[path]))
+                       flat(state["gen"]["params"])[path], flat(gen_t)[path]))
     st_t = torch_tree(a.net, s0["student"]["params"])
     rows += _leaf_rows(f"{after} S param", state["student"]["params"], st_t, param_tol, per_leaf)
     if checked:
       for key, ours, like, mod, gen in (
           ("G", state["gen"]["batch_stats"], gen_bs_like, a.generator, True),
           ("S", state["student"]["batch_stats"], st_bs_like, a.net, False)):
-        raw = _flat(torch_tree(mod, like, generator=gen))
-        mine = _flat(ours)
+        raw = flat(torch_tree(mod, like, generator=gen))
+        mine = flat(ours)
         means = _unflat({p: x for p, x in mine.items() if p[-1] == "mean"})
         varis = _unflat({p: x for p, x in mine.items() if p[-1] == "var"})
         rows += _leaf_rows(f"{after} {key} BN running mean", means,
-                           _unflat({p: raw[p] for p in _flat(means)}), param_tol, False)
+                           _unflat({p: raw[p] for p in flat(means)}), param_tol, False)
         rows += _leaf_rows(f"{after} {key} BN running var as stored (PyTorch: unbiased)",
-                           varis, _unflat({p: raw[p] for p in _flat(varis)}), None, False)
+                           varis, _unflat({p: raw[p] for p in flat(varis)}), None, False)
         rows += _leaf_rows(f"{after} {key} BN running var, PyTorch's made biased", varis,
-                           _unflat({p: fixed[key][p] for p in _flat(varis)}), param_tol, False)
+                           _unflat({p: fixed[key][p] for p in flat(varis)}), param_tol, False)
     # The function: both generators after the steps, on new latents.
     cfg = v.setting.config
     z = np.array(jax.random.normal(jax.random.key(777), (cfg.student.batch_size,

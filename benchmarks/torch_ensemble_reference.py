@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dafl_cifar_torch_check import _LEAF, flat, flax_to_torch_array  # pylint: disable=g-import-not-at-top
+
 nn = torch.nn
 
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
 
 
 class LuoGenerator(nn.Module):
@@ -90,29 +89,6 @@ class LeNet5BN(nn.Module):
     return self.fc2(F.relu(self.fc1(x)))
 
 
-def flat(tree, prefix=()):
-  """{('a', 'b', 'leaf'): numpy array} of a nested mapping (Flax params / batch_stats)."""
-  out = {}
-  for k, v in tree.items():
-    if hasattr(v, "items"):
-      out.update(flat(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = np.asarray(v)
-  return out
-
-
-def flax_to_torch(path, x, gen_width: int = 0):
-  """A Flax leaf in the layout of the PyTorch tensor of the same name."""
-  x = np.asarray(x, np.float32)
-  if gen_width and path[0] == "fc":   # Dense outputs: Flax (h, w, c) -> PyTorch (c, h, w)
-    lead = x.shape[:-1]
-    s = int(round(math.sqrt(x.shape[-1] // gen_width)))
-    x = np.moveaxis(x.reshape(lead + (s, s, gen_width)), -1, len(lead)).reshape(lead + (-1,))
-  if path[-1] == "kernel":
-    x = np.transpose(x, (3, 2, 0, 1)) if x.ndim == 4 else x.T
-  return np.array(x, order="C")
-
-
 def load_flax(module, params, batch_stats=None, gen_width: int = 0):
   """Copies Flax params (and batch_stats) into `module`, whose parameters carry the Flax names
   (path joined with '.', leaf renamed: kernel/scale -> weight, mean/var -> running_mean/var)."""
@@ -123,7 +99,7 @@ def load_flax(module, params, batch_stats=None, gen_width: int = 0):
       for path, x in flat(tree).items():
         name = ".".join(path[:-1] + (_LEAF[path[-1]],))
         t = targets[name]
-        src = torch.from_numpy(flax_to_torch(path, x, gen_width))
+        src = torch.from_numpy(flax_to_torch_array(path, x, gen_width))
         if tuple(src.shape) != tuple(t.shape):
           raise ValueError(f"{'/'.join(path)} -> {name}: {tuple(src.shape)} vs {tuple(t.shape)}")
         t.copy_(src.to(t.device))
