@@ -138,11 +138,11 @@ def _block_placement(kh: int, kw: int, f: int) -> np.ndarray:
   return p.reshape(-1, kh * kw)
 
 
-def _block_kernel(th, tw, k):
-  """The (mh, mw, f*f*C, f*f*D) block kernel of a (kh, kw, C, D) kernel: one matrix product and
-  tensors of at most 4 dimensions (TFLite's converter takes at most 6)."""
+def _block_kernel(k, f: int):
+  """The (mh, mw, f*f*C, f*f*D) block kernel of a (kh, kw, C, D) kernel: the 0/1 placement
+  matrix times the kernel's taps."""
   kh, kw, c, d = k.shape
-  mh, mw, f = th.shape[0], tw.shape[0], th.shape[1]
+  mh, mw = _block_taps(kh, f).shape[0], _block_taps(kw, f).shape[0]
   kb = jnp.dot(jnp.asarray(_block_placement(kh, kw, f), k.dtype), k.reshape(kh * kw, c * d))
   kb = kb.reshape(mh * mw * f * f, f * f, c, d).transpose(0, 2, 1, 3)    # (m n s t), c, (a b), d
   return kb.reshape(mh, mw, f * f * c, f * f * d)
@@ -160,7 +160,7 @@ def space_to_depth_conv(x, k, padding, f: int):
   xp = jnp.pad(x, ((0, 0), (padding[0][0], f * qh - h - padding[0][0]),
                    (padding[1][0], f * qw - w - padding[1][0]), (0, 0)))
   xs = xp.reshape(b, qh, f, qw, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, qh, qw, f * f * c)
-  kb = _block_kernel(th, tw, k)
+  kb = _block_kernel(k, f)
   y = lax.conv_general_dilated(xs, kb, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO",
                                                                            "NHWC"))
   y = y.reshape(b, ph, pw, f, f, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, f * ph, f * pw, d)
