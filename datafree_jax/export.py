@@ -232,15 +232,13 @@ def build_model(source: Source):
 
 
 def logits_fn(model) -> Callable:
-  """apply(variables, images) -> float32 logits, the model in evaluation mode, traced with XLA's
-  own convolutions and pooling on every backend (models/cpu_conv.py `portable`): the exported
-  programs run on other platforms and runtimes than the CPU that traces them."""
+  """apply(variables, images) -> float32 logits, the model in evaluation mode. build_model's
+  models have no platform (platforms.py): they trace XLA's own convolutions and pooling, since
+  the exported programs run on other platforms and runtimes than the CPU that traces them."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from datafree_jax.models import cpu_conv  # pylint: disable=g-import-not-at-top
 
   def apply(variables, images):
-    with cpu_conv.portable():
-      return jnp.asarray(model.apply(variables, images, train=False), jnp.float32)
+    return jnp.asarray(model.apply(variables, images, train=False), jnp.float32)
   return apply
 
 

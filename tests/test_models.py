@@ -105,11 +105,13 @@ def test_unknown_model_is_a_clear_error():
     models.get_classifier("lenet6", 10)
 
 
-@pytest.mark.parametrize("features,form", [(5, "3x3"), (16, "2x2")])
-def test_upsample_conv_is_upsample_then_conv(features, form):
+@pytest.mark.parametrize("features,platform,form", [(5, "cpu", "3x3"), (16, "cpu", "2x2"),
+                                                    (16, "tpu", "3x3"), (16, None, "3x3")])
+def test_upsample_conv_is_upsample_then_conv(features, platform, form):
   """UpsampleConv == nearest x2 then a padded 3x3 nn.Conv: same params, outputs, gradients, in
-  both of its forms (features 16: 4 * 16 low-resolution outputs, the 2x2 form on CPU)."""
-  assert cpu_conv.upsample_conv_form(features) == form
+  both of its forms (features 16: 4 * 16 low-resolution outputs, the 2x2 form on 'cpu'; the
+  3x3 form for the accelerators, computed here on the CPU backend)."""
+  assert cpu_conv.upsample_conv_form(features, platform) == form
 
   class Reference(nn.Module):
     @nn.compact
@@ -119,7 +121,7 @@ def test_upsample_conv_is_upsample_then_conv(features, form):
   class Fused(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return generators.UpsampleConv(features, name="c")(x)
+      return generators.UpsampleConv(features, platform=platform, name="c")(x)
 
   x = jax.random.normal(jax.random.key(1), (2, 4, 6, 3))
   ref_v = Reference().init(jax.random.key(0), x)

@@ -129,17 +129,24 @@ def test_cpu_conv_paths_are_in_the_program():
 
 
 def test_export_traces_the_portable_program():
-  """export.logits_fn traces XLA's own convolutions and max-pools (the exported program runs
-  on other platforms); the same model traced plainly on CPU takes the CPU paths."""
+  """export's model (no platform) traces XLA's own convolutions and max-pools (the exported
+  program runs on other platforms); the same model for platform 'cpu' takes the CPU paths, and
+  for 'gpu'/'tpu' XLA's own again, whatever backend traces it."""
   from datafree_jax import export  # pylint: disable=g-import-not-at-top
-  model = models.get_classifier("lenet5_half_bn", 10)
+  model = models.get_classifier("lenet5_half_bn", 10)   # export.build_model's call
+  assert model.platform is None
   params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 1))
   v = common.variables_of(params, batch_stats)
   x = jnp.zeros((2, 32, 32, 1))
+
+  def program(m):
+    return str(jax.make_jaxpr(lambda v_, x_: m.apply(v_, x_, train=False))(v, x))
   exported = str(jax.make_jaxpr(export.logits_fn(model))(v, x))
   assert exported.count("conv_general_dilated[") == 3 and "reduce_window_max" in exported
   assert "dot_general[" in exported   # the two dense layers only
-  cpu = str(jax.make_jaxpr(lambda v_, x_: model.apply(v_, x_, train=False))(v, x))
+  for p in ("gpu", "tpu"):
+    assert program(model.clone(platform=p)) == program(model)
+  cpu = program(model.clone(platform="cpu"))
   assert "reduce_window_max" not in cpu and cpu.count("conv_general_dilated[") == 2
 
 
@@ -147,7 +154,7 @@ def test_cpu_max_pool_matches_flax():
   """Values and gradients equal flax's, with ties (after a ReLU) too."""
   x = jax.random.normal(jax.random.key(3), (2, 8, 6, 3))
   ref = lambda x_: nn.max_pool(x_, (2, 2), strides=(2, 2))
-  ours = lambda x_: cpu_conv.max_pool(x_, (2, 2), (2, 2))
+  ours = lambda x_: cpu_conv.max_pool(x_, (2, 2), (2, 2), platform="cpu")
   w = jax.random.normal(jax.random.key(4), (2, 4, 3, 3))
   for f in (lambda p: (lambda x_: jnp.sum(p(x_) * w)),
             lambda p: (lambda x_: jnp.sum(p(jax.nn.relu(x_ - 0.5)) * w))):
@@ -159,9 +166,9 @@ def test_cpu_max_pool_matches_flax():
   np.testing.assert_array_equal(ours(x), ref(x))
   # Windows that do not tile the input, and overlapping windows: flax's own.
   y = jax.random.normal(jax.random.key(5), (1, 7, 7, 2))
-  np.testing.assert_array_equal(cpu_conv.max_pool(y, (2, 2), (2, 2)),
+  np.testing.assert_array_equal(cpu_conv.max_pool(y, (2, 2), (2, 2), platform="cpu"),
                                 nn.max_pool(y, (2, 2), strides=(2, 2)))
-  np.testing.assert_array_equal(cpu_conv.max_pool(y, (3, 3), (2, 2)),
+  np.testing.assert_array_equal(cpu_conv.max_pool(y, (3, 3), (2, 2), platform="cpu"),
                                 nn.max_pool(y, (3, 3), strides=(2, 2)))
 
 

@@ -13,7 +13,7 @@ float32 and logits and features are returned in float32 (or wider). `get_classif
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -38,17 +38,19 @@ class LeNet5(nn.Module):
   widths: Sequence[int] = (6, 16, 120, 84)
   use_bn: bool = False
   dtype: Any = None
+  platform: Optional[str] = None   # platforms.py: 'cpu' takes cpu_conv's forms
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     c1, c2, c3, f4 = self.widths
     for i, (width, pool) in enumerate(((c1, True), (c2, True), (c3, False))):
-      x = Conv(width, (5, 5), padding="VALID", dtype=self.dtype, name=f"conv{i + 1}")(x)
+      x = Conv(width, (5, 5), padding="VALID", dtype=self.dtype, platform=self.platform,
+               name=f"conv{i + 1}")(x)
       if self.use_bn:
         x = _bn(train, f"bn{i + 1}", self.dtype)(x)
       x = nn.relu(x)
       if pool:
-        x = cpu_conv.max_pool(x, (2, 2), strides=(2, 2))
+        x = cpu_conv.max_pool(x, (2, 2), strides=(2, 2), platform=self.platform)
     feats = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(f4, dtype=self.dtype, name="fc1")(feats))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
@@ -77,18 +79,20 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = None
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     residual = x
     y = Conv(self.filters, (3, 3), (self.strides, self.strides), padding=1, use_bias=False,
-             dtype=self.dtype, name="conv1")(x)
+             dtype=self.dtype, platform=self.platform, name="conv1")(x)
     y = nn.relu(_bn(train, "bn1", self.dtype)(y))
-    y = Conv(self.filters, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="conv2")(y)
+    y = Conv(self.filters, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
+             platform=self.platform, name="conv2")(y)
     y = _bn(train, "bn2", self.dtype)(y)
     if self.strides != 1 or x.shape[-1] != self.filters:
       residual = Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False,
-                      dtype=self.dtype, name="shortcut_conv")(x)
+                      dtype=self.dtype, platform=self.platform, name="shortcut_conv")(x)
       residual = _bn(train, "shortcut_bn", self.dtype)(residual)
     return nn.relu(y + residual)
 
@@ -102,16 +106,17 @@ class ResNet(nn.Module):
   num_classes: int = 10
   width: int = 64
   dtype: Any = None
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     x = Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=self.dtype,
-             name="stem_conv")(x)
+             platform=self.platform, name="stem_conv")(x)
     x = nn.relu(_bn(train, "stem_bn", self.dtype)(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, strides, self.dtype,
+        x = BasicBlock(self.width * 2**i, strides, self.dtype, self.platform,
                        name=f"stage{i + 1}_block{j + 1}")(x, train)
     feats = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(feats)
@@ -142,8 +147,10 @@ class UnknownModelError(ValueError):
 
 
 def get_classifier(name: str, num_classes: int, width: int = 0,
-                   dtype: Any = None) -> nn.Module:
-  """Classifier by name, computing in `dtype` (parameters and outputs stay float32).
+                   dtype: Any = None, platform: Optional[str] = None) -> nn.Module:
+  """Classifier by name, computing in `dtype` (parameters and outputs stay float32), in the
+  form of `platform` (platforms.py; None: XLA's own forms, what export traces). The ImageNet
+  models take XLA's own forms on every platform (none of their layers has a CPU path).
 
   `width` overrides the base width of the ResNets (0 keeps 64) and of MobileNetV2 (its stem's
   channels, 0 keeps 32; see imagenet.py); the LeNets and MLPs ignore it.
@@ -151,4 +158,7 @@ def get_classifier(name: str, num_classes: int, width: int = 0,
   if name not in CLASSIFIERS:
     raise UnknownModelError(
         f"unknown model {name!r}; known models: {', '.join(sorted(CLASSIFIERS))}")
-  return CLASSIFIERS[name](num_classes, width, dtype)
+  model = CLASSIFIERS[name](num_classes, width, dtype)
+  if platform is not None and "platform" in getattr(model, "__dataclass_fields__", {}):
+    model = model.clone(platform=platform)
+  return model

@@ -1,7 +1,9 @@
 """Convolution and max-pooling paths for the CPU backend: the models' per-backend choices.
 
-On TPU and GPU the models use XLA's own convolution and flax's max_pool (`conv_for_backend`
-returns None, `max_pool` calls nn.max_pool). On XLA:CPU some shapes are far slower than their
+The models take the run's target platform as a field (`platform`, platforms.py) and hand it
+here; nothing reads the backend while tracing. On 'gpu' and 'tpu', and for None (export's
+portable programs), the models use XLA's own convolution and flax's max_pool (`conv_for`
+returns None, `max_pool` calls nn.max_pool). On XLA:CPU ('cpu') some shapes are far slower than their
 arithmetic, and `conv_general_dilated` (the signature of `lax.conv_general_dilated`, handed to
 `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep nn.Conv's names and shapes)
 picks a path per shape at trace time (`cpu_path` says which; measured in benchmarks/RESULTS.md,
@@ -35,7 +37,6 @@ the entries with other rounding than the max.)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import flax.linen as nn
@@ -43,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from datafree_jax import platforms
 
 # 'space_to_depth' for stride-1 convolutions with at most this many input channels and
 # SPACE_TO_DEPTH_OUT[0]..SPACE_TO_DEPTH_OUT[1] outputs.
@@ -54,24 +57,14 @@ CPU_PATHS = ("dense", "space_to_depth", "matmul_kernel_grad", "xla")
 # generators.UpsampleConv's 2x2 form on CPU from this many low-resolution outputs (4 x features).
 UPSAMPLE_TAPS_MIN_OUT = 64
 
-_PORTABLE = [False]
+
+# The name scope of every CPU path: it names the path in a program's debug locations (a program
+# lowered for an accelerator must carry none: tests/test_accelerator_program.py).
+SCOPE = "cpu_path"
 
 
-@contextlib.contextmanager
-def portable():
-  """Inside: every backend's choice is XLA's own (plain convolutions and reduce_window
-  max-pools), for programs traced once for several platforms (export: SavedModel, TFLite,
-  StableHLO, ONNX), where CPU-shaped paths would be baked in."""
-  saved = _PORTABLE[0]
-  _PORTABLE[0] = True
-  try:
-    yield
-  finally:
-    _PORTABLE[0] = saved
-
-
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu" and not _PORTABLE[0]
+def _on_cpu(platform) -> bool:
+  return platforms.is_cpu(platform)
 
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
@@ -202,13 +195,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     strides = tuple(int(s) for s in window_strides)
     path = cpu_path(lhs.shape, rhs.shape, strides, padding)
   if path == "dense":
-    xp = jnp.pad(lhs, ((0, 0), padding[0], padding[1], (0, 0)))
-    y = jnp.dot(xp.reshape(xp.shape[0], -1), rhs.reshape(-1, rhs.shape[-1]), precision=precision)
-    return y[:, None, None, :]
+    with jax.named_scope(f"{SCOPE}.dense"):
+      xp = jnp.pad(lhs, ((0, 0), padding[0], padding[1], (0, 0)))
+      y = jnp.dot(xp.reshape(xp.shape[0], -1), rhs.reshape(-1, rhs.shape[-1]),
+                  precision=precision)
+      return y[:, None, None, :]
   if path == "space_to_depth":
-    return space_to_depth_conv(lhs, rhs, padding, 4 if rhs.shape[2] == 1 else 2)
+    with jax.named_scope(f"{SCOPE}.space_to_depth"):
+      return space_to_depth_conv(lhs, rhs, padding, 4 if rhs.shape[2] == 1 else 2)
   if path == "matmul_kernel_grad":
-    return conv_nhwc(lhs, rhs, strides, padding)
+    with jax.named_scope(f"{SCOPE}.matmul_kernel_grad"):
+      return conv_nhwc(lhs, rhs, strides, padding)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -219,26 +216,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 def taps_conv(x, k, padding):
   """Stride-1 convolution (NHWC, HWIO, explicit padding) as one matrix product per kernel tap
   of the shifted input window, summed."""
-  kh, kw = k.shape[:2]
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  return sum(jnp.einsum("bhwc,cd->bhwd", xp[:, i:i + ho, j:j + wo], k[i, j])
-             for i in range(kh) for j in range(kw))
+  with jax.named_scope(f"{SCOPE}.taps"):
+    kh, kw = k.shape[:2]
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    return sum(jnp.einsum("bhwc,cd->bhwd", xp[:, i:i + ho, j:j + wo], k[i, j])
+               for i in range(kh) for j in range(kw))
 
 
-def upsample_conv_form(features: int) -> str:
+def upsample_conv_form(features: int, platform) -> str:
   """How generators.UpsampleConv computes: '3x3' (one 3x3 convolution of the phase kernels,
   every backend's default) or '2x2' (2x2 phase kernels, 4/9 of the multiply-adds, as taps_conv:
   XLA:CPU's gradients of even-sized kernels are slow), on CPU from UPSAMPLE_TAPS_MIN_OUT
   low-resolution outputs."""
-  if _on_cpu() and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
+  if _on_cpu(platform) and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
     return "2x2"
   return "3x3"
 
 
-def conv_for_backend():
-  """The conv_general_dilated to hand nn.Conv: ours on CPU, XLA's own elsewhere (None)."""
-  return conv_general_dilated if _on_cpu() else None
+def conv_for(platform):
+  """The conv_general_dilated to hand nn.Conv on `platform` (platforms.py): ours on 'cpu',
+  XLA's own elsewhere (None)."""
+  return conv_general_dilated if _on_cpu(platform) else None
 
 
 def _window_last(x, wh: int, ww: int):
@@ -271,11 +270,12 @@ def _tile_bwd(wh, ww, x, g):
 tile_max_pool.defvjp(_tile_fwd, _tile_bwd)
 
 
-def max_pool(x, window, strides, padding="VALID"):
-  """nn.max_pool; on CPU, windows that tile the input exactly are `tile_max_pool`."""
+def max_pool(x, window, strides, padding="VALID", platform=None):
+  """nn.max_pool; on 'cpu', windows that tile the input exactly are `tile_max_pool`."""
   _, h, w, _ = x.shape
   window, strides = tuple(window), tuple(strides)
-  if (_on_cpu() and window == strides and padding == "VALID"
+  if (_on_cpu(platform) and window == strides and padding == "VALID"
       and h % window[0] == 0 and w % window[1] == 0):
-    return tile_max_pool(x, *window)
+    with jax.named_scope(f"{SCOPE}.tile_max_pool"):
+      return tile_max_pool(x, *window)
   return nn.max_pool(x, window, strides=strides, padding=padding)

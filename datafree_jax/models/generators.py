@@ -28,7 +28,7 @@ wider).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -90,6 +90,7 @@ class UpsampleConv(nn.Module):
   """
   features: int
   dtype: Any = None
+  platform: Optional[str] = None   # platforms.py
 
   @nn.compact
   def __call__(self, x):
@@ -98,7 +99,7 @@ class UpsampleConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, kernel.dtype)
     x = x.astype(dtype)
-    if cpu_conv.upsample_conv_form(self.features) == "2x2":
+    if cpu_conv.upsample_conv_form(self.features, self.platform) == "2x2":
       k = upsample_conv_kernel_2x2(kernel).astype(dtype)
       y = cpu_conv.taps_conv(x, k, ((1, 1), (1, 1)))                  # (b, h + 1, w + 1, 4D)
       y = y.reshape(b, h + 1, w + 1, 2, 2, self.features)
@@ -107,7 +108,7 @@ class UpsampleConv(nn.Module):
       return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(dtype)
     k = upsample_conv_kernel(kernel).astype(dtype)
     dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-    conv = cpu_conv.conv_for_backend() or lax.conv_general_dilated
+    conv = cpu_conv.conv_for(self.platform) or lax.conv_general_dilated
     y = conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
     y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(dtype)
@@ -122,6 +123,7 @@ class Generator(nn.Module):
   style: str = "dafl"  # "dafl" or "luo"
   num_classes: int = 0  # > 0: conditional, __call__ takes the class labels
   dtype: Any = None  # computation dtype; parameters and the output stay float32
+  platform: Optional[str] = None  # platforms.py: 'cpu' takes cpu_conv's forms; None XLA's own
 
   def block_widths(self) -> list:
     if self.style == "luo":
@@ -148,9 +150,10 @@ class Generator(nn.Module):
     if self.style == "luo":
       x = nn.leaky_relu(x, 0.2)
     for i, width in enumerate(self.block_widths()):
-      x = UpsampleConv(width, self.dtype, name=f"conv{i + 1}")(x)
+      x = UpsampleConv(width, self.dtype, self.platform, name=f"conv{i + 1}")(x)
       x = nn.leaky_relu(bn(0.8, f"bn{i + 1}")(x), 0.2)
-    x = Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
+    x = Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, platform=self.platform,
+             name="conv_out")(x)
     x = jnp.tanh(x)
     if self.style == "dafl":
       x = bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)

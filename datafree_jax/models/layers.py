@@ -4,6 +4,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from datafree_jax.models import cpu_conv
+
 # Name of the variable collection where RecordingBatchNorm writes the moments of its input.
 BN_INPUTS = "bn_inputs"
 # ... and where it writes each example's own first and second moments (streaming statistics).
@@ -51,7 +53,7 @@ def classifier_output(logits, feats, features: bool):
   return logits, feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
 
 
-def Conv(*args, **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
-  """nn.Conv with the backend's fastest kernel gradient (see cpu_conv); same parameters."""
-  from datafree_jax.models import cpu_conv  # pylint: disable=g-import-not-at-top
-  return nn.Conv(*args, conv_general_dilated=cpu_conv.conv_for_backend(), **kwargs)
+def Conv(*args, platform=None, **kwargs) -> nn.Conv:  # pylint: disable=invalid-name
+  """nn.Conv computed in the form of `platform` (platforms.py; cpu_conv.conv_for: the CPU
+  paths on 'cpu', XLA's own convolution elsewhere and for None); same parameters."""
+  return nn.Conv(*args, conv_general_dilated=cpu_conv.conv_for(platform), **kwargs)
