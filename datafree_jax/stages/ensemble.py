@@ -64,6 +64,7 @@ from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
+from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 from datafree_jax.stages import dafl
 from datafree_jax.stages import distill
@@ -85,10 +86,10 @@ def checkpoint_to_distill(config, workdir: str) -> str:
   return config.get("generator_checkpoint", "") or directory(workdir)
 
 
-def resolve_lowering(lowering: str) -> str:
-  """'auto' -> 'loop' on the CPU backend, 'vmap' elsewhere."""
+def resolve_lowering(lowering: str, platform: str) -> str:
+  """'auto' -> 'loop' on platform 'cpu', 'vmap' on the accelerators (platforms.py)."""
   if lowering == "auto":
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return "loop" if platforms.is_cpu(platform) else "vmap"
   return lowering
 
 
@@ -105,35 +106,92 @@ def member_class_ids(g: int, padded: int, num_classes: int) -> np.ndarray:
   return ids
 
 
-def chunk_size(n: int, at_once: int) -> int:
-  """Members per chunk: the largest divisor of n that is <= at_once (0 = all n at once)."""
+def chunking(n: int, at_once: int) -> tuple[int, int]:
+  """(chunks, members per chunk) for n members at most `at_once` at a time (0 = all at once):
+  the fewest chunks, then the smallest equal chunks that cover n, so that chunks x size - n
+  (padding) is less than the number of chunks, whatever n's divisors (n prime included)."""
   if at_once <= 0 or at_once >= n:
-    return n
-  return max(d for d in range(1, at_once + 1) if n % d == 0)
+    return 1, max(n, 1)
+  chunks = -(-n // at_once)
+  return chunks, -(-n // chunks)
+
+
+def member_layout(g: int, devices: int, at_once: int) -> tuple[int, int, int]:
+  """(padded members, members per device, members per chunk) of G generators on `devices`
+  devices updated at most `at_once` per device at a time: each device's share is padded to
+  whole chunks (chunking), the ensemble to a multiple of the devices."""
+  per_device = -(-g // devices)
+  chunks, size = chunking(per_device, at_once)
+  return devices * chunks * size, chunks * size, size
+
+
+def _per_chunk(fn: Callable, lowering: str, shared):
+  if lowering == "vmap":
+    return jax.vmap(lambda xs: fn(*xs, *shared))
+  return functools.partial(_each_member, fn, shared)
 
 
 def map_members(fn: Callable, stacked: tuple, lowering: str, at_once: int = 0, shared=()):
   """fn(*member_k, *shared) for every member k of the pytrees `stacked` (leading member axis),
-  inside a jitted function; the results stacked. The one place members are mapped.
+  inside a jitted function; the results stacked (new arrays: for images and predictions;
+  `update_members` updates a member stack in place).
 
   'vmap' vectorises over members; 'loop' traces `fn` once per member. With `at_once` > 0 the
-  members are processed in sequential chunks of chunk_size(n, at_once) (lax.map over chunks),
-  bounding the memory of one step. 'loop' unrolls at most MAX_UNROLLED members per chunk (the
+  members are processed in sequential chunks (chunking(n, at_once); lax.map over chunks; a
+  last, partial chunk is filled with repeats of the first members, whose results are dropped),
+  bounding the memory of one call. 'loop' unrolls at most MAX_UNROLLED members per chunk (the
   size of the traced program).
   """
   n = jax.tree.leaves(stacked)[0].shape[0]
   if lowering != "vmap" and (at_once <= 0 or at_once > MAX_UNROLLED):
     at_once = MAX_UNROLLED
-  c = chunk_size(n, at_once)
-  if lowering == "vmap":
-    per_chunk = jax.vmap(lambda xs: fn(*xs, *shared))
-  else:
-    per_chunk = functools.partial(_each_member, fn, shared)
-  if c == n:
+  chunks, c = chunking(n, at_once)
+  per_chunk = _per_chunk(fn, lowering, shared)
+  if chunks == 1:
     return per_chunk(stacked)
-  chunks = jax.tree.map(lambda x: x.reshape((n // c, c) + x.shape[1:]), stacked)
-  out = jax.lax.map(per_chunk, chunks)
-  return jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), out)
+  if chunks * c != n:
+    fill = np.arange(chunks * c) % n
+    stacked = jax.tree.map(lambda x: x[fill], stacked)
+  parts = jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), stacked)
+  out = jax.lax.map(per_chunk, parts)
+  return jax.tree.map(lambda y: y.reshape((chunks * c,) + y.shape[2:])[:n], out)
+
+
+def update_members(fn: Callable, members, consts, lowering: str, at_once: int = 0, shared=()):
+  """(new members, per-member metrics) of fn(member_k, consts_k, *shared) -> (new member_k,
+  metrics_k) for every member of the stack `members`, inside a jitted function.
+
+  With `at_once` > 0 the members are updated in chunks of at_once (n must be a multiple:
+  member_layout pads the ensemble so): a fori_loop whose carry is the member stack itself, each
+  chunk read with dynamic_slice and written back with dynamic_update_slice, so that XLA updates
+  the (donated) stack in place instead of building a second one beside it (lax.map over chunks
+  would). Without chunking, one vmap over all members.
+  """
+  n = jax.tree.leaves(members)[0].shape[0]
+  per_chunk = _per_chunk(fn, lowering, shared)
+  if at_once <= 0 or at_once >= n:
+    return per_chunk((members, consts))
+  if n % at_once:
+    raise ValueError(f"{n} members do not split into chunks of {at_once} (member_layout pads "
+                     "the ensemble to whole chunks)")
+  take = lambda tree, start: jax.tree.map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, start, at_once), tree)
+  put = lambda tree, part, start: jax.tree.map(
+      lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), start, 0),
+      tree, part)
+  first = jax.eval_shape(per_chunk, (take(members, 0), take(consts, 0)))[1]
+  # A zero computed from the members, so that under a shard_map the metrics buffer varies over
+  # the mesh axis as the members do (the loop carry's type must not change).
+  zero = jnp.zeros((), jnp.float32) * jax.tree.leaves(members)[0].reshape(-1)[0]
+  metrics = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype)
+                         + zero.astype(s.dtype), first)
+
+  def body(i, carry):
+    members, metrics = carry
+    start = i * at_once
+    new, met = per_chunk((take(members, start), take(consts, start)))
+    return put(members, new, start), put(metrics, met, start)
+  return jax.lax.fori_loop(0, n // at_once, body, (members, metrics))
 
 
 def _each_member(fn, shared, stacked):
@@ -177,7 +235,8 @@ def make_generator(config, info) -> models.Generator:
   """Generator k: config.generator's sizes with config.ensemble.style (class-conditional for a
   single conditional generator)."""
   gen = dafl.make_generator(config.generator, info, style=config.ensemble.style,
-                            dtype=common.compute_dtype(config))
+                            dtype=common.compute_dtype(config),
+                            platform=platforms.of_config(config))
   if is_conditional(config, info.num_classes):
     gen = gen.clone(num_classes=info.num_classes)
   return gen
@@ -273,20 +332,22 @@ def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
               consts, teacher_vars) -> Callable:
   """step(state, batch) -> (state, metrics) (batch: None): member_update on every member, metrics
   averaged over the G real members. state: {'params', 'batch_stats', 'opt_state'} stacked and
-  split over the mesh's axis, 'step' replicated."""
+  split over the mesh's axis, 'step' replicated. 'vmap': each device's members updated
+  `at_once` at a time (a divisor of its member count, member_layout's chunk; 0 = all), in
+  place."""
   if lowering == "loop":
     return _LoopStep(spec, mesh, g, consts, teacher_vars)
   axis = mesh.axis_names[0]
   split, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
-  # On the CPU backend the custom VJP of the convolution (models/cpu_conv.py) returns a
+  # On platform 'cpu' the custom VJP of the convolution (models/cpu_conv.py) returns a
   # per-member cotangent for the replicated teacher kernels, which the varying-manual-axes check
   # rejects; no collective is used inside, so the check guards nothing there.
   sharded = jax.shard_map(
-      lambda members, consts, tvars, step: map_members(
-          functools.partial(member_update, spec), (members, consts), "vmap", at_once,
+      lambda members, consts, tvars, step: update_members(
+          functools.partial(member_update, spec), members, consts, "vmap", at_once,
           shared=(tvars, step)),
       mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
-      check_vma=jax.default_backend() != "cpu")
+      check_vma=not platforms.is_cpu(spec.gen.platform))
   member_shardings = {k: split for k in MEMBER_KEYS}
   step_jit = jax.jit(functools.partial(ensemble_step, sharded, g),
                      out_shardings=(dict(member_shardings, step=rep), rep), donate_argnums=(0,))
@@ -387,8 +448,13 @@ class Ensemble:
   state: Any                   # {'params', 'batch_stats', 'opt_state' (stacked), 'step'}
   consts: Any                  # {'targets', 'class_id', 'index', 'real'}, stacked
   step: Callable               # step(state, None) -> (state, metrics)
-  sample: Callable             # sample(state, n, consts) -> (padded, n, H, W, C) images; jit
-                               # it with state and consts as arguments
+  sample: Callable             # sample(state, n, consts, first=0) -> (padded, n, H, W, C)
+                               # images (first > 0: of the first members only); jit it with
+                               # state and consts as arguments
+  predict: Callable            # predict(state, n, consts, teacher_vars) -> (padded, n) int32:
+                               # the teacher's class of n samples per member, computed chunk
+                               # by chunk (no member's images outlive its chunk)
+  chunk: int                   # members per device updated at once
 
   def sample_labels(self, n: int) -> np.ndarray:
     """(padded, n) the class of each image of sample(state, n): the member's class; for a
@@ -444,15 +510,18 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
 
   The members are initialised on the devices that hold them. With `abstract` (the dry run),
   state and consts are ShapeDtypeStructs (nothing materialised; `teacher` may be abstract too)
-  and the lowering is 'vmap', the one accelerators run.
+  and the lowering is 'vmap' (the one jitted step that accelerators run; a 'loop' step is many
+  calls, not one program). Formulations follow config.platform (platforms.py).
   """
   e = config.ensemble
   mesh = mesh if mesh is not None else parallel.make_mesh("gen")
   axis = mesh.axis_names[0]
   g = num_generators(config, info.num_classes)
-  padded = -(-g // mesh.devices.size) * mesh.devices.size
+  at_once = int(e.max_generators_per_device_at_once)
+  padded, per_device, chunk = member_layout(g, mesh.devices.size, at_once)
   class_ids = member_class_ids(g, padded, info.num_classes)
-  lowering = "vmap" if abstract else resolve_lowering(e.lowering)
+  platform = platforms.of_config(config)
+  lowering = "vmap" if abstract else resolve_lowering(e.lowering, platform)
   spec = member_spec(config, info, teacher["model"])
   split, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
   index = np.arange(padded, dtype=np.int32)
@@ -476,24 +545,47 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
     state = jax.jit(init_state, out_shardings=split)(jax.device_put(index, split))
     state["step"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
     consts = jax.jit(make_consts, out_shardings=split)(stats)
-  step = make_step(spec, mesh, lowering, int(e.max_generators_per_device_at_once), g, consts,
+  step = make_step(spec, mesh, lowering, chunk if chunk < per_device else 0, g, consts,
                    teacher["variables"])
 
-  def sample(state, n: int, consts=consts):
-    def one(p, bs, i, c):
-      z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
-                            (n, spec.gen.latent_dim))
-      return common.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
-    fn = jax.shard_map(
-        lambda p, bs, i, c: map_members(one, (p, bs, i, c), lowering,
-                                        int(e.max_generators_per_device_at_once)),
-        mesh=mesh, in_specs=P(axis), out_specs=P(axis))
+  def one(n, p, bs, i, c):
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
+                          (n, spec.gen.latent_dim))
+    return common.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
+
+  def sample(state, n: int, consts=consts, first: int = 0):
     conditions = sample_conditions(consts["class_id"], n, info.num_classes)
-    return fn(state["params"], state["batch_stats"], consts["index"], conditions)
+    members = (state["params"], state["batch_stats"], consts["index"], conditions)
+    if first:  # the first members only, gathered: no other member is sampled
+      return map_members(functools.partial(one, n), jax.tree.map(lambda x: x[:first], members),
+                         lowering, at_once)
+    fn = jax.shard_map(
+        lambda *m: map_members(functools.partial(one, n), m, lowering, at_once),
+        mesh=mesh, in_specs=P(axis), out_specs=P(axis),
+        check_vma=not platforms.is_cpu(platform))
+    return fn(*members)
+
+  def predict(state, n: int, consts, tvars):
+    def classify(p, bs, i, c, tvars):
+      images = one(n, p, bs, i, c)
+      return jnp.argmax(spec.teacher.apply(tvars, images, train=False), -1).astype(jnp.int32)
+    conditions = sample_conditions(consts["class_id"], n, info.num_classes)
+    fn = jax.shard_map(
+        lambda p, bs, i, c, tv: map_members(classify, (p, bs, i, c), lowering, at_once,
+                                            shared=(tv,)),
+        mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P(axis), P()), out_specs=P(axis),
+        check_vma=not platforms.is_cpu(platform))
+    return fn(state["params"], state["batch_stats"], consts["index"], conditions, tvars)
 
   return Ensemble(gen=spec.gen, num_generators=g, padded=padded, class_ids=class_ids,
                   mesh=mesh, lowering=lowering, state=state, consts=consts, step=step,
-                  sample=sample)
+                  sample=sample, predict=predict, chunk=chunk)
+
+
+def eval_program(ens: Ensemble, batch: int) -> Callable:
+  """preds(state, consts, tvars) -> (padded, batch) the teacher's classes of `batch` samples
+  per member, chunk by chunk: the evaluation's one device program."""
+  return lambda state, consts, tvars: ens.predict(state, batch, consts, tvars)
 
 
 def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
@@ -505,16 +597,11 @@ def make_eval(ens: Ensemble, teacher: dict, batch: int, num_classes: int,
   entropy of the teacher's class histogram over all images of the real generators, divided by
   log(num_classes) (1 = perfectly balanced).
   """
-  tmodel, tvars = teacher["model"], teacher["variables"]
-
-  def preds(state, consts, tvars):
-    images = ens.sample(state, batch, consts)
-    flat = images.reshape((-1,) + images.shape[2:])
-    return jnp.argmax(tmodel.apply(tvars, flat, train=False), -1).reshape(images.shape[:2])
   # Global arrays are arguments (a multi-process jit cannot close over them); the output is
   # replicated, so that every process can read it.
-  preds = functools.partial(jax.jit(preds, out_shardings=parallel.replicated(ens.mesh)),
-                            consts=ens.consts, tvars=tvars)
+  preds = functools.partial(
+      jax.jit(eval_program(ens, batch), out_shardings=parallel.replicated(ens.mesh)),
+      consts=ens.consts, tvars=teacher["variables"])
 
   g = ens.num_generators
   labels = ens.sample_labels(batch)[:g]
@@ -541,12 +628,29 @@ def _grid_writer(ctx, ens: Ensemble, batch: int):
   n = max(batch, per_gen)
 
   def sample_fn(state, consts):
-    images = ens.sample(state, n, consts)[:g, :per_gen]
+    images = ens.sample(state, n, consts, first=g)[:, :per_gen]
     return images.reshape((-1,) + images.shape[2:])
   rows = per_gen // SAMPLES_PER_ROW
   titles = [f"G{k}" if r == 0 else "" for k in range(g) for r in range(rows)]
   return distill.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles,
                                     args=(ens.consts,))
+
+
+def generator_gflop(gen: models.Generator, batch: int, platform: str) -> float:
+  """GFLOP of one generator's forward + backward (gradient of its parameters) at `batch`
+  images, in XLA's count of the program lowered for `platform` (platforms.py): the generator's
+  share of a member-step."""
+  params, bs = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
+  z = jax.ShapeDtypeStruct((batch, gen.latent_dim), jnp.float32)
+  labels = jnp.zeros((batch,), jnp.int32) if gen.num_classes else None
+
+  def total(p, bs, z):
+    return jnp.sum(common.generate(gen, p, bs, z, labels)[0])
+  lowered = jax.jit(jax.grad(total)).trace(params, bs, z).lower(
+      lowering_platforms=(platforms.lowering_platform(platform),))
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0)) / 1e9
 
 
 def teacher_has_bn(config, info) -> bool:
@@ -613,18 +717,36 @@ class Generators(stage_lib.Stage):
         on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
 
   def programs(self, ctx):
-    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
+    """The ensemble step, the evaluation (every member's samples through the teacher, chunk by
+    chunk), the sample grid (the first GRID_GENERATORS members) and the checkpoint restore."""
     config, e = ctx.config, ctx.config.ensemble
     ens = build(config, ctx.teacher, ctx.info, abstract=True)
     per_device = ens.padded // ens.mesh.devices.size
-    chunk = chunk_size(per_device, int(e.max_generators_per_device_at_once))
+    chunks = per_device // ens.chunk
     member_state = {k: ens.state[k] for k in MEMBER_KEYS}
-    return [dry_run.Program(
-        f"{ens.num_generators} generators ({per_device} per device, {chunk} at once), batch "
-        f"{e.batch_per_generator} each", ens.step.func, (ens.state, None), ens.step.keywords,
-        state=member_state, trips=per_device // chunk, steps=e.steps,
-        note=(f"FLOPs: one chunk of {chunk} members x {per_device // chunk} chunks per device"
-              if chunk < per_device else ""))]
+    rep = parallel.replicated(ens.mesh)
+    b = int(e.batch_per_generator)
+    grid_g = min(ens.num_generators, GRID_GENERATORS)
+    grid_n = max(b, SAMPLES_PER_ROW if grid_g > 1 else 4 * SAMPLES_PER_ROW)
+    grid = jax.jit(lambda state, consts: ens.sample(state, grid_n, consts, first=grid_g),
+                   out_shardings=rep)
+    return [
+        stage_lib.Program(
+            f"{ens.num_generators} generators ({per_device} per device, {ens.chunk} at once), "
+            f"batch {b} each", ens.step.func, (ens.state, None), ens.step.keywords,
+            state=member_state, trips=chunks, steps=e.steps,
+            note=(f"FLOPs: one chunk of {ens.chunk} members x {chunks} chunks per device; "
+                  if chunks > 1 else "") + (
+                      f"the generator's share of a member-step (forward + backward, batch {b}, "
+                      f"{platforms.of_config(config)} program): "
+                      f"{generator_gflop(ens.gen, b, platforms.of_config(config)):.0f} GFLOP")),
+        stage_lib.Program(
+            f"evaluation: {b} samples per generator through the teacher", jax.jit(
+                eval_program(ens, b), out_shardings=rep),
+            (ens.state, ens.consts, ctx.teacher["variables"]), trips=chunks, kind="eval"),
+        stage_lib.Program(f"sample grid: {grid_n} samples of {grid_g} generators", grid,
+                          (ens.state, ens.consts), kind="eval"),
+        stage_lib.restore_program("generators", member_state)]
 
   def summarize(self, ctx, done):
     return {"generators": {"num_generators": done.meta["num_generators"],
@@ -643,9 +765,9 @@ def distill_layout(setting: str, g: int, devices: int) -> str:
 
 
 def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
-                    layout: str = "replicated") -> dict:
+                    layout: str = "replicated", platform: Optional[str] = None) -> dict:
   """The finished generators in `path` on `mesh`, checked against `info`; their module computes
-  in `dtype`. layout 'replicated': every device holds all G; 'sharded': the stacked members are
+  in `dtype`, in the form of `platform` (platforms.py). layout 'replicated': every device holds all G; 'sharded': the stacked members are
   split over the mesh's axis, padded with zero members to a multiple of its size (each device
   reads only its part); 'auto': distill_layout's choice.
 
@@ -685,7 +807,7 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
                            channels=shape[2], width=meta["width"],
                            num_upsample=meta["num_upsample"], style=meta["style"],
                            num_classes=classes if meta.get("conditional") else 0,
-                           dtype=dtype)
+                           dtype=dtype, platform=platform)
     g = int(meta["num_generators"])
     shapes = ckpt.item_shapes(step, "generators")
     expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
@@ -795,7 +917,7 @@ def make_images_fn(gens: dict, lowering: str, bn_batch: int,
     fn = jax.shard_map(functools.partial(local, size=size // d), mesh=mesh,
                        in_specs=(P(), P(axis), P(axis)),
                        out_specs=(P(axis), P(axis)) if weighted else P(axis),
-                       check_vma=jax.default_backend() != "cpu")
+                       check_vma=not platforms.is_cpu(gen.platform))
     return fn(key, variables, jax.device_put(ids, NamedSharding(mesh, P(axis))))
   return images_fn
 
@@ -815,7 +937,8 @@ class DistillGenerators(distill.Distill):
     if "frozen_generators" not in ctx.outputs:
       ctx.outputs["frozen_generators"] = load_generators(
           checkpoint_to_distill(ctx.config, ctx.workdir), ctx.info, parallel.make_mesh("data"),
-          common.compute_dtype(ctx.config), ctx.config.ensemble.distill_layout)
+          common.compute_dtype(ctx.config), ctx.config.ensemble.distill_layout,
+          platforms.of_config(ctx.config))
     return ctx.outputs["frozen_generators"]
 
   def source_images(self, ctx, mesh):
@@ -829,8 +952,8 @@ class DistillGenerators(distill.Distill):
       variables = parallel.put_replicated(variables, mesh)
     bn_batch = int(gens["meta"].get("batch_per_generator",
                                     ctx.config.ensemble.batch_per_generator))
-    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering), bn_batch,
-                               mesh)
+    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering,
+                                                      gens["gen"].platform), bn_batch, mesh)
     return images_fn, None, variables, {"generators": gens["directory"],
                                         "num_generators": gens["meta"]["num_generators"]}
 
@@ -851,7 +974,8 @@ class DistillGenerators(distill.Distill):
     gens = {"gen": gen, "layout": layout, "padded": padded, "meta": {
         "num_generators": g,
         "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}}
-    images_fn = make_images_fn(gens, "vmap", int(config.ensemble.batch_per_generator), mesh)
+    images_fn = make_images_fn(gens, resolve_lowering(config.ensemble.lowering, gen.platform),
+                               int(config.ensemble.batch_per_generator), mesh)
     return images_fn, None, variables
 
 
