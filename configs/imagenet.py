@@ -17,7 +17,9 @@ Arguments (`:k=v,k=v`):
   method    ensemble (default) | dafl | kd_data | kd_noise | teacher
   seed      0
   stage     all | teacher | train | generators | distill
-  dry_run   compile one step of every stage from abstract inputs and print the sizing table
+  dry_run   lower and compile every program of every stage from abstract inputs and print
+            the sizing tables (memory per device kind, FLOPs, hours)
+  target    the platform the dry run sizes: auto (the devices' own; tpu on a CPU) | tpu | gpu
   smoke     the same pipeline at toy size (32x32 images, tiny widths, generators for 4
             classes, a few steps of every stage), for tfds.testing.mock_data and a CPU
 
@@ -39,7 +41,7 @@ STUDENTS = {"resnet18": "resnet18_imagenet", "resnet50": "resnet50_imagenet",
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, student="resnet18", method="ensemble", seed=0, stage="all",
-                           dry_run=False, smoke=False)
+                           dry_run=False, target="auto", smoke=False)
   config_lib.check_choice("student", a.student, tuple(STUDENTS))
   config_lib.check_choice("method", a.method,
                           ("ensemble", "dafl", "kd_data", "kd_noise", "teacher"))
@@ -47,6 +49,7 @@ def get_config(arg=None):
   c.dataset = "imagenet2012"
   c.method, c.seed, c.stage = a.method, a.seed, a.stage
   c.dry_run = a.dry_run
+  c.dry_run_target = a.target
   c.dtype = "bfloat16"
   c.checkpoint_every = 2000
 
@@ -84,7 +87,7 @@ def get_config(arg=None):
   e.lr = 1e-3
   e.w_mm = 1.0
   e.eval_every = 1000
-  e.max_generators_per_device_at_once = 5
+  e.max_generators_per_device_at_once = 2   # fits 8 x H100 (80 GB) and a TPU v4-32 slice
 
   if a.smoke:
     _smoke(c)

@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from datafree_jax import platforms
+
 
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
@@ -282,9 +284,20 @@ SCHEMA = {
     # Lower and compile one step of every stage from abstract inputs and print a sizing table
     # (dry_run.py); nothing is trained or written.
     "dry_run": (False, Flag()),
-    "dry_run_hbm_gib": (0.0, NON_NEGATIVE),   # fail when a stage needs more per device; 0 = off
-    # the fraction of a device's peak FLOP/s the dry run's steps-per-hour estimate assumes
-    "dry_run_mfu": (0.4, Number(float, 0, low_inclusive=False, high=1)),
+    # The platform whose programs the dry run sizes: auto = the devices' own, 'tpu' on a CPU.
+    "dry_run_target": ("auto", Choice(platforms.CHOICES)),
+    "dry_run_hbm_gib": (0.0, NON_NEGATIVE),   # fail when a program needs more per device; 0 = off
+    # The fraction of a device's peak bfloat16 FLOP/s the dry run's hours assume where no
+    # measured throughput is given (published ResNet-50 training on an H100: about 7%).
+    "dry_run_mfu": (0.05, Number(float, 0, low_inclusive=False, high=1)),
+    # A measuring dry run's JSON (dry_run_out of a run with dry_run_measure on the device
+    # kind): its achieved TFLOP/s replaces dry_run_mfu for that kind.
+    "dry_run_measured": ("", Text()),
+    "dry_run_measure": (False, Flag()),   # also run every program on the devices present
+    "dry_run_out": ("", Text()),          # write the dry run's rows here as JSON
+    # The platform whose formulation the programs take (platforms.py): auto = the platform of
+    # the devices the mesh is built from.
+    "platform": ("auto", Choice(platforms.CHOICES)),
     "teacher": _classifier_fields(
         "teacher", "lenet5", 1000, 128, 1e-3, "cosine",
         augment_shift=(0, NON_NEGATIVE_INT), augment_flip=(False, Flag()),

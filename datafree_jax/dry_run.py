@@ -1,81 +1,109 @@
-"""Sizing dry run: lower and compile one step of every stage a config runs, from abstract inputs.
+"""Sizing dry run: every device program of every stage a config runs, lowered and compiled from
+abstract inputs, for the platform the run is meant for.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True
+        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True,target=gpu
 
 With `config.dry_run` the pipeline builds every model and the mesh over all devices, and each
-stage that would run hands over its jitted training step with `jax.ShapeDtypeStruct` inputs
-(Stage.programs): no data is read, no parameter is materialised, nothing is trained and nothing
-is written to the workdir. Each step is lowered and compiled for the devices present, and the
-compiled executable's `memory_analysis()` and `cost_analysis()` give, per device:
+stage that would run hands over its programs with `jax.ShapeDtypeStruct` inputs
+(Stage.programs): the train step, the evaluation and sampling programs, and the checkpoint
+restore. No data is read, no parameter is materialised, nothing is trained or written.
 
-  - the stage's state (parameters, optimiser state, BN statistics) per device;
-  - peak memory: arguments + outputs - donated (aliased) buffers + temporaries;
-  - FLOPs per step. XLA counts a loop body once, so a step that maps over chunks of generator
-    members with lax.map reports one chunk: it is multiplied by the trip count (Program.trips);
-  - steps per hour on the accelerators of DEVICES at `config.dry_run_mfu` of their peak
-    bfloat16 FLOP/s (an estimate on paper), and hours for the stage's configured steps.
+The target platform (`config.dry_run_target`; 'auto': the devices' own platform, or 'tpu' on a
+CPU) decides the formulation (platforms.py): on a CPU sizing 'tpu' or 'gpu', the programs are
+built in the accelerator's form (XLA's convolutions, vmapped generator members), then
+  - lowered for the target (`lowering_platforms`): the program the accelerator would compile
+    (a program that does not lower fails here);
+  - compiled by the CPU compiler in that same form, for the per-device figures: FLOPs of the
+    partitioned program (XLA counts a loop body once; Program.trips multiplies it back) and
+    memory, arguments + outputs - donated (aliased) buffers + temporaries. Buffer assignment
+    differs per backend, so memory is an estimate of the accelerator's figure, labelled so.
+On the target itself everything comes from the exact compilation.
 
-Memory is what the compiler plans for the devices it compiled for (here: host CPU devices, so
-an accelerator's own layouts and fusions differ); treat it as an estimate of the same order.
-With `config.dry_run_hbm_gib` > 0 a stage whose peak exceeds it fails the run (exit code 3).
+Each program is judged against the memory a process can use on each device kind of the target:
+a GPU process gets XLA_PYTHON_CLIENT_MEM_FRACTION of the memory (JAX preallocates 75% unless the
+variable says otherwise; the launchers leave JAX's default), a TPU process the chip's HBM. A
+program that does not fit is named with its largest values. Hours come from a measured
+throughput (`config.dry_run_measured`: the JSON a measuring dry run wrote on that device kind)
+or else from the stated utilisation `config.dry_run_mfu` of the chip's peak bfloat16 FLOP/s.
+
+`config.dry_run_measure` also runs every program a few times on the devices present, on zero
+inputs, and prints seconds per call, achieved TFLOP/s and the measured peak memory
+(`device.memory_stats()`, where the backend reports it) beside the prediction;
+`config.dry_run_out` writes the rows as JSON (benchmarks/accelerator.sh does both on a device).
+With `config.dry_run_hbm_gib` > 0 a program whose peak exceeds it fails the run (exit code 3).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-# Accelerators for the estimate: peak dense bfloat16 FLOP/s and memory per chip (device).
-# Sources: cloud.google.com/tpu/docs/v4, /v5e, /v5p (system architecture tables);
-# NVIDIA H100 Tensor Core GPU datasheet (SXM5: 989 TFLOP/s dense BF16, 80 GB HBM3).
+from datafree_jax import paths
+from datafree_jax import platforms
+from datafree_jax import stage as stage_lib
+from datafree_jax.stages import teacher as teacher_stage
+
+# Device kinds per target platform: (name, peak dense bfloat16 FLOP/s, memory GiB per chip,
+# substring of jax's device_kind). Sources: cloud.google.com/tpu/docs/v4, /v5e, /v5p (system
+# architecture tables); NVIDIA A100, H100 (SXM5: 989 TFLOP/s dense BF16, 80 GB) and H200
+# (141 GB) datasheets.
 DEVICES = {
-    "TPU v4": (275e12, 32.0),
-    "TPU v5e": (197e12, 16.0),
-    "TPU v5p": (459e12, 95.0),
-    "H100 SXM": (989e12, 80e9 / 2**30),
+    "tpu": (("TPU v4", 275e12, 32.0, "v4"), ("TPU v5e", 197e12, 16.0, "v5 lite"),
+            ("TPU v5p", 459e12, 95.0, "v5p")),
+    "gpu": (("A100 80GB", 312e12, 80e9 / 2**30, "A100"), ("H100 SXM", 989e12, 80e9 / 2**30, "H100"),
+            ("H200", 989e12, 141e9 / 2**30, "H200")),
+    "cpu": (),
 }
+JAX_GPU_MEM_FRACTION = 0.75   # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
 
 
 class DoesNotFitError(RuntimeError):
-  """A stage's compiled step needs more device memory than config.dry_run_hbm_gib."""
-
-
-@dataclasses.dataclass
-class Program:
-  """One jitted step of a stage with abstract arguments (see Stage.programs)."""
-  label: str                 # what the step is, e.g. "teacher train step"
-  fn: Any                    # the jax.jit-wrapped step function the stage runs
-  args: tuple                # jax.ShapeDtypeStruct pytrees (with shardings), or None
-  kwargs: dict = dataclasses.field(default_factory=dict)
-  state: Any = None          # the abstract state of the stage, for its bytes per device
-  trips: int = 1             # how often XLA's once-counted loop body runs in one step
-  steps: int = 0             # the stage's configured steps, for hours at the estimate
-  note: str = ""
+  """A program needs more device memory than config.dry_run_hbm_gib."""
 
 
 @dataclasses.dataclass
 class Row:
   stage: str
   label: str
+  kind: str
   devices: int
   state_gib: float
   peak_gib: float
-  tflop_per_step: float      # per device
+  tflop_per_step: float      # per device and call
   compile_s: float
   steps: int
   note: str
+  largest: list = dataclasses.field(default_factory=list)   # [(GiB, 'name dtype[dims]')]
+  measured_s: Optional[float] = None          # dry_run_measure: seconds per call
+  measured_peak_gib: Optional[float] = None   # ... and the device's peak memory
 
 
-def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
-  """A training batch (images float32, labels int32) as ShapeDtypeStructs with `sharding`."""
-  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.float32,
-                               sharding=sharding),
-          jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding))
+def target_of(config) -> str:
+  """config.dry_run_target resolved: 'auto' -> the devices' platform, 'tpu' on a CPU."""
+  t = config.get("dry_run_target", "auto")
+  if t != "auto":
+    return t
+  present = platforms.of_devices()
+  return "tpu" if platforms.is_cpu(present) else present
+
+
+def gpu_mem_fraction() -> float:
+  return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEM_FRACTION))
+
+
+def usable_gib(target: str, memory_gib: float) -> float:
+  """What one process can allocate on a device of `memory_gib`: the preallocation fraction of a
+  GPU, the whole HBM of a TPU (the runtime manages it)."""
+  return memory_gib * gpu_mem_fraction() if target == "gpu" else memory_gib
 
 
 def bytes_per_device(tree) -> int:
@@ -88,89 +116,238 @@ def bytes_per_device(tree) -> int:
   return total
 
 
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
+def _flops(cost) -> float:
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", 0.0))
 
 
-def analyse(stage: str, program: Program) -> Row:
+_VALUE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z]+[0-9]*)\[([0-9,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+
+def largest_values(hlo_text: str, n: int = 5) -> list:
+  """The n largest array values of an optimised HLO module: [(GiB, 'name dtype[dims]')], one
+  per distinct shape (what to look at when a program does not fit)."""
+  found = {}
+  for line in hlo_text.splitlines():
+    m = _VALUE.match(line)
+    if not m or m.group(2) not in _ITEMSIZE:
+      continue
+    dims = m.group(3)
+    size = _ITEMSIZE[m.group(2)] * int(np.prod([int(d) for d in dims.split(",") if d],
+                                               dtype=np.int64))
+    key = f"{m.group(2)}[{dims}]"
+    if key not in found or found[key][0] < size:
+      found[key] = (size, f"{m.group(1)} {key}")
+  top = sorted(found.values(), reverse=True)[:n]
+  return [(size / 2**30, what) for size, what in top]
+
+
+def lower_for(program: stage_lib.Program, target: str):
+  """The program lowered for `target` (platforms.py name): what that platform would compile."""
+  return program.fn.trace(*program.args, **program.kwargs).lower(
+      lowering_platforms=(platforms.lowering_platform(target),))
+
+
+def _zeros(tree):
+  def make(s):
+    return jax.device_put(jnp.zeros(s.shape, s.dtype), s.sharding) if getattr(
+        s, "sharding", None) else jnp.zeros(s.shape, s.dtype)
+  return jax.tree.map(make, tree)
+
+
+def _peak_bytes() -> Optional[int]:
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if not all(stats) or any("peak_bytes_in_use" not in s for s in stats):
+    return None
+  return max(s["peak_bytes_in_use"] for s in stats)
+
+
+def _measure(compiled, program: stage_lib.Program, repeats: int = 3) -> float:
+  """Seconds per call of `compiled` on zero inputs (inputs made anew for each call: train
+  steps donate their state), after one warm-up call."""
+  times = []
+  for i in range(repeats + 1):
+    args, kwargs = _zeros(program.args), _zeros(program.kwargs)
+    jax.block_until_ready((args, kwargs))
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args, **kwargs))
+    if i:
+      times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def analyse(stage: str, program: stage_lib.Program, target: str, measure: bool = False) -> Row:
   """Lowers and compiles one program; its Row of the table."""
+  state = bytes_per_device(program.state) if program.state is not None else 0
+  devices = jax.device_count()
+  if program.fn is None:  # a checkpoint restore: the restored state is the program's memory
+    return Row(stage, program.label, program.kind, devices, state / 2**30, state / 2**30, 0.0,
+               0.0, program.steps, program.note)
   t = time.perf_counter()
-  compiled = program.fn.lower(*program.args, **program.kwargs).compile()
+  traced = program.fn.trace(*program.args, **program.kwargs)
+  if platforms.of_devices() != target:
+    traced.lower(lowering_platforms=(platforms.lowering_platform(target),))  # it must lower
+  compiled = traced.lower().compile()
   seconds = time.perf_counter() - t
+  # Per device: XLA's count of the partitioned program (the target's form; the lowering above
+  # counts the unpartitioned one, the whole mesh's work for a jit-sharded step).
+  flops = _flops(compiled.cost_analysis())
   mem = compiled.memory_analysis()
   peak = 0.0
   if mem is not None:
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
-  state = bytes_per_device(program.state) if program.state is not None else 0
-  return Row(stage=stage, label=program.label, devices=jax.device_count(),
-             state_gib=state / 2**30, peak_gib=peak / 2**30,
-             tflop_per_step=_flops(compiled) * program.trips / 1e12, compile_s=seconds,
-             steps=program.steps, note=program.note)
+  row = Row(stage=stage, label=program.label, kind=program.kind, devices=devices,
+            state_gib=state / 2**30, peak_gib=peak / 2**30,
+            tflop_per_step=flops * program.trips / 1e12, compile_s=seconds,
+            steps=program.steps, note=program.note,
+            largest=largest_values(compiled.as_text() or ""))
+  if measure:
+    before = _peak_bytes()
+    row.measured_s = _measure(compiled, program)
+    after = _peak_bytes()
+    if after is not None:
+      row.measured_peak_gib = after / 2**30
+      if before is not None and before > after:  # a peak counter that was reset
+        row.measured_peak_gib = before / 2**30
+  return row
 
 
-def table(rows: list, mfu: float) -> str:
-  """The markdown table of the rows, and the estimate per accelerator."""
-  head = ("| stage | step | devices | state GiB / device | peak GiB / device | TFLOP / step / "
+def load_measured(path: str) -> dict:
+  """{device name of DEVICES: achieved TFLOP/s per device} from a measuring dry run's JSON
+  (dry_run_out of a run with dry_run_measure on that device kind): its train steps' FLOPs over
+  their measured seconds, the median."""
+  if not path:
+    return {}
+  data = json.loads(paths.read_bytes(path).decode())
+  kind = data.get("device_kind", "")
+  rates = [r["tflop_per_step"] / r["measured_s"] for r in data.get("rows", [])
+           if r.get("kind") == "train" and r.get("measured_s") and r["tflop_per_step"] > 0]
+  out = {}
+  for entries in DEVICES.values():
+    for name, _, _, match in entries:
+      if match.lower() in kind.lower() and rates:
+        out[name] = float(np.median(rates))
+  return out
+
+
+def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> str:
+  """The markdown tables of the rows: programs, then memory and hours per device kind."""
+  where = ("compiled for these devices" if exact else
+           f"the {target} program, lowered for {target}; FLOPs and memory per device from the "
+           "CPU compiler's plan of that same program (buffer assignment differs per backend: "
+           "the memory is an estimate)")
+  head = ("| stage | program | devices | state GiB / device | peak GiB / device | TFLOP / call / "
           "device | compile s |")
-  lines = [head, "|---|---|---|---|---|---|---|"]
+  lines = [f"Programs ({where}):", "", head, "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r.stage} | {r.label} | {r.devices} | {r.state_gib:.2f} | "
                  f"{r.peak_gib:.2f} | {r.tflop_per_step:.3g} | {r.compile_s:.0f} |")
-  devices = rows[0].devices if rows else jax.device_count()
-  lines += ["", f"Estimate on paper: {devices} devices of each kind doing the per-device work "
-            f"above at {mfu:.0%} of their peak bfloat16 FLOP/s; 'does not fit': the peak "
-            "exceeds the device's memory:", "",
-            "| stage | steps | " + " | ".join(
-                f"{d} ({mem:.0f} GiB): steps/h, hours" for d, (_, mem) in DEVICES.items()) + " |",
-            "|---|---|" + "---|" * len(DEVICES)]
-  for r in rows:
-    cells = []
-    for _, (peak, mem) in DEVICES.items():
-      if r.tflop_per_step <= 0:
-        cells.append("n/a")
-        continue
-      per_hour = 3600 * peak * mfu / (r.tflop_per_step * 1e12)
-      fits = "" if r.peak_gib <= mem else " (does not fit)"
-      cells.append(f"{per_hour:,.0f}, {r.steps / per_hour:,.1f} h{fits}")
-    lines.append(f"| {r.stage} | {r.steps:,} | " + " | ".join(cells) + " |")
+  kinds = DEVICES.get(target, ())
+  if kinds:
+    devices = rows[0].devices if rows else jax.device_count()
+    budget = (f"a process may use {gpu_mem_fraction():.0%} of a GPU's memory "
+              f"(XLA_PYTHON_CLIENT_MEM_FRACTION{'' if 'XLA_PYTHON_CLIENT_MEM_FRACTION' in os.environ else ', JAX default'})"
+              if target == "gpu" else "a TPU process may use the chip's HBM")
+    assumed = [name for name, *_ in kinds if name not in measured]
+    rate = []
+    if measured:
+      rate.append("measured throughput for " + ", ".join(
+          f"{k} ({v:.1f} TFLOP/s per device)" for k, v in measured.items()))
+    if assumed:
+      rate.append(f"assumed {mfu:.0%} of peak bfloat16 FLOP/s for " + ", ".join(assumed) +
+                  " (dry_run_mfu; published ResNet-50 training on one H100, about 3,000 "
+                  "images/s, is about 7% in this accounting)")
+    lines += ["", f"Per device kind, {devices} devices each: peak against usable memory ({budget}); "
+              "hours of the stage's calls at " + "; ".join(rate) + ":", "",
+              "| stage | program | calls | " + " | ".join(
+                  f"{name} ({usable_gib(target, mem):.0f} of {mem:.0f} GiB)"
+                  for name, _, mem, _ in kinds) + " |",
+              "|---|---|---|" + "---|" * len(kinds)]
+    for r in rows:
+      cells = []
+      for name, peak, mem, _ in kinds:
+        fits = "fits" if r.peak_gib <= usable_gib(target, mem) else "**does not fit**"
+        if r.tflop_per_step > 0 and r.steps:
+          per_s = measured.get(name, peak * mfu / 1e12)
+          hours = r.steps * r.tflop_per_step / per_s / 3600
+          cells.append(f"{fits}, {hours:,.2f} h")
+        else:
+          cells.append(fits)
+      lines.append(f"| {r.stage} | {r.label} | {r.steps:,} | " + " | ".join(cells) + " |")
+    over = [r for r in rows if any(r.peak_gib > usable_gib(target, m) for _, _, m, _ in kinds)]
+    if over:
+      lines += ["", "Largest values of the programs that do not fit everywhere:"]
+      for r in over:
+        lines.append(f"- {r.stage}, {r.label}: " + "; ".join(
+            f"{what} {gib:.2f} GiB" for gib, what in r.largest[:3]))
+  timed = [r for r in rows if r.measured_s is not None]
+  if timed:
+    lines += ["", "Measured on these devices (zero inputs, median of 3 calls after one):", "",
+              "| stage | program | s / call | TFLOP/s / device | peak GiB predicted | "
+              "peak GiB measured | measured / predicted |", "|---|---|---|---|---|---|---|"]
+    for r in timed:
+      meas = "n/a" if r.measured_peak_gib is None else f"{r.measured_peak_gib:.2f}"
+      ratio = ("n/a" if r.measured_peak_gib is None or not r.peak_gib
+               else f"{r.measured_peak_gib / r.peak_gib:.2f}")
+      lines.append(f"| {r.stage} | {r.label} | {r.measured_s:.4f} | "
+                   f"{r.tflop_per_step / r.measured_s:.2f} | {r.peak_gib:.2f} | {meas} | "
+                   f"{ratio} |")
   notes = [f"- {r.stage}: {r.note}" for r in rows if r.note]
   return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def run(config, stages, info, emit: Callable[[str], None] = print) -> list:
-  """Dry-runs `stages` (train.stages_to_run) of `config`; returns the rows. Raises
-  DoesNotFitError after printing the table when a stage exceeds config.dry_run_hbm_gib."""
-  from datafree_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
-  from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
+  """Dry-runs `stages` (train.stages_to_run) of `config` for its target; returns the rows.
+  Raises DoesNotFitError after printing the tables when a program exceeds
+  config.dry_run_hbm_gib."""
+  target = target_of(config)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.platform = target   # every formulation is the target's (platforms.py)
+  exact = platforms.of_devices() == target
+  measure = bool(config.get("dry_run_measure", False))
   ctx = stage_lib.Context(config=config, workdir="", data=None, info=info)
   emit(f"dry run: {config.method} on {info.name} ({info.image_size}x{info.image_size}, "
-       f"{info.num_classes} classes), dtype {config.dtype}, {jax.device_count()} "
-       f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es)")
+       f"{info.num_classes} classes), dtype {config.dtype}; target platform {target} "
+       f"({'compiled exactly' if exact else 'lowered for it from ' + platforms.of_devices()}), "
+       f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
+       "process(es)")
   if teacher_stage.STAGE not in stages:
     teacher_stage.STAGE.programs(ctx)  # the abstract frozen teacher the later stages use
   rows = []
   for s in stages:
     for program in s.programs(ctx):
-      emit(f"  compiling {s.name}: {program.label} ...")
-      rows.append(analyse(s.name, program))
+      emit(f"  {'reading' if program.fn is None else 'compiling'} {s.name}: {program.label} ...")
+      rows.append(analyse(s.name, program, target, measure))
   emit("")
-  emit(table(rows, config.dry_run_mfu))
+  emit(table(rows, target, exact, config.dry_run_mfu, load_measured(config.get(
+      "dry_run_measured", ""))))
+  out = config.get("dry_run_out", "")
+  if out and jax.process_index() == 0:
+    kinds = {d.device_kind for d in jax.devices()}
+    paths.write_text(out, json.dumps({
+        "target": target, "exact": exact, "device_kind": ", ".join(sorted(kinds)),
+        "devices": jax.device_count(), "config": config.method,
+        "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    emit(f"rows written to {out}")
   limit = config.dry_run_hbm_gib
   over = [r for r in rows if limit and r.peak_gib > limit]
   if over:
     raise DoesNotFitError("; ".join(
         f"stage {r.stage} ({r.label}) needs {r.peak_gib:.1f} GiB per device, more than "
-        f"dry_run_hbm_gib={limit:g}" for r in over) + " (more devices, a smaller batch, fewer "
-        "generators per device at once, or bfloat16)")
+        f"dry_run_hbm_gib={limit:g}" + (f"; largest: {r.largest[0][1]} "
+                                        f"{r.largest[0][0]:.2f} GiB" if r.largest else "")
+        for r in over) + " (more devices, a smaller batch, fewer generators per device at "
+        "once, or bfloat16)")
   return rows
 
 
 def main(config, stages, info) -> int:
-  """CLI body of a dry run: 0; 3 when a stage does not fit; 2 when a stage has no dry run."""
+  """CLI body of a dry run: 0; 3 when a program does not fit; 2 when a stage has no dry run."""
   try:
     run(config, stages, info)
   except DoesNotFitError as e:
@@ -180,9 +357,3 @@ def main(config, stages, info) -> int:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
-
-
-def teacher_like(model, variables, bn_stats, model_name: str) -> dict:
-  """The abstract frozen teacher a dry run hands later stages (like teacher_stage.load's)."""
-  return {"model": model, "variables": variables, "bn_stats": bn_stats,
-          "meta": {"model": model_name}}

@@ -235,7 +235,7 @@ def evaluate_batches(apply_logits: Callable, variables, batches, mesh) -> dict:
   correct = jnp.zeros((), jnp.float32)
   nll = jnp.zeros((), jnp.float32)
   count = jnp.zeros((), jnp.float32)
-  fn = _eval_batch_fn(apply_logits)
+  fn = eval_batch_fn(apply_logits)
   for x, y, mask in batches:
     c, l, n = fn(variables, *parallel.global_batch((x, y, mask), mesh))
     correct, nll, count = correct + c, nll + l, count + n
@@ -246,7 +246,8 @@ def evaluate_batches(apply_logits: Callable, variables, batches, mesh) -> dict:
 _EVAL_FNS: dict = {}
 
 
-def _eval_batch_fn(apply_logits):
+def eval_batch_fn(apply_logits):
+  """The jitted (correct, nll, count) of one evaluation batch (variables, x, y, mask)."""
   if apply_logits not in _EVAL_FNS:
     @jax.jit
     def fn(variables, x, y, mask):

@@ -17,8 +17,9 @@ an object with:
                                   other runs) before anything is written; `finished`: its own
                                   checkpoint in the workdir already ends it
     plan(ctx) -> Plan             the initial state, the jitted step, batches, evaluation
-    programs(ctx)                 the same jitted step(s) with abstract inputs, for the sizing
-                                  dry run (dry_run.py)
+    programs(ctx)                 every device program the stage runs (train step, evaluation,
+                                  sampling) with abstract inputs, and its checkpoint restore,
+                                  as `Program`s, for the sizing dry run (dry_run.py)
     summarize(ctx, done) -> dict  the stage's entries of the run's summary, once it has
                                   finished (now or in an earlier run); the teacher stage also
                                   publishes the frozen teacher there (ctx.teacher)
@@ -33,10 +34,59 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
+import jax
+import numpy as np
+
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import log
 from datafree_jax import loop
 from datafree_jax import paths
+
+
+@dataclasses.dataclass
+class Program:
+  """One device program of a stage with abstract arguments (Stage.programs), for the dry run.
+
+  kind: 'train' (the step the loop runs), 'eval' (evaluation or sampling), 'restore' (reading
+  the stage's checkpoint: fn None, its memory is `state`)."""
+  label: str                 # what the program is, e.g. "train step, batch 1024"
+  fn: Any                    # the jax.jit-wrapped function the stage runs (None: restore)
+  args: tuple = ()           # jax.ShapeDtypeStruct pytrees (with shardings), or None
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  state: Any = None          # the abstract state of the stage, for its bytes per device
+  trips: int = 1             # how often XLA's once-counted loop body runs in one call
+  steps: int = 0             # calls over the stage (train: its steps), for hours
+  note: str = ""
+  kind: str = "train"
+
+
+def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
+  """A training batch (images float32, labels int32) as ShapeDtypeStructs with `sharding`."""
+  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.float32,
+                               sharding=sharding),
+          jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding))
+
+
+def abstract_teacher(model, variables, bn_stats, model_name: str) -> dict:
+  """The abstract frozen teacher a dry run hands later stages (like the teacher stage's)."""
+  return {"model": model, "variables": variables, "bn_stats": bn_stats,
+          "meta": {"model": model_name}}
+
+
+def classifier_eval_program(name: str, model, variables, info, mesh) -> Program:
+  """The evaluation program of a classifier (loop.evaluate_batches' jitted batch function) on
+  abstract `variables` and one evaluation batch of `info`'s images."""
+  n = loop.eval_local_batch() * jax.process_count()
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+  x, y = abstract_batch(n, info.image_shape, split)
+  mask = jax.ShapeDtypeStruct((n,), np.float32, sharding=split)
+  fn = loop.eval_batch_fn(lambda v, x_: model.apply(v, x_, train=False))
+  return Program(f"{name} evaluation, batch {n}", fn, (variables, x, y, mask), kind="eval")
+
+
+def restore_program(name: str, state) -> Program:
+  """Reading the stage's checkpoint: its abstract `state` materialised on the devices."""
+  return Program(f"{name} checkpoint restore", None, state=state, kind="restore")
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  assert len(FIELDS) == 75
+  assert len(FIELDS) == 80
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS

@@ -22,6 +22,7 @@ from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
+from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 from datafree_jax.stages import distill
 
@@ -32,13 +33,13 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, "dafl")
 
 
-def make_generator(gcfg, info, style=None, dtype=None) -> models.Generator:
+def make_generator(gcfg, info, style=None, dtype=None, platform=None) -> models.Generator:
   """The generator of config section `gcfg` (style: gcfg.style unless given), computing in
-  `dtype`."""
+  `dtype`, in the form of `platform` (platforms.py)."""
   return models.Generator(latent_dim=gcfg.latent_dim, image_size=info.image_size,
                           channels=info.channels, width=gcfg.width,
                           num_upsample=gcfg.num_upsample, style=style or gcfg.style,
-                          dtype=dtype)
+                          dtype=dtype, platform=platform)
 
 
 def check_generator_fits(config, info):
@@ -106,7 +107,8 @@ def build(config, teacher: dict, info, abstract: bool = False):
   `abstract`, the state as ShapeDtypeStructs (nothing materialised, for the dry run)."""
   gcfg, scfg = config.generator, config.student
   mesh = parallel.make_mesh("data")
-  gen = make_generator(gcfg, info, dtype=common.compute_dtype(config))
+  gen = make_generator(gcfg, info, dtype=common.compute_dtype(config),
+                       platform=platforms.of_config(config))
   tx_g = common.make_optimizer(gcfg, scfg.steps)
   tx_s = common.make_optimizer(scfg, scfg.steps)
   student = distill.make_student(config, info)
@@ -155,11 +157,15 @@ class Dafl(stage_lib.Stage):
         eval_every=ctx.config.student.eval_every, on_eval=grid)
 
   def programs(self, ctx):
-    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
-    state, step, _, _, _ = build(ctx.config, ctx.teacher, ctx.info, abstract=True)
-    return [dry_run.Program(
+    state, step, student, _, mesh = build(ctx.config, ctx.teacher, ctx.info, abstract=True)
+    evaluation = stage_lib.classifier_eval_program(
+        "student", student, common.variables_of(state["student"]["params"],
+                                                state["student"]["batch_stats"]),
+        ctx.info, mesh)
+    return [stage_lib.Program(
         f"joint generator + student step, batch {ctx.config.student.batch_size}", step.func,
-        (state, None), step.keywords, state=state, steps=ctx.config.student.steps)]
+        (state, None), step.keywords, state=state, steps=ctx.config.student.steps),
+            evaluation, stage_lib.restore_program(self.name, state)]
 
   def summarize(self, ctx, done):
     return distill.student_summary(ctx, done)

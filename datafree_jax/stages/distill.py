@@ -20,6 +20,7 @@ from datafree_jax import common
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
+from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 
 STAGE_SALT = 3
@@ -33,7 +34,7 @@ def directory(workdir: str, source: str) -> str:
 def make_student(config, info):
   scfg = config.student
   return models.get_classifier(scfg.model, info.num_classes, scfg.width,
-                               common.compute_dtype(config))
+                               common.compute_dtype(config), platforms.of_config(config))
 
 
 def init_student(config, info, tx, key):
@@ -124,8 +125,7 @@ class Distill(stage_lib.Stage):
     """source_images' (images_fn, abstract batch or None, abstract source or None) for the dry
     run: nothing read or loaded."""
     if self.source == "data":
-      from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
-      batch = dry_run.abstract_batch(ctx.config.student.batch_size, ctx.info.image_shape,
+      batch = stage_lib.abstract_batch(ctx.config.student.batch_size, ctx.info.image_shape,
                                      parallel.split_leading(mesh))
       return data_images, batch, None
     return noise_images(ctx.info.image_shape), None, None
@@ -154,14 +154,18 @@ class Distill(stage_lib.Stage):
     return state, student, step_jit
 
   def programs(self, ctx):
-    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
     mesh = parallel.make_mesh("data")
     images_fn, batch, source = self.abstract_source(ctx, mesh)
-    state, _, step_jit = self._build(ctx, mesh, images_fn, abstract=True)
-    return [dry_run.Program(
+    state, student, step_jit = self._build(ctx, mesh, images_fn, abstract=True)
+    s = state["student"]
+    evaluation = stage_lib.classifier_eval_program(
+        "student", student, common.variables_of(s["params"], s["batch_stats"]), ctx.info, mesh)
+    return [stage_lib.Program(
         f"student step on {self.source}, batch {ctx.config.student.batch_size}", step_jit,
         (state, batch), dict(teacher_vars=ctx.teacher["variables"], source=source),
-        state={"student": state, "source": source}, steps=ctx.config.student.steps)]
+        state={"student": state, "source": source}, steps=ctx.config.student.steps),
+            evaluation,
+            stage_lib.restore_program(self.name, {"student": state, "source": source})]
 
   def plan(self, ctx):
     config = ctx.config

@@ -32,6 +32,7 @@ from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
+from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 from datafree_jax import teacher_import
 from datafree_jax.teacher_import import TeacherError  # pylint: disable=unused-import
@@ -155,7 +156,6 @@ class Teacher(stage_lib.Stage):
   def programs(self, ctx):
     """The training step from abstract state and batch; publishes the abstract frozen teacher
     (variables and BN statistics as ShapeDtypeStructs) as ctx.teacher."""
-    from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
     config, info = ctx.config, ctx.info
     cfg = config.teacher
     mesh = parallel.make_mesh("data")
@@ -167,7 +167,7 @@ class Teacher(stage_lib.Stage):
                                     "opt_state": jax.eval_shape(tx.init, params),
                                     "step": jax.ShapeDtypeStruct((), jnp.int32)}, rep)
     b = cfg.batch_size
-    batch = dry_run.abstract_batch(b, info.image_shape, split)
+    batch = stage_lib.abstract_batch(b, info.image_shape, split)
     stats = {}
     if batch_stats:
       k = info.num_classes
@@ -176,10 +176,14 @@ class Teacher(stage_lib.Stage):
                                      batch_stats),
                "class_counts": jax.ShapeDtypeStruct((k,), jnp.int32)}
     variables = common.variables_of(params, batch_stats)
-    ctx.teacher = dry_run.teacher_like(model, ckpt_lib.abstract_like(variables, rep),
-                                       ckpt_lib.abstract_like(stats, rep), cfg.model)
-    return [dry_run.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
-                            steps=cfg.steps)]
+    abstract_vars = ckpt_lib.abstract_like(variables, rep)
+    ctx.teacher = stage_lib.abstract_teacher(model, abstract_vars,
+                                             ckpt_lib.abstract_like(stats, rep), cfg.model)
+    evaluation = stage_lib.classifier_eval_program("teacher", model, abstract_vars, info, mesh)
+    return [stage_lib.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
+                              steps=cfg.steps),
+            evaluation,
+            stage_lib.restore_program("teacher", state)]
 
   def summarize(self, ctx, done):
     if ctx.teacher is None:
@@ -196,7 +200,7 @@ def _build(config, info, mesh):
   """(model, optimiser, jitted train step) of the teacher stage."""
   cfg = config.teacher
   model = models.get_classifier(cfg.model, info.num_classes, cfg.width,
-                                 common.compute_dtype(config))
+                                 common.compute_dtype(config), platforms.of_config(config))
   tx = common.make_optimizer(cfg, cfg.steps)
   rep = parallel.replicated(mesh)
   step_jit = jax.jit(functools.partial(train_step, model, tx, common.augmentation(cfg, info),
@@ -311,7 +315,7 @@ def load(config, workdir: str, info=None) -> dict:
                          f"{meta.get('total_steps')}); run the teacher stage again to finish it")
     _check_meta(meta, cfg, info, d)
     model = models.get_classifier(cfg.model, meta["num_classes"], cfg.width,
-                                  common.compute_dtype(config))
+                                  common.compute_dtype(config), platforms.of_config(config))
     rep = parallel.replicated(parallel.make_mesh("data"))
     params, batch_stats = jax.eval_shape(
         lambda: common.init_model(model, jax.random.key(0), meta["image_shape"]))
