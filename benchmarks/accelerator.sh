@@ -21,12 +21,20 @@
 #      ResNet-34 teacher), lowering 'vmap', with the single-generator step's compile time:
 #        python benchmarks/step_speed.py --settings=cifar_ensemble10,cifar_ensemble100 \
 #          --lowering=vmap --rounds=3 --reps=5 --out=OUT_FILE
-#   3. the ImageNet sizing dry run (configs/imagenet.py:dry_run=True; compiles every stage's
-#      step from abstract inputs, trains and writes nothing):
+#   3. the ImageNet sizing dry run (configs/imagenet.py:dry_run=True; compiles every program of
+#      every stage exactly for these devices from abstract inputs, trains and writes nothing):
 #        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True --workdir=TMP
+#   4. the dry run's predictions against the device: the same programs at one 8-GPU host's
+#      per-device sizes (batch 128, 8 generators 2 at a time) run on zero inputs, each program's
+#      seconds per call, achieved TFLOP/s and measured peak memory (device.memory_stats()) beside
+#      the predicted peak, with the ratio; the rows as JSON in benchmarks/accelerator_dry_run.json
+#      (DRY_RUN_JSON), which --config.dry_run_measured=FILE turns into measured hours:
+#        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
+#          --config.dry_run_measure=True --config.dry_run_out=JSON --config.teacher.batch_size=128 \
+#          --config.student.batch_size=128 --config.ensemble.num_generators=8 --workdir=TMP
 # STEP_SPEED_ARGS (words) are appended to the step_speed.py command lines (a later option wins:
 # STEP_SPEED_ARGS="--rounds=1 --reps=1" for a quick pass). ACCELERATOR_STEPS picks the steps
-# (default "1 2 3"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
+# (default "1 2 3 4"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
 # 2 see one GPU (CUDA_VISIBLE_DEVICES, default 0), PyTorch's: both implementations on one
 # device. A failed step is recorded ("step N failed, rc=..") and the next one runs; the exit
 # status is 1 when any failed.
@@ -39,7 +47,8 @@ fi
 out=${1:-benchmarks/accelerator_results.md}
 python=${PYTHON:-python}
 read -r -a extra <<< "${STEP_SPEED_ARGS:-}"
-read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3}"
+read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3 4}"
+dry_run_json=${DRY_RUN_JSON:-benchmarks/accelerator_dry_run.json}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 log="$work/step.log"
@@ -111,6 +120,11 @@ step 2 "one step of 10 and of 100 CIFAR-10 generators, lowering vmap" \
 step 3 "ImageNet sizing dry run" \
   "$python" -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
   "--workdir=$work/imagenet_dry_run"
+step 4 "dry run predictions against the device (measured programs)" \
+  "$python" -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
+  --config.dry_run_measure=True "--config.dry_run_out=$dry_run_json" \
+  --config.teacher.batch_size=128 --config.student.batch_size=128 \
+  --config.ensemble.num_generators=8 "--workdir=$work/imagenet_measure"
 
 if ((${#failed[@]})); then
   printf '\nstep(s) %s failed\n' "${failed[*]}" >> "$out"

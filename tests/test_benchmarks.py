@@ -169,7 +169,7 @@ def test_accelerator_script_records_a_failed_step_and_goes_on(tmp_path):
                                 STEP_SPEED_ARGS="--rounds=1 --reps=1")
   assert r.returncode == 1, r.stdout + r.stderr
   runs = [c for c in calls if not c.startswith("-c ")]   # the device / torch lines first
-  assert len(runs) == 3, calls
+  assert len(runs) == 4, calls
   assert runs[0] == (f"benchmarks/step_speed.py --settings=mnist5k,paper_mnist,cifar10 "
                      f"--cifar_batch=1024 --rounds=3 --reps=5 --out={tmp_path}/results.md "
                      "--rounds=1 --reps=1")
@@ -178,8 +178,11 @@ def test_accelerator_script_records_a_failed_step_and_goes_on(tmp_path):
   assert runs[1].endswith("--rounds=1 --reps=1")
   assert runs[2].startswith("-m datafree_jax.main --config=configs/imagenet.py:dry_run=True "
                             "--workdir=")
+  assert runs[3].startswith("-m datafree_jax.main --config=configs/imagenet.py:dry_run=True "
+                            "--config.dry_run_measure=True --config.dry_run_out=benchmarks/"
+                            "accelerator_dry_run.json --config.teacher.batch_size=128 ")
   assert "# Accelerator run, " in text
-  for n in (1, 2, 3):
+  for n in (1, 2, 3, 4):
     assert f"## Step {n}: " in text
     assert f"<details><summary>step {n}: stdout and stderr</summary>" in text
   assert "fake python ran: -m datafree_jax.main" in text   # step 3's output, after the failure
