@@ -31,7 +31,7 @@ setup(
     description="Data-free knowledge distillation (DAFL, per-class generator ensembles) in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # datafree_jax/configs is a link to the top-level configs/ folder: installed (and importable)
     # as datafree_jax.configs, so that --config=NAME works after a non-editable install.
     packages=find_packages(include=["datafree_jax", "datafree_jax.*"]),

@@ -7,10 +7,11 @@
 # steps since the last periodic checkpoint (config.checkpoint_every). Exit code 143 means the
 # run was preempted (SIGTERM) after saving a checkpoint; it is restarted up to MAX_RESTARTS
 # times (default 100). Any other non-zero code (a config error, a non-finite loss) stops.
+# DATAFREE_PYTHON: the python to run it with (default: the `python` on PATH); the launchers set it.
 set -u
 max_restarts=${MAX_RESTARTS:-100}
 for ((i = 0; i <= max_restarts; i++)); do
-  python -m datafree_jax.main "$@"
+  "${DATAFREE_PYTHON:-python}" -m datafree_jax.main "$@"
   rc=$?
   if [ "$rc" -ne 143 ]; then
     exit "$rc"

@@ -9,10 +9,17 @@
 #      `gcloud compute tpus queued-resources create`), or reuse it when it exists;
 #   2. copy this checkout to every worker (a `git archive` tarball of HEAD, scp --worker=all),
 #      or clone --git-url on every worker;
-#   3. install it on every worker: pip install -e '.[tpu]' (jax[tpu]);
-#   4. run launch/run_resumable.sh (the restart loop) on every worker (--worker=all) with
-#      TFDS_DATA_DIR=--data-dir and the gs:// workdir. Every worker runs the same command;
-#      the program starts jax.distributed itself (--distributed=on).
+#   3. install it on every worker: pip install -e '.[tpu]' (jax[tpu]) into a Python >= 3.11,
+#      which jax>=0.7 and flax>=0.11 need. The TPU VM images (tpu-ubuntu2204-base,
+#      v2-alpha-tpuv5/-tpuv5-lite/-tpuv6e) ship Python 3.10, so by default every worker gets
+#      Python 3.11 from uv (python3 -m pip install --user uv; uv python install 3.11) in the
+#      virtual environment ~/datafree_jax_venv (created once, reused by reruns), whose version
+#      is checked before the install. --python=PY installs into PY instead (e.g. --python=python3
+#      on an image with Python >= 3.11): its version is checked first, and a worker where it is
+#      older stops with one line and exit code 2 before pip runs;
+#   4. run launch/run_resumable.sh (the restart loop) on every worker (--worker=all) with that
+#      python (DATAFREE_PYTHON), TFDS_DATA_DIR=--data-dir and the gs:// workdir. Every worker runs
+#      the same command; the program starts jax.distributed itself (--distributed=on).
 # The job runs under setsid/nohup on each worker with its output appended to ~/datafree_jax.log
 # (process 0 writes the progress lines), so a dropped ssh connection does not stop it; this
 # script follows the log until the job ends. If the ssh command fails because the slice is gone
@@ -47,6 +54,11 @@ slice and rerunning when it is preempted.
                             it is still recreated after a preemption)
   --git-url=URL             clone URL on every worker instead of copying this checkout
   --git-ref=REF             branch or tag to clone (default: the repository's default branch)
+  --python=PY               install into and run with PY on every worker (a name on PATH or a
+                            path; it must be Python >= 3.11 there, e.g. python3 on an image that
+                            has it) instead of the default: Python 3.11 from uv in the virtual
+                            environment ~/datafree_jax_venv on every worker (the TPU VM images'
+                            python3 is 3.10)
   --max-restarts=N          recreate a preempted slice at most N times (default: 10)
   --detach                  start the job and return without following it (no recreation)
   --dry-run                 print every command, one per line ('+ ' first), run nothing
@@ -91,7 +103,7 @@ run() {
 }
 
 name=datafree-jax zone=us-central2-b project="" accel=v4-32 runtime="" config="" workdir=""
-data_dir="" git_url="" git_ref="" max_restarts=10
+data_dir="" git_url="" git_ref="" py="" max_restarts=10
 spot=0 queued=0 reuse=0 detach=0 dry_run=0
 extra=()
 set_option() {  # set_option NAME VALUE
@@ -106,11 +118,12 @@ set_option() {  # set_option NAME VALUE
     --data-dir) data_dir=$2 ;;
     --git-url) git_url=$2 ;;
     --git-ref) git_ref=$2 ;;
+    --python) py=$2; [[ -n $py ]] || die_usage "--python must not be empty" ;;
     --max-restarts) max_restarts=$2 ;;
   esac
 }
 value_options='--name --zone --project --accelerator-type --runtime-version --config --workdir
-  --data-dir --git-url --git-ref --max-restarts'
+  --data-dir --git-url --git-ref --python --max-restarts'
 while (($#)); do
   case $1 in
     --) shift; extra=("$@"); break ;;
@@ -173,13 +186,31 @@ if [[ -n $git_url ]]; then
 else
   fetch_code="$guard; rm -rf $remote_dir && tar -xzf ~/datafree_jax.tar.gz -C ~ && rm -f ~/datafree_jax.tar.gz"
 fi
-# pip installs for python3 (into ~/.local when the system site is not writable);
-# run_resumable.sh calls `python`, which ~/.local/bin/python makes that same python3.
-install="cd $remote_dir && python3 -m pip install -U pip && python3 -m pip install -e '.[tpu]' && mkdir -p ~/.local/bin && ln -sf \"\$(command -v python3)\" ~/.local/bin/python"
+# jax>=0.7 and flax>=0.11 need Python >= 3.11. remote_check PY FIX: shell code for a worker
+# that stops with one line and exit code 2 unless PY (a shell word) is a Python >= 3.11.
+version_code='import sys; print("%d.%d" % sys.version_info[:2])'
+remote_check() {
+  printf '%s' "{ v=\$($1 -c $(quote "$version_code") 2>/dev/null) || { echo \"datafree_jax: $1 is not a working Python on \$(hostname) (not found?); $2\" >&2; exit 2; }; case \$v in [0-2].* | 3.[0-9] | 3.10) echo \"datafree_jax: $1 on \$(hostname) is Python \$v, but datafree_jax needs Python >= 3.11 (jax>=0.7, flax>=0.11); $2\" >&2; exit 2 ;; esac; }"
+}
+if [[ -z $py ]]; then
+  # Python 3.11 from uv (installed with the image's python3 into ~/.local; uv puts the Python in
+  # ~/.local/share/uv/python) in a virtual environment with pip (--seed), created once.
+  # shellcheck disable=SC2088
+  venv_dir='~/datafree_jax_venv'  # expanded on the workers
+  job_py=$venv_dir/bin/python
+  install="cd $remote_dir && python3 -m pip install --user uv && python3 -m uv python install 3.11 && { [ -x $job_py ] || python3 -m uv venv --seed --python 3.11 $venv_dir; } && $(remote_check "$job_py" "remove $venv_dir on the workers and rerun") && $job_py -m pip install -U pip && $job_py -m pip install -e '.[tpu]'"
+  job_py_env="\"\$HOME/datafree_jax_venv/bin/python\""
+else
+  # pip installs for PY (into ~/.local when its site is not writable).
+  job_py=$(quote "$py")
+  install="cd $remote_dir && $(remote_check "$job_py" "use --python=python3.11 (any Python >= 3.11 on the workers), or leave out --python to get Python 3.11 with uv") && $job_py -m pip install -U pip && $job_py -m pip install -e '.[tpu]'"
+  job_py_env=$job_py
+fi
 
 job="launch/run_resumable.sh $(quote "--config=$config") $(quote "--workdir=$workdir") --distributed=on"
 for arg in "${extra[@]}"; do job+=" $(quote "$arg")"; done
-env_setup="export PATH=\"\$HOME/.local/bin:\$PATH\";"
+# DATAFREE_PYTHON: the python that run_resumable.sh runs the job with.
+env_setup="export PATH=\"\$HOME/.local/bin:\$PATH\"; export DATAFREE_PYTHON=$job_py_env;"
 if [[ -n $data_dir ]]; then env_setup+=" export TFDS_DATA_DIR=$(quote "$data_dir");"; fi
 # The job gets its own session (setsid: no SIGHUP from ssh, one process group to stop it by),
 # appends to the log and writes its pid; in the foreground mode the ssh session follows the log

@@ -2,7 +2,10 @@
 slice, pip and the restart loop for one GPU host, srun for SLURM), their bad-option errors,
 shellcheck on every script, the restart loop of run_resumable.sh (a fake `python` on PATH), the
 pod script's recreate-after-preemption loop (a fake `gcloud` on PATH) and the job command it
-runs on each worker (run in a temporary home directory)."""
+runs on each worker (run in a temporary home directory), and the Python >= 3.11 check of every
+launcher: fake `python3`s that answer the version check as 3.10 or 3.11 and record every other
+call (pip, venv, uv), on PATH for gpu_host.sh and slurm.sbatch and on a temporary worker for
+the install command of tpu_pod.sh."""
 import glob
 import os
 import shlex
@@ -102,6 +105,16 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_run_on_all_workers(tmp_p
   unpack, install, main = (_remote(c) for c in ssh)
   assert "tar -xzf" in unpack
   assert "pip install -e '.[tpu]'" in install
+  # By default every worker gets Python 3.11 from uv in ~/datafree_jax_venv, checks that venv's
+  # version, and only then pip installs into it; the job runs with that python.
+  _assert_in_order(install, "cd ~/datafree_jax && python3 -m pip install --user uv &&",
+                   "python3 -m uv python install 3.11",
+                   "python3 -m uv venv --seed --python 3.11 ~/datafree_jax_venv",
+                   "v=$(~/datafree_jax_venv/bin/python -c", "sys.version_info", "exit 2",
+                   "~/datafree_jax_venv/bin/python -m pip install -U pip",
+                   "~/datafree_jax_venv/bin/python -m pip install -e '.[tpu]'")
+  assert install.count("pip install") == 3
+  assert 'export DATAFREE_PYTHON="$HOME/datafree_jax_venv/bin/python";' in main
   assert "run_resumable.sh" in main
   assert "export TFDS_DATA_DIR=gs://bucket/tfds;" in main
   assert "nohup" in main and ">> \"$log\"" in main and "log=~/datafree_jax.log" in main
@@ -242,6 +255,67 @@ def test_tpu_pod_stops_when_the_job_fails_on_a_live_slice_or_restarts_run_out(tm
   assert "--max-restarts=2 are used up" in r.stderr
 
 
+def _assert_in_order(text, *parts):
+  """Every part occurs in text, each after the one before."""
+  at = 0
+  for part in parts:
+    found = text.find(part, at)
+    assert found >= 0, (part, text[at:])
+    at = found + len(part)
+
+
+def test_tpu_pod_python_option_checks_it_before_the_install_and_runs_the_job_with_it():
+  cmds = _commands(_run(TPU, *TPU_ARGS, "--dry-run", "--python=/opt/py 3/bin/python3").stdout)
+  ssh = [c for c in cmds if c[4:5] == ["ssh"]]
+  install, main = _remote(ssh[1]), _remote(ssh[2])
+  assert "-m uv" not in install  # no provisioning
+  _assert_in_order(install, "cd ~/datafree_jax && { v=$('/opt/py 3/bin/python3' -c",
+                   "case $v in [0-2].* | 3.[0-9] | 3.10)", "exit 2",
+                   "'/opt/py 3/bin/python3' -m pip install -U pip",
+                   "'/opt/py 3/bin/python3' -m pip install -e '.[tpu]'")
+  assert "export DATAFREE_PYTHON='/opt/py 3/bin/python3';" in main
+  ok, err = _bash_syntax_ok(install)
+  assert ok, (install, err)
+
+
+def _install_on_a_worker(tmp_path, *options):
+  """Runs tpu_pod.sh's install command (its --dry-run's second ssh) as a worker would, in a
+  temporary home with a `python3` that answers as Python 3.10 (the TPU VM images' one):
+  (the result, the calls the fake pythons recorded)."""
+  cmds = _commands(_run(TPU, *TPU_ARGS, "--dry-run", *options).stdout)
+  install = _remote([c for c in cmds if c[4:5] == ["ssh"]][1])
+  home, bin_dir, log = tmp_path / "home", tmp_path / "bin", tmp_path / "calls"
+  (home / "datafree_jax").mkdir(parents=True)
+  bin_dir.mkdir()
+  _python_stub(bin_dir / "python3.11", "3.11", log)
+  _python_stub(bin_dir / "python3", "3.10", log, venv_python=bin_dir / "python3.11")
+  r = subprocess.run(["bash", "-c", install], env=_env(bin_dir, HOME=str(home)),
+                     capture_output=True, text=True, timeout=30)
+  calls = log.read_text().splitlines() if log.exists() else []
+  return r, [c.replace(str(home), "~").replace(str(bin_dir) + "/", "") for c in calls]
+
+
+def test_tpu_pod_worker_install_provisions_python_3_11_then_installs_into_its_venv(tmp_path):
+  r, calls = _install_on_a_worker(tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert calls == ["python3 -m pip install --user uv", "python3 -m uv python install 3.11",
+                   "python3 -m uv venv --seed --python 3.11 ~/datafree_jax_venv",
+                   "~/datafree_jax_venv/bin/python -m pip install -U pip",
+                   "~/datafree_jax_venv/bin/python -m pip install -e .[tpu]"]
+
+
+def test_tpu_pod_worker_install_refuses_python_3_10_before_pip(tmp_path):
+  r, calls = _install_on_a_worker(tmp_path, "--python=python3")
+  assert r.returncode == 2 and calls == [], (r.stderr, calls)
+  assert len(r.stderr.splitlines()) == 1, r.stderr
+  assert "python3 on " in r.stderr and "is Python 3.10" in r.stderr
+  assert "--python=python3.11" in r.stderr and "leave out --python" in r.stderr
+  # A worker whose --python is new enough installs into it.
+  r, calls = _install_on_a_worker(tmp_path / "b", "--python=python3.11")
+  assert r.returncode == 0, r.stderr
+  assert calls == ["python3.11 -m pip install -U pip", "python3.11 -m pip install -e .[tpu]"]
+
+
 # --- gpu_host.sh -----------------------------------------------------------------------------
 
 def test_gpu_host_dry_run_installs_cuda_and_runs_the_restart_loop(tmp_path):
@@ -254,16 +328,19 @@ def test_gpu_host_dry_run_installs_cuda_and_runs_the_restart_loop(tmp_path):
   assert not calls.exists(), calls.read_text()
   cmds = _commands(r.stdout)
   assert cmds[0] == ["cd", REPO_ROOT]
-  assert cmds[1:4] == [["python3", "-m", "venv", "/opt/venv"], ["source", "/opt/venv/bin/activate"],
+  assert _is_version_check(cmds[1], "python3")  # before the venv is created
+  assert cmds[2:5] == [["python3", "-m", "venv", "/opt/venv"], ["source", "/opt/venv/bin/activate"],
                        ["python", "-m", "pip", "install", "-e", ".[cuda]"]]
-  assert cmds[4] == ["env", "TFDS_DATA_DIR=/data/tfds", "launch/run_resumable.sh",
-                     "--config=configs/imagenet.py", "--workdir=/data/runs/x",
-                     "--distributed=off", *PASSED]
-  assert len(cmds) == 5
+  assert cmds[5] == ["env", "DATAFREE_PYTHON=/opt/venv/bin/python", "TFDS_DATA_DIR=/data/tfds",
+                     "launch/run_resumable.sh", "--config=configs/imagenet.py",
+                     "--workdir=/data/runs/x", "--distributed=off", *PASSED]
+  assert len(cmds) == 6
 
   cmds = _commands(_run(GPU, "--dry-run", "--no-install", "--config=c", "--workdir=w").stdout)
-  assert cmds == [["cd", REPO_ROOT],
-                  ["launch/run_resumable.sh", "--config=c", "--workdir=w", "--distributed=off"]]
+  assert len(cmds) == 3 and _is_version_check(cmds[1], "python3")
+  assert cmds[::2] == [["cd", REPO_ROOT],
+                       ["env", "DATAFREE_PYTHON=python3", "launch/run_resumable.sh", "--config=c",
+                        "--workdir=w", "--distributed=off"]]
   r = _run(GPU, "-h")
   assert r.returncode == 0 and r.stdout.startswith("usage: launch/gpu_host.sh --config=")
 
@@ -275,11 +352,13 @@ def test_slurm_dry_run_prints_the_install_and_one_task_per_node():
            "--data-dir=/shared/tfds", "--gpus-per-node=4", "--", *PASSED)
   assert r.returncode == 0, r.stderr
   cmds = _commands(r.stdout)
-  assert ["python", "-m", "pip", "install", "-e", ".[cuda]"] in cmds
+  assert _is_version_check(cmds[1], "python3")
+  assert cmds[2] == ["python3", "-m", "pip", "install", "-e", ".[cuda]"]
   srun = cmds[-1]
   assert srun[:2] == ["srun", "--ntasks-per-node=1"]
   job = srun[srun.index("env"):]
-  assert job == ["env", "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "TFDS_DATA_DIR=/shared/tfds",
+  assert job == ["env", "DATAFREE_PYTHON=python3", "JAX_LOCAL_DEVICE_IDS=0,1,2,3",
+                 "TFDS_DATA_DIR=/shared/tfds",
                  "launch/run_resumable.sh", "--config=configs/imagenet.py",
                  "--workdir=/shared/runs/x", *PASSED]
 
@@ -288,7 +367,8 @@ def test_slurm_dry_run_prints_the_install_and_one_task_per_node():
              SLURM_GPUS_PER_NODE="h100:8", SLURM_CPUS_PER_TASK="32")
   srun = _commands(_run(SLURM, "--dry-run", "--no-install", env=env).stdout)[-1]
   assert "--cpus-per-task=32" in srun
-  assert srun[srun.index("env"):] == ["env", "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
+  assert srun[srun.index("env"):] == ["env", "DATAFREE_PYTHON=python3",
+                                      "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
                                       "launch/run_resumable.sh", "--config=configs/cifar10.py",
                                       "--workdir=gs://b/r"]
 
@@ -300,6 +380,154 @@ def test_slurm_dry_run_prints_the_install_and_one_task_per_node():
   assert r.returncode == 0 and r.stdout.startswith("usage: sbatch [SBATCH OPTIONS] launch/slurm")
 
 
+# --- the Python >= 3.11 check of gpu_host.sh and slurm.sbatch --------------------------------
+
+def _python_stub(path, version, log, venv_python=None):
+  """A `python` that answers the launchers' version check (-c CODE) as Python `version` and
+  records every other call in `log` ('PATH ARGS'); `-m venv DIR` and `-m uv venv ... DIR` make
+  DIR a virtual environment: bin/activate (puts DIR/bin on PATH) and bin/python = venv_python
+  (default: this stub)."""
+  _write_exe(path, f"""#!/bin/sh
+if [ "$1" = -c ]; then echo {version}; exit 0; fi
+echo "$0 $*" >> {log}
+case "$*" in
+  "-m venv "* | "-m uv venv "*)
+    for dir; do :; done
+    mkdir -p "$dir/bin"
+    cp {venv_python or path} "$dir/bin/python"
+    echo "PATH=\\"$dir/bin:\\$PATH\\"" > "$dir/bin/activate" ;;
+esac
+exit 0
+""")
+
+
+def _is_version_check(argv, python):
+  return argv[:2] == [python, "-c"] and "sys.version_info" in argv[2]
+
+
+def _fake_host(tmp_path, version):
+  """A temporary bin folder on PATH with `python3` and `python` answering as Python `version`
+  and an `srun` that runs its command here (for slurm.sbatch): (env, bin folder, call log)."""
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+  bin_dir.mkdir(parents=True)
+  _python_stub(bin_dir / "python3.11", "3.11", log)
+  for name in ("python3", "python"):
+    _python_stub(bin_dir / name, version, log)
+  _write_exe(bin_dir / "srun",  # drops srun's options, runs the rest
+             '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n')
+  return _env(bin_dir), bin_dir, log
+
+
+def _host_calls(log, tmp_path):
+  calls = log.read_text().splitlines() if log.exists() else []
+  return [c.replace(str(tmp_path) + "/", "") for c in calls]
+
+
+LAUNCH_ARGS = {GPU: ("--config=c.py", "--workdir=/w"),
+               SLURM: ("--config=c.py", "--workdir=/w", "--gpus-per-node=1")}
+
+
+def _main_call(script):
+  """The arguments the job's python gets from run_resumable.sh with LAUNCH_ARGS."""
+  return ("-m datafree_jax.main --config=c.py --workdir=/w" +
+          (" --distributed=off" if script == GPU else ""))
+
+
+@pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
+def test_dry_run_prints_the_python_check_and_the_provisioning(script, tmp_path):
+  calls = tmp_path / "calls"
+  for tool in ("python", "python3", "python3.12", "pip", "uv"):
+    _write_exe(tmp_path / tool, f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexit 1\n')
+  base = ("--dry-run", *LAUNCH_ARGS[script])
+  env = _env(tmp_path)
+  # Without --venv: --python is checked, then installed into, and runs the job.
+  cmds = _commands(_run(script, *base, "--python=python3.12", env=env).stdout)
+  assert _is_version_check(cmds[1], "python3.12")
+  assert cmds[2] == ["python3.12", "-m", "pip", "install", "-e", ".[cuda]"]
+  assert "DATAFREE_PYTHON=python3.12" in cmds[3]
+  # --provision: Python 3.11 from uv makes the venv; no venv from --python.
+  cmds = _commands(_run(script, *base, "--venv=/shared/v", "--provision", env=env).stdout)
+  assert cmds[1:6] == [["python3", "-m", "pip", "install", "--user", "uv"],
+                       ["python3", "-m", "uv", "python", "install", "3.11"],
+                       ["python3", "-m", "uv", "venv", "--seed", "--python", "3.11", "/shared/v"],
+                       ["source", "/shared/v/bin/activate"],
+                       ["python", "-m", "pip", "install", "-e", ".[cuda]"]]
+  assert "DATAFREE_PYTHON=/shared/v/bin/python" in cmds[6]
+  assert not any(c[1:3] == ["-m", "venv"] for c in cmds)
+  assert not calls.exists(), calls.read_text()  # a dry run runs none of them
+
+
+@pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
+@pytest.mark.parametrize("options,fix", [
+    ((), "or --venv=DIR --provision"),                          # pip into python3
+    (("--venv=VENV",), "or --provision"),                       # a venv from python3
+    (("--venv=VENV", "--python=python3"), "or --provision"),
+], ids=["no_venv", "venv", "venv_python3"])
+def test_a_python_3_10_is_refused_with_one_line_before_any_install(script, options, fix, tmp_path):
+  env, _, log = _fake_host(tmp_path, "3.10")
+  venv = tmp_path / "venv"
+  options = [o.replace("VENV", str(venv)) for o in options]
+  r = _run(script, *LAUNCH_ARGS[script], *options, env=env)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert len(r.stderr.splitlines()) == 1, r.stderr
+  assert r.stderr.startswith(os.path.basename(script) + ": python3 is Python 3.10, but ")
+  assert "needs Python >= 3.11" in r.stderr and "--python=python3.11" in r.stderr
+  assert fix in r.stderr
+  assert _host_calls(log, tmp_path) == []  # no pip, no venv, no job
+  assert not venv.exists()
+  assert _is_version_check(_commands(r.stdout)[-1], "python3")
+
+
+@pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
+def test_an_existing_venv_of_python_3_10_is_refused(script, tmp_path):
+  env, bin_dir, log = _fake_host(tmp_path, "3.11")
+  venv = tmp_path / "old"
+  (venv / "bin").mkdir(parents=True)
+  _python_stub(venv / "bin" / "python", "3.10", log)
+  r = _run(script, *LAUNCH_ARGS[script], f"--venv={venv}", env=env)
+  assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+  assert f"{venv}/bin/python is Python 3.10" in r.stderr and f"remove {venv}" in r.stderr
+  assert _host_calls(log, tmp_path) == []
+
+
+@pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
+def test_a_python_3_11_installs_and_runs_the_job(script, tmp_path):
+  env, _, log = _fake_host(tmp_path, "3.11")
+  main = _main_call(script)
+  # Into python3 itself.
+  r = _run(script, *LAUNCH_ARGS[script], env=env)
+  assert r.returncode == 0, r.stderr
+  assert _host_calls(log, tmp_path) == ["bin/python3 -m pip install -e .[cuda]",
+                                        f"bin/python3 {main}"]
+  # Into a venv made from it.
+  log.unlink()
+  r = _run(script, *LAUNCH_ARGS[script], f"--venv={tmp_path}/venv", env=env)
+  assert r.returncode == 0, r.stderr
+  assert _host_calls(log, tmp_path) == ["bin/python3 -m venv venv",
+                                        "venv/bin/python -m pip install -e .[cuda]",
+                                        f"venv/bin/python {main}"]
+  # --python=python3.11 on a host whose python3 is 3.10.
+  env, _, log = _fake_host(tmp_path / "b", "3.10")
+  r = _run(script, *LAUNCH_ARGS[script], "--python=python3.11", env=env)
+  assert r.returncode == 0, r.stderr
+  assert _host_calls(log, tmp_path / "b") == ["bin/python3.11 -m pip install -e .[cuda]",
+                                              f"bin/python3.11 {main}"]
+
+
+@pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
+def test_provision_makes_a_python_3_11_venv_with_uv_on_a_3_10_host(script, tmp_path):
+  env, bin_dir, log = _fake_host(tmp_path, "3.10")
+  # uv's venv gets Python 3.11 (the fake python3's `-m uv venv` copies the 3.11 stub).
+  _python_stub(bin_dir / "python3", "3.10", log, venv_python=bin_dir / "python3.11")
+  r = _run(script, *LAUNCH_ARGS[script], f"--venv={tmp_path}/venv", "--provision", env=env)
+  assert r.returncode == 0, r.stderr
+  main = _main_call(script)
+  assert _host_calls(log, tmp_path) == [
+      "bin/python3 -m pip install --user uv", "bin/python3 -m uv python install 3.11",
+      "bin/python3 -m uv venv --seed --python 3.11 venv",
+      "venv/bin/python -m pip install -e .[cuda]", f"venv/bin/python {main}"]
+
+
 # --- all scripts -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", [TPU, GPU, SLURM], ids=os.path.basename)
@@ -308,7 +536,9 @@ def test_slurm_dry_run_prints_the_install_and_one_task_per_node():
     ("--config=c", "--workdir=gs://b/r", "stray"),         # stray word
     ("--config=c", "--workdir"),                           # option without its value
     ("--workdir=gs://b/r",),                               # no --config
-], ids=["unknown", "stray", "no_value", "no_config"])
+    ("--config=c", "--workdir=gs://b/r", "--python="),     # an empty --python
+    ("--config=c", "--workdir=gs://b/r", "--provision"),   # without --venv (tpu: unknown)
+], ids=["unknown", "stray", "no_value", "no_config", "empty_python", "provision_no_venv"])
 def test_bad_options_are_one_line_and_exit_2(script, args):
   r = _run(script, "--dry-run", *args)
   assert r.returncode == 2, (r.stdout, r.stderr)
@@ -365,6 +595,16 @@ def test_run_resumable_stops_on_any_other_code(tmp_path, code):
   bin_dir = _fake_python(tmp_path, [143, code, 0])
   r = _run(RESUMABLE, "--config=c.py", env=_env(bin_dir))
   assert r.returncode == code and len(_calls(tmp_path)) == 2
+
+
+def test_run_resumable_runs_datafree_python_when_set(tmp_path):
+  # DATAFREE_PYTHON (what the launchers set) runs the job, not the `python` on PATH.
+  bin_dir = _fake_python(tmp_path, [0])
+  os.rename(bin_dir / "python", bin_dir / "py311")
+  _write_exe(bin_dir / "python", "#!/bin/sh\nexit 99\n")
+  r = _run(RESUMABLE, "--config=c.py", env=_env(bin_dir, DATAFREE_PYTHON=str(bin_dir / "py311")))
+  assert r.returncode == 0, r.stderr
+  assert _calls(tmp_path) == ["-m datafree_jax.main --config=c.py"]
 
 
 def test_run_resumable_gives_up_after_max_restarts(tmp_path):
