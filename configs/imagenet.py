@@ -5,12 +5,12 @@ r"""ImageNet (tfds 'imagenet2012'): Luo et al.'s headline experiment, ResNet-50 
 
 Published (Luo et al. 2020, ../shared/REFERENCE.md): ResNet-50 teacher 75.45% trained from
 scratch; students from 1,000 per-class generators ResNet-50 69.75%, ResNet-18 54.66%,
-MobileNetV2 43.15%. What it costs, from the dry run (dry_run=True; benchmarks/RESULTS.md,
-"ImageNet sizing"): per chip of a TPU v4-32 (16 chips) 12.0 GiB peak for the teacher's step,
-28.6 GiB for the generators' (63 per chip, 3 at a time), 8.3 GiB for distillation; on paper,
-at 40% of peak FLOP/s, about 0.4 / 0.6 / 0.5 hours for the three stages' schedules below. An
-8x H100 host holds 125 generators per GPU (54.7 GiB); 8 TPU v4 or v5e chips do not. The full
-run is an accelerator job; on a CPU only the dry run and smoke=True run.
+MobileNetV2 43.15%. What it costs, from the dry run of the accelerator's program
+(dry_run=True,target=tpu|gpu; benchmarks/RESULTS.md, "The accelerator program, sized from a
+CPU"): per chip of a TPU v4-32 (16 chips) 9.4 GiB peak for the teacher's step, 20.9 GiB for the
+generators' (64 per chip, 2 at a time), 5.8 GiB for distillation; per GPU of an 8x H100 host
+18.5 / 36.1 / 11.2 GiB (126 generators each), and on paper, at 5% of peak, 1.9 / 2.7 / 2.2
+hours. The full run is an accelerator job; on a CPU only the dry run and smoke=True run.
 
 Arguments (`:k=v,k=v`):
   student   resnet18 (default) | resnet50 | mobilenet_v2
