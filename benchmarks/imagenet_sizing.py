@@ -4,7 +4,8 @@
     python benchmarks/imagenet_sizing.py --devices=8 --students=resnet18 --target=gpu
 
 Each run is `python -m datafree_jax.main
---config=configs/imagenet.py:student=S,dry_run=True,target=T` in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=D: D host CPU devices
+--config=configs/imagenet.py:student=S,dry_run=True,target=T` in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=D: D host CPU devices
 stand for D accelerator chips (8: an 8-GPU host; 16: a TPU v4-32, 16 chips; 64: a v5e-64).
 Prints each run's table (dry_run.py) and its wall time; nothing is trained or written.
 """

@@ -63,7 +63,8 @@ DEVICES = {
             ("H200", 989e12, 141e9 / 2**30, "H200")),
     "cpu": (),
 }
-JAX_GPU_MEM_FRACTION = 0.75   # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
+MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+JAX_GPU_MEM_FRACTION = 0.75   # JAX's default preallocation (without MEM_FRACTION_VAR)
 
 
 class DoesNotFitError(RuntimeError):
@@ -97,7 +98,7 @@ def target_of(config) -> str:
 
 
 def gpu_mem_fraction() -> float:
-  return float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEM_FRACTION))
+  return float(os.environ.get(MEM_FRACTION_VAR, JAX_GPU_MEM_FRACTION))
 
 
 def usable_gib(target: str, memory_gib: float) -> float:
@@ -114,12 +115,6 @@ def bytes_per_device(tree) -> int:
     shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
     total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
   return total
-
-
-def _flops(cost) -> float:
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
 
 
 _VALUE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z]+[0-9]*)\[([0-9,]*)\]")
@@ -194,7 +189,7 @@ def analyse(stage: str, program: stage_lib.Program, target: str, measure: bool =
   seconds = time.perf_counter() - t
   # Per device: XLA's count of the partitioned program (the target's form; the lowering above
   # counts the unpartitioned one, the whole mesh's work for a jit-sharded step).
-  flops = _flops(compiled.cost_analysis())
+  flops = stage_lib.cost_flops(compiled.cost_analysis())
   mem = compiled.memory_analysis()
   peak = 0.0
   if mem is not None:
@@ -250,7 +245,7 @@ def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> s
   if kinds:
     devices = rows[0].devices if rows else jax.device_count()
     budget = (f"a process may use {gpu_mem_fraction():.0%} of a GPU's memory "
-              f"(XLA_PYTHON_CLIENT_MEM_FRACTION{'' if 'XLA_PYTHON_CLIENT_MEM_FRACTION' in os.environ else ', JAX default'})"
+              f"({MEM_FRACTION_VAR}{'' if MEM_FRACTION_VAR in os.environ else ', JAX default'})"
               if target == "gpu" else "a TPU process may use the chip's HBM")
     assumed = [name for name, *_ in kinds if name not in measured]
     rate = []
@@ -261,8 +256,8 @@ def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> s
       rate.append(f"assumed {mfu:.0%} of peak bfloat16 FLOP/s for " + ", ".join(assumed) +
                   " (dry_run_mfu; published ResNet-50 training on one H100, about 3,000 "
                   "images/s, is about 7% in this accounting)")
-    lines += ["", f"Per device kind, {devices} devices each: peak against usable memory ({budget}); "
-              "hours of the stage's calls at " + "; ".join(rate) + ":", "",
+    lines += ["", f"Per device kind, {devices} devices each: peak against usable memory "
+              f"({budget}); hours of the stage's calls at " + "; ".join(rate) + ":", "",
               "| stage | program | calls | " + " | ".join(
                   f"{name} ({usable_gib(target, mem):.0f} of {mem:.0f} GiB)"
                   for name, _, mem, _ in kinds) + " |",

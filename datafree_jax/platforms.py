@@ -3,10 +3,11 @@
 A program's formulation depends on where it runs: on XLA:CPU the models use the convolution
 and pooling forms of models/cpu_conv.py and the generator ensemble updates its members in a
 Python loop of separate calls; on GPU and TPU they use XLA's own convolutions and vmapped
-members. That choice is made from this value, never from the default backend (`jax.default_backend`) while tracing,
-so that a program for an accelerator can be built, lowered (`lowering_platform`) and inspected
-on a CPU (the dry run), and the platform is part of every model and step it shapes (a jitted
-function closes over the model, so programs of different platforms never share a trace).
+members. That choice is made from this value, never from the default backend
+(`jax.default_backend`) while tracing, so that a program for an accelerator can be built,
+lowered (`lowering_platform`) and inspected on a CPU (the dry run), and the platform is part of
+every model and step it shapes (a field of the model, which jitted functions close over or take
+as a static argument, so programs of different platforms never share a trace).
 
 Values: 'cpu', 'gpu', 'tpu' (`PLATFORMS`). `config.platform` 'auto' means the platform of the
 devices the run's mesh is built from (`of_devices`).

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import common
 from datafree_jax import log
 from datafree_jax import loop
 from datafree_jax import paths
@@ -80,8 +81,16 @@ def classifier_eval_program(name: str, model, variables, info, mesh) -> Program:
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
   x, y = abstract_batch(n, info.image_shape, split)
   mask = jax.ShapeDtypeStruct((n,), np.float32, sharding=split)
-  fn = loop.eval_batch_fn(lambda v, x_: model.apply(v, x_, train=False))
+  fn = loop.eval_batch_fn(common.classifier_logits(model))
   return Program(f"{name} evaluation, batch {n}", fn, (variables, x, y, mask), kind="eval")
+
+
+def cost_flops(cost) -> float:
+  """FLOPs of an XLA cost analysis (`Lowered.cost_analysis()` or `Compiled.cost_analysis()`:
+  a dict, or in older jax a list of one dict per program)."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
 
 
 def restore_program(name: str, state) -> Program:

@@ -3,6 +3,7 @@
 accelerator's form (no CPU path of models/cpu_conv.py in it, convolutions as convolutions); the
 accelerator form computes what the CPU form computes; member chunks pad instead of collapsing.
 """
+import functools
 import pathlib
 import re
 
@@ -19,7 +20,6 @@ from datafree_jax import stage as stage_lib
 from datafree_jax import train
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
-from datafree_jax.stages import teacher as teacher_stage
 
 
 def _programs(method: str, platform: str):
@@ -79,13 +79,13 @@ def test_platform_is_resolved_once_from_the_devices():
   assert platforms.of_config(config) == "gpu"
 
 
-def _ensemble_after(platform: str, steps: int = 2, at_once: int = 0):
+def _ensemble_after(platform: str, steps: int = 2, at_once: int = 0, width: int = 8):
   """The tiny ensemble built for `platform` after `steps` SGD steps. (SGD: Adam's first update,
   lr * g / (|g| + eps), turns float noise on gradients that are exactly 0 in exact arithmetic,
   the conv biases before a BN, into +-lr: test_ensemble.py says more.)"""
   config = ensemble_config(**{"ensemble.max_generators_per_device_at_once": at_once,
                               "ensemble.lowering": "auto", "ensemble.optimizer": "sgd",
-                              "ensemble.lr": 0.05})
+                              "ensemble.lr": 0.05, "generator.width": width})
   config.platform = platform
   info = input_pipeline.config_info(config)
   teacher = _random_bn_teacher(config, info)
@@ -113,9 +113,10 @@ def _random_bn_teacher(config, info):
 def test_the_accelerator_form_computes_what_the_cpu_form_computes():
   """The generator ensemble built for 'tpu' (XLA's convolutions and pooling, vmapped members,
   run here on the CPU backend) and for 'cpu' (the CPU paths, one call per member) take the same
-  two steps from the same initial members."""
-  cpu_ens, cpu_state, cpu_metrics = _ensemble_after("cpu")
-  tpu_ens, tpu_state, tpu_metrics = _ensemble_after("tpu")
+  two steps from the same initial members. Width 32: the generators' upsampling blocks take
+  their 2x2 form on 'cpu', the teacher its space-to-depth, dense and tile max-pool paths."""
+  cpu_ens, cpu_state, cpu_metrics = _ensemble_after("cpu", width=32)
+  tpu_ens, tpu_state, tpu_metrics = _ensemble_after("tpu", width=32)
   assert (cpu_ens.lowering, tpu_ens.lowering) == ("loop", "vmap")
   assert cpu_ens.gen.platform == "cpu" and tpu_ens.gen.platform == "tpu"
   for a, b in zip(jax.tree.leaves(cpu_state), jax.tree.leaves(tpu_state)):
@@ -157,16 +158,23 @@ def test_map_members_pads_a_last_partial_chunk():
   assert ensemble.chunking(5, 2) == (3, 2) and ensemble.chunking(125, 5) == (25, 5)
 
 
-def test_the_teacher_stage_trace_keys_on_the_platform():
-  """Programs built for two platforms in one process never share a trace: the model is part
-  of the jitted function's closure."""
-  config = tiny_config("teacher")
+def test_a_shared_jit_traces_each_platform_apart():
+  """A jit that takes the generator as a static argument (as ensemble.init_generators does),
+  asked for the 'tpu' generator after the 'cpu' one in the same process, traces anew: the
+  platform is a field of the module, so part of the cache key. The 'cpu' program carries the
+  CPU paths, the 'tpu' one none."""
+  config = ensemble_config(**{"generator.width": 32})   # upsampling blocks in their 2x2 form
   info = input_pipeline.config_info(config)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def generate(gen, variables, z):
+    return gen.apply(variables, z, mutable=["batch_stats"])[0]
   texts = {}
   for platform in ("cpu", "tpu"):
     config.platform = platform
-    model, _, step = teacher_stage._build(config, info, mesh)  # pylint: disable=protected-access
-    assert model.platform == platform
-    texts[platform] = step
-  assert texts["cpu"] is not texts["tpu"]
+    gen = ensemble.make_generator(config, info)
+    variables = gen.init(jax.random.key(0), jnp.zeros((2, gen.latent_dim)))
+    z = jnp.zeros((4, gen.latent_dim))
+    generate(gen, variables, z)   # the first call fills the jit's cache
+    texts[platform] = generate.lower(gen, variables, z).as_text(debug_info=True)
+  assert cpu_conv.SCOPE in texts["cpu"] and cpu_conv.SCOPE not in texts["tpu"]

@@ -107,9 +107,9 @@ def tolerances() -> dict:
   same inputs either way, but XLA:CPU's kernels in a process with 4 devices do not round
   exactly as in one with 8 (differences of about 1e-7 relative after one step, on every
   device). Everything but PRE_BN_BIASES stays within 5e-3 after the run (measured: 3.4e-4 at
-  most before the platform/chunking change of 2026-12-03, 2.35e-3 on student/conv3/kernel
-  after it; the cause of the larger spread is not found yet, see RESULTS); those are bounded by
-  2 Adam steps of size lr per step. A member trained on the
+  most on a 2-core AMD EPYC, 2026-11-29; 2.35e-3 on student/conv3/kernel on a 2-core Intel Xeon
+  with AVX-512, 2026-12-03, with this code and with the code before that day's changes alike:
+  the rounding differs per CPU); those are bounded by 2 Adam steps of size lr per step. A member trained on the
   wrong class, seed or device, or a student fed other images, is off by far more.
   """
   from multiprocess_check import CONFIG  # pylint: disable=g-import-not-at-top

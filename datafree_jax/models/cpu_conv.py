@@ -3,11 +3,11 @@
 The models take the run's target platform as a field (`platform`, platforms.py) and hand it
 here; nothing reads the backend while tracing. On 'gpu' and 'tpu', and for None (export's
 portable programs), the models use XLA's own convolution and flax's max_pool (`conv_for`
-returns None, `max_pool` calls nn.max_pool). On XLA:CPU ('cpu') some shapes are far slower than their
-arithmetic, and `conv_general_dilated` (the signature of `lax.conv_general_dilated`, handed to
-`flax.linen.Conv(conv_general_dilated=...)`, so parameters keep nn.Conv's names and shapes)
-picks a path per shape at trace time (`cpu_path` says which; measured in benchmarks/RESULTS.md,
-"The CPU convolution paths"):
+returns None, `max_pool` calls nn.max_pool). On XLA:CPU ('cpu') some shapes are far slower
+than their arithmetic, and `conv_general_dilated` (the signature of `lax.conv_general_dilated`,
+handed to `flax.linen.Conv(conv_general_dilated=...)`, so parameters keep nn.Conv's names and
+shapes) picks a path per shape at trace time (`cpu_path` says which; measured in
+benchmarks/RESULTS.md, "The CPU convolution paths"):
 
 - 'dense': a window that covers the whole (padded) input, output 1x1 (LeNet-5's conv3): one
   matrix product of the flattened input.
@@ -61,10 +61,6 @@ UPSAMPLE_TAPS_MIN_OUT = 64
 # The name scope of every CPU path: it names the path in a program's debug locations (a program
 # lowered for an accelerator must carry none: tests/test_accelerator_program.py).
 SCOPE = "cpu_path"
-
-
-def _on_cpu(platform) -> bool:
-  return platforms.is_cpu(platform)
 
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
@@ -229,7 +225,7 @@ def upsample_conv_form(features: int, platform) -> str:
   every backend's default) or '2x2' (2x2 phase kernels, 4/9 of the multiply-adds, as taps_conv:
   XLA:CPU's gradients of even-sized kernels are slow), on CPU from UPSAMPLE_TAPS_MIN_OUT
   low-resolution outputs."""
-  if _on_cpu(platform) and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
+  if platforms.is_cpu(platform) and 4 * features >= UPSAMPLE_TAPS_MIN_OUT:
     return "2x2"
   return "3x3"
 
@@ -237,7 +233,7 @@ def upsample_conv_form(features: int, platform) -> str:
 def conv_for(platform):
   """The conv_general_dilated to hand nn.Conv on `platform` (platforms.py): ours on 'cpu',
   XLA's own elsewhere (None)."""
-  return conv_general_dilated if _on_cpu(platform) else None
+  return conv_general_dilated if platforms.is_cpu(platform) else None
 
 
 def _window_last(x, wh: int, ww: int):
@@ -274,7 +270,7 @@ def max_pool(x, window, strides, padding="VALID", platform=None):
   """nn.max_pool; on 'cpu', windows that tile the input exactly are `tile_max_pool`."""
   _, h, w, _ = x.shape
   window, strides = tuple(window), tuple(strides)
-  if (_on_cpu(platform) and window == strides and padding == "VALID"
+  if (platforms.is_cpu(platform) and window == strides and padding == "VALID"
       and h % window[0] == 0 and w % window[1] == 0):
     with jax.named_scope(f"{SCOPE}.tile_max_pool"):
       return tile_max_pool(x, *window)

@@ -157,9 +157,9 @@ def map_members(fn: Callable, stacked: tuple, lowering: str, at_once: int = 0, s
   return jax.tree.map(lambda y: y.reshape((chunks * c,) + y.shape[2:])[:n], out)
 
 
-def update_members(fn: Callable, members, consts, lowering: str, at_once: int = 0, shared=()):
+def update_members(fn: Callable, members, consts, at_once: int = 0, shared=()):
   """(new members, per-member metrics) of fn(member_k, consts_k, *shared) -> (new member_k,
-  metrics_k) for every member of the stack `members`, inside a jitted function.
+  metrics_k) for every member of the stack `members`, vmapped, inside a jitted function.
 
   With `at_once` > 0 the members are updated in chunks of at_once (n must be a multiple:
   member_layout pads the ensemble so): a fori_loop whose carry is the member stack itself, each
@@ -168,7 +168,7 @@ def update_members(fn: Callable, members, consts, lowering: str, at_once: int = 
   would). Without chunking, one vmap over all members.
   """
   n = jax.tree.leaves(members)[0].shape[0]
-  per_chunk = _per_chunk(fn, lowering, shared)
+  per_chunk = _per_chunk(fn, "vmap", shared)
   if at_once <= 0 or at_once >= n:
     return per_chunk((members, consts))
   if n % at_once:
@@ -333,8 +333,8 @@ def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
   """step(state, batch) -> (state, metrics) (batch: None): member_update on every member, metrics
   averaged over the G real members. state: {'params', 'batch_stats', 'opt_state'} stacked and
   split over the mesh's axis, 'step' replicated. 'vmap': each device's members updated
-  `at_once` at a time (a divisor of its member count, member_layout's chunk; 0 = all), in
-  place."""
+  `at_once` at a time (a divisor of its member count, member_layout's chunk; 0 or all of them:
+  at once), in place."""
   if lowering == "loop":
     return _LoopStep(spec, mesh, g, consts, teacher_vars)
   axis = mesh.axis_names[0]
@@ -344,7 +344,7 @@ def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
   # rejects; no collective is used inside, so the check guards nothing there.
   sharded = jax.shard_map(
       lambda members, consts, tvars, step: update_members(
-          functools.partial(member_update, spec), members, consts, "vmap", at_once,
+          functools.partial(member_update, spec), members, consts, at_once,
           shared=(tvars, step)),
       mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
       check_vma=not platforms.is_cpu(spec.gen.platform))
@@ -518,7 +518,7 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
   axis = mesh.axis_names[0]
   g = num_generators(config, info.num_classes)
   at_once = int(e.max_generators_per_device_at_once)
-  padded, per_device, chunk = member_layout(g, mesh.devices.size, at_once)
+  padded, _, chunk = member_layout(g, mesh.devices.size, at_once)
   class_ids = member_class_ids(g, padded, info.num_classes)
   platform = platforms.of_config(config)
   lowering = "vmap" if abstract else resolve_lowering(e.lowering, platform)
@@ -545,8 +545,7 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
     state = jax.jit(init_state, out_shardings=split)(jax.device_put(index, split))
     state["step"] = jax.device_put(jnp.zeros((), jnp.int32), rep)
     consts = jax.jit(make_consts, out_shardings=split)(stats)
-  step = make_step(spec, mesh, lowering, chunk if chunk < per_device else 0, g, consts,
-                   teacher["variables"])
+  step = make_step(spec, mesh, lowering, chunk, g, consts, teacher["variables"])
 
   def one(n, p, bs, i, c):
     z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
@@ -648,9 +647,7 @@ def generator_gflop(gen: models.Generator, batch: int, platform: str) -> float:
     return jnp.sum(common.generate(gen, p, bs, z, labels)[0])
   lowered = jax.jit(jax.grad(total)).trace(params, bs, z).lower(
       lowering_platforms=(platforms.lowering_platform(platform),))
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0)) / 1e9
+  return stage_lib.cost_flops(lowered.cost_analysis()) / 1e9
 
 
 def teacher_has_bn(config, info) -> bool:
@@ -738,8 +735,8 @@ class Generators(stage_lib.Stage):
             note=(f"FLOPs: one chunk of {ens.chunk} members x {chunks} chunks per device; "
                   if chunks > 1 else "") + (
                       f"the generator's share of a member-step (forward + backward, batch {b}, "
-                      f"{platforms.of_config(config)} program): "
-                      f"{generator_gflop(ens.gen, b, platforms.of_config(config)):.0f} GFLOP")),
+                      f"{ens.gen.platform} program): "
+                      f"{generator_gflop(ens.gen, b, ens.gen.platform):.0f} GFLOP")),
         stage_lib.Program(
             f"evaluation: {b} samples per generator through the teacher", jax.jit(
                 eval_program(ens, b), out_shardings=rep),
@@ -767,9 +764,10 @@ def distill_layout(setting: str, g: int, devices: int) -> str:
 def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
                     layout: str = "replicated", platform: Optional[str] = None) -> dict:
   """The finished generators in `path` on `mesh`, checked against `info`; their module computes
-  in `dtype`, in the form of `platform` (platforms.py). layout 'replicated': every device holds all G; 'sharded': the stacked members are
-  split over the mesh's axis, padded with zero members to a multiple of its size (each device
-  reads only its part); 'auto': distill_layout's choice.
+  in `dtype`, in the form of `platform` (platforms.py). layout 'replicated': every device holds
+  all G; 'sharded': the stacked members are split over the mesh's axis, padded with zero members
+  to a multiple of its size (each device reads only its part); 'auto': distill_layout's
+  choice.
 
   Works on any device count: the restore target is built from the checkpoint's own meta and
   item shapes. Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G, or the padded
