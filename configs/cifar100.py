@@ -7,7 +7,7 @@ Published (Chen et al. 2019): teacher 77.84, DAFL student 74.47 (users of the of
 report 53-62%).
 
 One difference from the official scripts: they normalise CIFAR-100 with CIFAR-10's mean/std;
-here every dataset is normalised with its own (input_pipeline.DATASETS), which is what a
+here every dataset is normalised with its own (datasets.DATASETS), which is what a
 teacher brought from elsewhere expects. The two differ by a fixed per-channel affine map of the
 input, which the teacher's first convolution and BN absorb in training.
 """

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from datafree_jax import common
+from datafree_jax import generator_parts
+from datafree_jax import parallel
+from datafree_jax.models import BN_EXAMPLE_MOMENTS
 
 
 def compute(model, params, batch_stats, class_images) -> dict:
@@ -32,7 +35,7 @@ def compute(model, params, batch_stats, class_images) -> dict:
 
   @jax.jit
   def moments(x):
-    return common.teacher_forward(model, variables, x, moments=True)[2]
+    return generator_parts.teacher_forward(model, variables, x, moments=True)[2]
 
   per_class = []
   counts = []
@@ -54,8 +57,6 @@ def compute_streaming(model, params, batch_stats, batches, num_classes: int, mes
   same images this is compute()'s statistics up to float rounding. Nothing but the (K, C) sums
   is kept; a class with no images gets the global running statistics.
   """
-  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
-  from datafree_jax.models import BN_EXAMPLE_MOMENTS  # pylint: disable=g-import-not-at-top
   if not batch_stats:
     return {}
   variables = common.variables_of(params, batch_stats)

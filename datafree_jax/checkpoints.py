@@ -14,10 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from datafree_jax import paths
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that is missing, unreadable or made for something else."""
+from datafree_jax.errors import CheckpointError
 
 
 def abstract_like(tree, sharding=None):

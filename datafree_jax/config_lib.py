@@ -6,37 +6,114 @@ ConfigDict with the values converted to the defaults' types. Unknown keys are er
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
 import os
 
 import ml_collections
 
+from datafree_jax import datasets
 from datafree_jax import platforms
+from datafree_jax import registry
+from datafree_jax.errors import ConfigError
+from datafree_jax.models import classifiers
 
 
-class ConfigError(ValueError):
-  """A config that cannot run; the message says what to change."""
+TRUE = ("true", "yes", "on", "1")
+FALSE = ("false", "no", "off", "0")
 
 
-def _convert(key, value: str, default):
-  if isinstance(default, bool):
-    if value.lower() in ("1", "true", "yes", "on", ""):
+def from_text(text: str, current):
+  """`text` read as the type of `current` (a config value: bool, int, float, str, a tuple or
+  list of them, or None, which takes the string); ValueError (the reason) if it is not one.
+  The one string-to-type converter: --config.a.b=VALUE and get_config's 'k=v' both use it."""
+  if current is None:
+    return text
+  if isinstance(current, (tuple, list)):
+    kinds = {_scalar_kind(v) for v in current}
+    kind = kinds.pop() if len(kinds) == 1 else float if kinds == {int, float} else None
+    items = [_convert_element(kind, item, text) for item in _tuple_items(text)]
+    return type(current)(items)
+  if _scalar_kind(current):
+    return _convert_scalar(_scalar_kind(current), text)
+  raise ValueError(f"a field holding a {type(current).__name__} cannot be set on the command "
+                   "line")
+
+
+def _scalar_kind(value) -> type | None:
+  """bool, int, float or str (numpy's scalars too: np.float64 is a float), or None."""
+  return next((k for k in (bool, int, float, str) if isinstance(value, k)), None)
+
+
+def _convert_scalar(kind: type, text: str):
+  if kind is bool:
+    if text.strip().lower() in TRUE:
       return True
-    if value.lower() in ("0", "false", "no", "off"):
+    if text.strip().lower() in FALSE:
       return False
-    raise ConfigError(f"config argument {key}={value!r}: expected a boolean")
-  if isinstance(default, int):
+  elif kind is int:
     try:
-      return int(value)
+      return int(text)
     except ValueError:
-      raise ConfigError(f"config argument {key}={value!r}: expected an integer") from None
-  if isinstance(default, float):
+      pass
+  elif kind is float:
     try:
-      return float(value)
+      return float(text)
     except ValueError:
-      raise ConfigError(f"config argument {key}={value!r}: expected a number") from None
-  return value
+      pass
+  elif kind is str:
+    return text
+  raise ValueError(f"could not convert string to {kind.__name__}: {text!r}")
+
+
+def _tuple_items(text: str) -> list:
+  """The elements of '0.3,0.6' (strings) or of a literal '(0.3, 0.6)' / '[0.3]' (values)."""
+  s = text.strip()
+  if s.startswith(("(", "[")):
+    try:
+      value = ast.literal_eval(s)
+    except Exception:  # pylint: disable=broad-except  (SyntaxError, ValueError, ...)
+      raise ValueError(f"could not read {text!r} as a tuple") from None
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+  items = [p.strip() for p in s.split(",")] if s else []
+  if len(items) > 1 and not items[-1]:  # '0.5,' is the tuple (0.5,)
+    items.pop()
+  return items
+
+
+def _convert_element(kind: type | None, item, text: str):
+  if isinstance(item, str) and kind is not str:
+    if kind is not None:
+      try:
+        return _convert_scalar(kind, item)
+      except ValueError as e:
+        raise ValueError(f"{e} in {text!r}") from None
+    try:
+      return ast.literal_eval(item)
+    except Exception:  # pylint: disable=broad-except
+      return item
+  ok = {None: lambda v: True,
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str)}
+  if not ok[kind](item):
+    raise ValueError(f"could not convert {item!r} to {kind.__name__} in {text!r}")
+  return float(item) if kind is float else item
+
+
+def describe_kind(current) -> str:
+  """What a value of `current`'s type is written as, for error messages."""
+  names = {bool: "a boolean: true/false, yes/no, on/off or 1/0", int: "an integer",
+           float: "a number", str: "a string"}
+  if isinstance(current, (tuple, list)):
+    kinds = {_scalar_kind(v) for v in current}
+    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    what = (plural.get(kinds.pop(), "values") if len(kinds) == 1 else
+            "numbers" if kinds == {int, float} else "values")
+    return f"a tuple of {what}, e.g. 0.3,0.6 or (0.3, 0.6)"
+  return names.get(_scalar_kind(current), f"a {type(current).__name__}")
 
 
 def packaged_configs() -> dict:
@@ -88,7 +165,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if key not in defaults:
       raise ConfigError(
           f"unknown config argument {key!r}; this config takes: {', '.join(sorted(defaults))}")
-    out[key] = _convert(key, value.strip(), defaults[key])
+    value = value.strip()
+    if isinstance(defaults[key], bool) and not value:
+      out[key] = True
+      continue
+    try:
+      out[key] = from_text(value, defaults[key])
+    except ValueError:
+      raise ConfigError(f"config argument {key}={value!r}: expected "
+                        f"{describe_kind(defaults[key])}") from None
   return ml_collections.ConfigDict(out)
 
 
@@ -225,22 +310,18 @@ class Fractions(Domain):
 
 
 def _methods():
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
-  return list(train.METHODS)
+  return registry.names()
 
 
 def _stages():
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
-  return train.stage_selectors()
+  return registry.stage_selectors()
 
 
 def _datasets():
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return sorted(input_pipeline.DATASETS)
+  return sorted(datasets.DATASETS)
 
 
 def _models():
-  from datafree_jax.models import classifiers  # pylint: disable=g-import-not-at-top
   return sorted(classifiers.CLASSIFIERS)
 
 
@@ -271,8 +352,8 @@ SCHEMA = {
     "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
     "image_size": (0, NON_NEGATIVE_INT),   # images resized to this; 0 = the dataset's size
-    "method": ("dafl", Choice(_methods, label="method")),  # train.METHODS
-    "stage": ("all", Choice(_stages, label="stage")),  # see train.py
+    "method": ("dafl", Choice(_methods, label="method")),  # registry.METHODS
+    "stage": ("all", Choice(_stages, label="stage")),  # see pipeline.py
     # stage=distill of method ensemble: '' = <workdir>/generators
     "generator_checkpoint": ("", Text()),
     "seed": (0, NON_NEGATIVE_INT),
@@ -387,7 +468,7 @@ def check_config(config):
   """Checks every field of every section of `config` against SCHEMA; raises ConfigError.
 
   Only each field's own domain: what depends on several fields (stage vs method, image size vs
-  upsampling, batch vs devices) is checked by train.validate.
+  upsampling, batch vs devices) is checked by pipeline.validate.
   """
   unknown = sorted(set(config.keys()) - set(SCHEMA))
   if unknown:

@@ -21,11 +21,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from datafree_jax.errors import DistributedError
+
 MODES = ("auto", "on", "off")
-
-
-class DistributedError(ValueError):
-  """Settings that cannot start a multi-process run; the message says which."""
 
 
 def _int_setting(name: str, value, environ, key: str) -> Optional[int]:

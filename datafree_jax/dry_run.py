@@ -50,7 +50,6 @@ import numpy as np
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
-from datafree_jax.stages import teacher as teacher_stage
 
 # Device kinds per target platform: (name, peak dense bfloat16 FLOP/s, memory GiB per chip,
 # substring of jax's device_kind). Sources: cloud.google.com/tpu/docs/v4, /v5e, /v5p (system
@@ -295,8 +294,10 @@ def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> s
   return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def run(config, stages, info, emit: Callable[[str], None] = print) -> list:
-  """Dry-runs `stages` (train.stages_to_run) of `config` for its target; returns the rows.
+def run(config, stages, info, teacher, emit: Callable[[str], None] = print) -> list:
+  """Dry-runs `stages` (pipeline.stages_to_run) of `config` for its target; returns the rows.
+  `teacher` is the method's teacher stage (registry.Method.teacher): when it does not run,
+  its programs still make the abstract frozen teacher that the later stages read.
   Raises DoesNotFitError after printing the tables when a program exceeds
   config.dry_run_hbm_gib."""
   target = target_of(config)
@@ -311,8 +312,8 @@ def run(config, stages, info, emit: Callable[[str], None] = print) -> list:
        f"({'compiled exactly' if exact else 'lowered for it from ' + platforms.of_devices()}), "
        f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
        "process(es)")
-  if teacher_stage.STAGE not in stages:
-    teacher_stage.STAGE.programs(ctx)  # the abstract frozen teacher the later stages use
+  if teacher not in stages:
+    teacher.programs(ctx)  # the abstract frozen teacher the later stages use
   rows = []
   for s in stages:
     for program in s.programs(ctx):
@@ -341,10 +342,10 @@ def run(config, stages, info, emit: Callable[[str], None] = print) -> list:
   return rows
 
 
-def main(config, stages, info) -> int:
+def main(config, stages, info, teacher) -> int:
   """CLI body of a dry run: 0; 3 when a program does not fit; 2 when a stage has no dry run."""
   try:
-    run(config, stages, info)
+    run(config, stages, info, teacher)
   except DoesNotFitError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 3

@@ -1,19 +1,20 @@
 """Exports the final student (or the teacher) of a finished run for deployment.
 
-    python -m datafree_jax.export --workdir=DIR [--format=savedmodel,tflite,stablehlo,onnx|all]
-                                  [--out=DIR] [--stage=NAME] [--debug]
+    python -m datafree_jax.main export --workdir=DIR
+        [--format=savedmodel,tflite,stablehlo,onnx|all] [--out=DIR] [--stage=NAME] [--debug]
 
-  --workdir   a finished run's workdir (results.json and the stage checkpoints)
+  --workdir   a finished run's workdir (results.json and the stage checkpoints); local or
+              gs:// (any path etils.epath opens), as the run's --workdir
   --format    comma-separated formats, or 'all' (default):
                 savedmodel  TensorFlow SavedModel (jax2tf), signature 'serving_default'
                 tflite      TFLite flatbuffer converted from that SavedModel
                 stablehlo   jax.export serialization (StableHLO), jax.export.deserialize
                 onnx        ONNX converted from the TFLite file by tf2onnx (skipped with a
                             message when tf2onnx is not installed or cannot convert the model)
-  --out       where the files go (default: WORKDIR/export)
-  --stage     the checkpoint to export: the run's student stage (default; dafl,
-              distill_generators, distill_data, distill_noise: the one results.json names), a
-              stage directory name, or 'teacher'
+  --out       where the files go (default: WORKDIR/export; local or gs://)
+  --stage     the checkpoint to export: the run's student stage (default: the one
+              results.json names, else its method's registry.Method.student_stage), a stage
+              directory name, or 'teacher'
   --debug     full tracebacks instead of one-line errors
 
 Every model takes float32 images (N, H, W, C), normalised as the training pipeline did (the
@@ -29,20 +30,31 @@ unfinished run, an unknown format) is one line `error: ...` on stderr and exit c
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
 import json
 import os
+import posixpath
 import shutil
-import sys
 import tempfile
-import traceback
 import warnings
 from typing import Any, Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import common
+from datafree_jax import datasets
+from datafree_jax import input_pipeline
+from datafree_jax import models
+from datafree_jax import paths
+from datafree_jax import registry
+from datafree_jax import streaming
+from datafree_jax import tfds_pipeline
+from datafree_jax.errors import ExportError
 
 FORMATS = ("savedmodel", "tflite", "stablehlo", "onnx")
 FILE_SUFFIX = {"savedmodel": ".savedmodel", "tflite": ".tflite", "stablehlo": ".stablehlo",
@@ -55,16 +67,9 @@ ONNX_OPSET = 17
 NUM_CHECK_IMAGES = 8
 CHECK_SEED = 0        # the N(0, 1) check images when the test split cannot be read
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-# Student stage of each built-in method, when results.json does not name the checkpoint.
-METHOD_STUDENT_STAGE = {"dafl": "dafl", "ensemble": "distill_generators",
-                        "kd_data": "distill_data", "kd_noise": "distill_noise"}
 NOT_STAGES = ("tensorboard", "samples", "export", "plots")  # workdir entries that are no stage
 DIGITS = tuple(str(i) for i in range(10))
 KNOWN_CLASS_NAMES = {"mnist5k": DIGITS}
-
-
-class ExportError(ValueError):
-  """Input the export cannot work with (workdir, run, stage or format); the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +119,14 @@ def parse_formats(text: str) -> tuple:
 def read_results(workdir: str) -> dict:
   """The run's results.json; ExportError when the workdir or the file is missing (the file is
   written when a run finishes)."""
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise ExportError(f"workdir {workdir} does not exist or is not a directory")
-  path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "results.json")
+  if not paths.exists(path):
     raise ExportError(f"{workdir} holds no finished run: no results.json (a run writes it when "
                       "it ends; run or resume the pipeline there first)")
   try:
-    with open(path) as f:
-      results = json.load(f)
+    results = json.loads(paths.read_bytes(path))
   except (OSError, ValueError) as e:
     raise ExportError(f"cannot read {path}: {e}") from None
   if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
@@ -132,14 +136,15 @@ def read_results(workdir: str) -> dict:
 
 def student_stage(results: dict, workdir: str) -> str:
   """The stage directory of the run's final student: the one results.json's 'student' names,
-  else the built-in method's student stage when its directory exists (results.json of a later
-  stage=teacher run names no student); ExportError when the run has no student."""
+  else the method's student stage (registry.Method.student_stage) when its directory exists
+  (results.json of a later stage=teacher run names no student); ExportError when the run has
+  no student."""
   checkpoint = (results.get("student") or {}).get("checkpoint")
   if checkpoint:
-    return os.path.basename(os.path.normpath(checkpoint))
+    return posixpath.basename(checkpoint.replace(os.sep, "/").rstrip("/"))
   method = results["config"].get("method")
-  fallback = METHOD_STUDENT_STAGE.get(method)
-  if fallback and os.path.isdir(os.path.join(workdir, fallback)):
+  fallback = registry.student_stage(method)
+  if fallback and paths.isdir(paths.join(workdir, fallback)):
     return fallback
   raise ExportError(
       f"the run has no finished student (method {method!r}, stage "
@@ -149,8 +154,7 @@ def student_stage(results: dict, workdir: str) -> str:
 
 def read_checkpoint_meta(directory: str) -> tuple:
   """(latest step, meta) of a stage directory; ExportError when it has none or is unfinished."""
-  from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise ExportError(f"no checkpoint directory {directory}")
   step, meta = ckpt_lib.latest_meta(directory)
   if step is None:
@@ -164,23 +168,23 @@ def read_checkpoint_meta(directory: str) -> tuple:
 def locate(workdir: str, stage: str = "") -> Source:
   """The Source of `stage` ('' or 'student': the run's student; 'teacher'; or a stage
   directory name) of the finished run in `workdir`."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)
   results = read_results(workdir)
   config = results["config"]
   name = student_stage(results, workdir) if stage in ("", "student") else stage
-  if not os.path.isdir(os.path.join(workdir, name)):
-    stages = sorted(d for d in os.listdir(workdir) if d not in NOT_STAGES
-                    and os.path.isdir(os.path.join(workdir, d)))
+  if not paths.isdir(paths.join(workdir, name)):
+    stages = [d for d in paths.listdir(workdir) if d not in NOT_STAGES
+              and paths.isdir(paths.join(workdir, d))]
     raise ExportError(f"no stage {name!r} in {workdir} (its stages: "
                       f"{', '.join(stages) or 'none'})")
-  step, meta = read_checkpoint_meta(os.path.join(workdir, name))
+  step, meta = read_checkpoint_meta(paths.join(workdir, name))
   role = "teacher" if name == "teacher" else "student"
   section = config.get(role, {})
   model = meta.get("model" if role == "teacher" else "student_model") or section.get("model")
   if not model or "image_shape" not in meta or "num_classes" not in meta:
     raise ExportError(f"the {name} checkpoint in {workdir} is not a classifier's (its meta "
                       "names no model, image shape or classes)")
-  return Source(role=role, stage=name, directory=os.path.join(workdir, name), step=int(step),
+  return Source(role=role, stage=name, directory=paths.join(workdir, name), step=int(step),
                 model=model, width=int(section.get("width", 0) or 0),
                 dtype=config.get("dtype", "float32"), num_classes=int(meta["num_classes"]),
                 image_shape=tuple(int(d) for d in meta["image_shape"]),
@@ -192,9 +196,6 @@ def locate(workdir: str, stage: str = "") -> Source:
 
 def restore_variables(source: Source) -> dict:
   """The classifier's {'params'[, 'batch_stats']} from the source checkpoint, on one device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from datafree_jax import common  # pylint: disable=g-import-not-at-top
   item = "teacher" if source.role == "teacher" else "state"
   ckpt = ckpt_lib.StageCheckpoints(source.directory, create=False)
   try:
@@ -225,8 +226,6 @@ def _quiet_absl():
 
 def build_model(source: Source):
   """The source's classifier from the models registry, computing in the run's dtype."""
-  from datafree_jax import common  # pylint: disable=g-import-not-at-top
-  from datafree_jax import models  # pylint: disable=g-import-not-at-top
   return models.get_classifier(source.model, source.num_classes, source.width,
                                common.compute_dtype({"dtype": source.dtype}))
 
@@ -235,8 +234,6 @@ def logits_fn(model) -> Callable:
   """apply(variables, images) -> float32 logits, the model in evaluation mode. build_model's
   models have no platform (platforms.py): they trace XLA's own convolutions and pooling, since
   the exported programs run on other platforms and runtimes than the CPU that traces them."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   def apply(variables, images):
     return jnp.asarray(model.apply(variables, images, train=False), jnp.float32)
   return apply
@@ -247,24 +244,21 @@ def logits_fn(model) -> Callable:
 def dataset_info(name: str):
   """The project's DatasetInfo of `name`, or None (e.g. a dataset registered in another
   process)."""
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   try:
-    return input_pipeline.dataset_info(name)
-  except input_pipeline.UnknownDatasetError:
+    return datasets.dataset_info(name)
+  except datasets.UnknownDatasetError:
     return None
 
 
 def normalisation(source: Source) -> dict:
   """What the pipeline does to pixels before the model, as the exported model expects them."""
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   info = dataset_info(source.dataset)
   size = source.image_shape[0]
   if info is None:
     return {"mean": None, "std": None, "steps": f"unknown: dataset {source.dataset!r} is not "
             "known to this process (registered at run time?); images were (x - mean) / std of "
             "pixels in [0, 1] with the mean/std given to register_dataset"}
-  if source.dataset in input_pipeline.STREAMED:
-    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
+  if source.dataset in datasets.STREAMED:
     steps = (f"decode to uint8 RGB; resize the shorter side to "
              f"{streaming.eval_resize_size(size)} (bilinear, antialiased); take the centre "
              f"{size}x{size}; x / 255; (x - mean) / std per channel")
@@ -283,7 +277,6 @@ def class_names(source: Source) -> Optional[list]:
   if source.dataset in KNOWN_CLASS_NAMES:
     return list(KNOWN_CLASS_NAMES[source.dataset])
   try:
-    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
     builder = tfds_pipeline.prepared_builder(source.dataset, source.data_dir or None)
     names = list(builder.info.features["label"].names)
     return names if len(names) == source.num_classes else None
@@ -325,12 +318,11 @@ LOAD_HINT = {
 def check_images(source: Source, n: int = NUM_CHECK_IMAGES) -> tuple:
   """(float32 images (n, H, W, C), what they are): the first n of the run's test split when it
   is held in memory and readable, else deterministic N(0, 1) images."""
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   info = dataset_info(source.dataset)
   why = "the dataset is streamed (reading it is not cheap)"
   if info is None:
     why = f"dataset {source.dataset!r} is not known to this process"
-  elif source.dataset not in input_pipeline.STREAMED:
+  elif source.dataset not in datasets.STREAMED:
     info = dataclasses.replace(info, image_size=source.image_shape[0])
     try:
       test = input_pipeline.load_dataset(source.dataset, "test", source.data_dir or None, info)
@@ -358,7 +350,6 @@ def _polymorphic_or_fixed(build: Callable[[Optional[int]], Any]) -> tuple:
 def export_savedmodel(apply: Callable, variables, image_shape: tuple, path: str) -> Optional[int]:
   """Writes a SavedModel (jax2tf, lowered for PLATFORMS) with the signature 'serving_default'
   images -> {'logits'}; the variables are tf.Variables. Returns the batch size (None: any)."""
-  import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   module = tf.Module()
@@ -393,7 +384,6 @@ def export_tflite(savedmodel_path: str, path: str) -> None:
 def export_stablehlo(apply: Callable, variables, image_shape: tuple, path: str) -> Optional[int]:
   """Writes jax.export's serialization of the model (weights as constants, lowered for
   PLATFORMS) to `path`. Returns the batch size (None: any)."""
-  import jax  # pylint: disable=g-import-not-at-top
   fn = jax.jit(functools.partial(apply, variables))
 
   def build(batch):
@@ -486,7 +476,6 @@ def run_tflite(path: str, images: np.ndarray, batch: Optional[int] = None) -> np
 
 def run_stablehlo(path: str, images: np.ndarray, batch: Optional[int] = None) -> np.ndarray:
   """Logits of the deserialized jax.export module."""
-  import jax  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   return _in_batches(exported.call, images, batch)
@@ -574,10 +563,9 @@ def export(workdir: str, formats=FORMATS, out: str = "", stage: str = "",
   """Exports `stage` (default: the student) of the finished run in `workdir` to each of
   `formats` in `out` (default WORKDIR/export), each file with its JSON; prints one line per
   file. Returns the Exported of each asked format."""
-  import jax  # pylint: disable=g-import-not-at-top
   source = locate(workdir, stage)
   formats = tuple(formats)
-  out = os.path.abspath(out or os.path.join(workdir, "export"))
+  out = paths.resolve(out) if out else paths.join(paths.resolve(workdir), "export")
   model = build_model(source)
   variables = restore_variables(source)
   apply = logits_fn(model)
@@ -586,24 +574,27 @@ def export(workdir: str, formats=FORMATS, out: str = "", stage: str = "",
   printer(f"export: {source.role} {source.model} of {source.directory} (step {source.step}), "
           f"input (N, {', '.join(map(str, source.image_shape))}) float32 -> "
           f"{source.num_classes} float32 logits; checked on {checked_on}")
-  os.makedirs(out, exist_ok=True)
   norm, classes = normalisation(source), class_names(source)
   built: dict = {}
+  # Every file is made and checked in a local temporary directory (where the formats that
+  # convert from it find it), then copied to `out` (local or remote) beside its JSON.
   with tempfile.TemporaryDirectory(prefix="datafree_jax_export_") as tmp:
     for fmt in to_build(formats):
-      folder = out if fmt in formats else tmp
-      ex = write_format(fmt, os.path.join(folder, source.role + FILE_SUFFIX[fmt]), apply,
-                        variables, source, built)
-      built[fmt] = ex
-      if fmt not in formats:
-        continue
+      built[fmt] = write_format(fmt, os.path.join(tmp, source.role + FILE_SUFFIX[fmt]), apply,
+                                variables, source, built)
+    result = []
+    for fmt in formats:
+      ex = dataclasses.replace(built[fmt])
       if not ex.skipped:
         check(ex, images, reference)
+        ex.path = paths.join(out, os.path.basename(built[fmt].path))
         ex.json_path = ex.path + ".json"
-        with open(ex.json_path, "w") as f:
-          json.dump(metadata(source, ex, classes, norm, checked_on), f, indent=1)
+        paths.copy_tree(built[fmt].path, ex.path)
+        paths.write_text(ex.json_path, json.dumps(
+            metadata(source, ex, classes, norm, checked_on), indent=1))
       printer(describe(ex))
-  return [built[f] for f in formats]
+      result.append(ex)
+  return result
 
 
 def describe(ex: Exported) -> str:
@@ -622,51 +613,3 @@ def _human(n: int) -> str:
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
     n /= 1024
   return f"{n:.1f} GiB"
-
-
-# --- command line ----------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-  """argparse whose usage errors are ExportError (one line, exit 2) rather than its usage
-  text."""
-
-  def error(self, message):
-    raise ExportError(message)
-
-
-def parse_args(argv) -> argparse.Namespace:
-  p = _Parser(prog="python -m datafree_jax.export", description=__doc__.split("\n")[0],
-              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--format", default="all")
-  p.add_argument("--out", default="")
-  p.add_argument("--stage", default="")
-  p.add_argument("--debug", action="store_true")
-  return p.parse_args(argv)
-
-
-def _user_errors() -> tuple:
-  from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from datafree_jax import models  # pylint: disable=g-import-not-at-top
-  return (ExportError, ckpt_lib.CheckpointError, models.UnknownModelError)
-
-
-def main(argv=None) -> int:
-  """CLI body; returns the exit code (2: bad input, one line `error: ...` on stderr)."""
-  argv = sys.argv[1:] if argv is None else argv
-  debug = "--debug" in argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    args = parse_args(argv)
-    formats = parse_formats(args.format)
-    export(args.workdir, formats, args.out, args.stage, printer=lambda s: print(s, flush=True))
-  except _user_errors() as e:
-    if debug:
-      traceback.print_exc()
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

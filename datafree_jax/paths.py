@@ -92,3 +92,24 @@ def writable(directory) -> bool:
     return False
   except Exception:  # pylint: disable=broad-except  (a remote store's own errors)
     return False
+
+
+def copy_tree(src: str, dst) -> None:
+  """Copies local file or directory `src` to `dst` (may be remote), replacing what is there."""
+  if os.path.isdir(src):
+    remove(dst)
+    for root, _, files in os.walk(src):
+      for name in files:
+        local = os.path.join(root, name)
+        copy(local, join(dst, *os.path.relpath(local, src).split(os.sep)))
+  else:
+    copy(src, dst)
+
+
+def remove(path) -> None:
+  """Removes file or directory `path` (with its contents) when it exists."""
+  p = Path(path)
+  if p.is_dir():
+    p.rmtree()
+  elif p.exists():
+    p.unlink()

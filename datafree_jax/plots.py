@@ -1,6 +1,6 @@
 """Figures of a run, drawn from its TensorBoard scalars and sample grids (matplotlib, PNG).
 
-`write_plots(workdir)` writes, into <workdir>/plots/ (train.train_and_evaluate calls it at the
+`write_plots(workdir)` writes, into <workdir>/plots/ (pipeline.train_and_evaluate calls it at the
 end of every run; a failure is a warning, never a failed run):
 
   accuracy.png           test accuracy vs step of every stage that evaluates a classifier
@@ -29,14 +29,15 @@ import struct
 import tempfile
 from typing import Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 from datafree_jax import log
 from datafree_jax import paths
+from datafree_jax import registry
 
 PLOTS_DIR = "plots"
-# Stages that train generators, and the train metrics of theirs that are no loss term.
-GENERATOR_STAGES = ("generators", "dafl")
+# The train metrics of image stages that are no loss term.
 _NOT_GENERATOR_LOSSES = ("agreement", "accuracy", "steps_per_sec", "loss_kd")
 _TAG = re.compile(r"^(?P<stage>[^/]+)/(?P<kind>eval|train)/(?P<metric>.+)$")
 _GRID = re.compile(r"^(?P<stage>.+)_step(?P<step>\d+)\.png$")
@@ -161,12 +162,12 @@ def accuracy_curves(scalars: Mapping) -> dict:
           if "eval/accuracy" in tags}
 
 
-def generator_loss_curves(scalars: Mapping,
-                          stages: Sequence[str] = GENERATOR_STAGES) -> dict:
+def generator_loss_curves(scalars: Mapping, stages: Optional[Sequence[str]] = None) -> dict:
   """{stage: {term: (steps, values)}}: the generator loss terms (train metrics other than
-  accuracies, gradient norms, speed and the student's KD loss) of the generator stages."""
+  accuracies, gradient norms, speed and the student's KD loss) of the image stages `stages`
+  (default: those of every registered method, registry.image_stages)."""
   out = {}
-  for stage in stages:
+  for stage in registry.image_stages() if stages is None else stages:
     terms = {key.split("/", 1)[1]: curve for key, curve in scalars.get(stage, {}).items()
              if key.startswith("train/") and not key.split("/", 1)[1].startswith("grad_norm")
              and key.split("/", 1)[1] not in _NOT_GENERATOR_LOSSES}
@@ -333,14 +334,17 @@ def _strip_rows(grids: Sequence, max_rows: int = MAX_STRIP_ROWS) -> list:
   return rows
 
 
-def write_plots(workdir: str, event_dir: Optional[str] = None) -> list:
+def write_plots(workdir: str, event_dir: Optional[str] = None,
+                image_stages: Optional[Sequence[str]] = None) -> list:
   """Draws the run's figures into <workdir>/plots/ (see the module doc); returns the paths
   written. Process 0 only (others return []). Never raises: what cannot be drawn (no event
   files, unreadable ones, no sample grids) is a warning, or skipped when the run has no such
-  stage; the other figures are still written."""
-  import jax  # pylint: disable=g-import-not-at-top
+  stage; the other figures are still written. `image_stages`: the stages whose generator losses
+  and samples are drawn (the run's method's, registry.Method.image_stages; default: those of
+  every registered method)."""
   if jax.process_index() != 0:
     return []
+  image_stages = registry.image_stages() if image_stages is None else tuple(image_stages)
   written = []
   out_dir = paths.join(workdir, PLOTS_DIR)
 
@@ -374,13 +378,13 @@ def write_plots(workdir: str, event_dir: Optional[str] = None) -> list:
     acc = accuracy_curves(scalars)
     if acc:
       attempt("accuracy.png", lambda: accuracy_figure(acc))
-    losses = generator_loss_curves(scalars)
+    losses = generator_loss_curves(scalars, image_stages)
     if losses:
       attempt("generator_losses.png", lambda: generator_losses_figure(losses))
 
   def strip():
     grids = sample_grids(workdir)
-    stage = next((s for s in GENERATOR_STAGES if grids.get(s)), None) or next(iter(grids), None)
+    stage = next((s for s in image_stages if grids.get(s)), None) or next(iter(grids), None)
     if stage is None:
       return None
     what = "generator G0" if stage == "generators" else "the first fixed latents"

@@ -1,6 +1,6 @@
 """The stage interface, and `run`, the one function that runs any stage.
 
-A method (train.METHODS) is the teacher stage followed by the method's own stages. A stage is
+A method (registry.Method) is the teacher stage followed by the method's own stages. A stage is
 an object with:
 
     name          its checkpoint directory under the workdir; the name in logs and summaries
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
-from datafree_jax import common
+from datafree_jax import evaluation
 from datafree_jax import log
 from datafree_jax import loop
 from datafree_jax import paths
@@ -75,13 +75,13 @@ def abstract_teacher(model, variables, bn_stats, model_name: str) -> dict:
 
 
 def classifier_eval_program(name: str, model, variables, info, mesh) -> Program:
-  """The evaluation program of a classifier (loop.evaluate_batches' jitted batch function) on
+  """The evaluation program of a classifier (evaluation.evaluate_batches' jitted batch function) on
   abstract `variables` and one evaluation batch of `info`'s images."""
-  n = loop.eval_local_batch() * jax.process_count()
+  n = evaluation.eval_local_batch() * jax.process_count()
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
   x, y = abstract_batch(n, info.image_shape, split)
   mask = jax.ShapeDtypeStruct((n,), np.float32, sharding=split)
-  fn = loop.eval_batch_fn(common.classifier_logits(model))
+  fn = evaluation.eval_batch_fn(evaluation.classifier_logits(model))
   return Program(f"{name} evaluation, batch {n}", fn, (variables, x, y, mask), kind="eval")
 
 
@@ -104,7 +104,7 @@ class Context:
   config: Any                      # the run's ml_collections.ConfigDict
   workdir: str
   data: Any                        # input_pipeline.Splits: each split read on first use
-  info: Any                        # input_pipeline.DatasetInfo of config.dataset
+  info: Any                        # datasets.DatasetInfo of config.dataset
   writer: Any = None               # TensorBoard writer (log.LazyWriter) or None
   teacher: Optional[dict] = None   # the frozen teacher, once the teacher stage has finished
   running: tuple = ()              # names of the stages this run runs

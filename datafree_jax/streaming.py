@@ -41,8 +41,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from datafree_jax import batching
 from datafree_jax import tfds_pipeline
-from datafree_jax.input_pipeline import DatasetInfo
+from datafree_jax.datasets import DatasetInfo
 
 IMAGE_KEY = tfds_pipeline.IMAGE_KEY
 LABEL_KEY = tfds_pipeline.LABEL_KEY
@@ -107,7 +108,7 @@ def _split_size(builder, split) -> int:
 
 def _process_shards(builder, split: str):
   """(this process's shard of `split`, the number of examples in every process's shard)."""
-  tfds = tfds_pipeline._import_tfds()  # pylint: disable=protected-access
+  tfds = tfds_pipeline.import_tfds()
   _split_size(builder, split)  # A clear error for an unknown split.
   index, count = _process()
   shards = tfds.even_splits(split, n=count)
@@ -138,8 +139,8 @@ def _read(builder, split, *, shuffle_seed: Optional[int] = None):
 
   In stored order (shuffle_seed None), or with the order of the files shuffled by shuffle_seed.
   """
-  tf = tfds_pipeline._import_tf()  # pylint: disable=protected-access
-  tfds = tfds_pipeline._import_tfds()  # pylint: disable=protected-access
+  tf = tfds_pipeline.import_tf()
+  tfds = tfds_pipeline.import_tfds()
   options = tf.data.Options()
   options.deterministic = True
   ds = builder.as_dataset(
@@ -361,7 +362,7 @@ class StreamBatches:
 
   def _epoch_dataset(self, epoch: int, start: int):
     """The batches of `epoch` from example position `start` (a multiple of local_batch)."""
-    tf = tfds_pipeline._import_tf()  # pylint: disable=protected-access
+    tf = tfds_pipeline.import_tf()
     ds = _read(self._builder, self._shard,
                shuffle_seed=_derived_seed(_FILE_ORDER, self.seed, epoch))
     if self.shuffle_buffer > 1:
@@ -451,18 +452,6 @@ def train_batches(name: str, info: DatasetInfo, local_batch: int, seed: int,
 
 # Evaluation and class-statistics batches: (images, labels, mask) of fixed shape.
 
-def _masked(images, labels, local_batch: int, info: DatasetInfo):
-  """A batch of up to local_batch examples padded to local_batch, with its float32 mask."""
-  n = len(labels)
-  mask = np.zeros((local_batch,), np.float32)
-  mask[:n] = 1.0
-  if n < local_batch:
-    images = np.concatenate(
-        [images, np.zeros((local_batch - n,) + info.image_shape, np.float32)])
-    labels = np.concatenate([labels, np.zeros((local_batch - n,), np.int32)])
-  return images, labels.astype(np.int32), mask
-
-
 @dataclasses.dataclass
 class MaskedBatches:
   """An iterator of (images, labels, mask) batches; num_batches of them (None: not known)."""
@@ -506,7 +495,7 @@ def eval_batches(name: str, info: DatasetInfo, local_batch: int, data_dir: Optio
   split = split or _eval_split(builder)
   shard, sizes = _process_shards(builder, split)
   num_batches = max(-(-size // local_batch) for size in sizes)
-  tf = tfds_pipeline._import_tf()  # pylint: disable=protected-access
+  tf = tfds_pipeline.import_tf()
   ds = _read(builder, shard).map(_eval_example_fn(tf, info), num_parallel_calls=tf.data.AUTOTUNE,
                                  deterministic=True)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
@@ -518,9 +507,9 @@ def eval_batches(name: str, info: DatasetInfo, local_batch: int, data_dir: Optio
         raise RuntimeError(f"{name} {split}: the shard has more examples than its metadata "
                            f"says ({sizes[_process()[0]]})")
       count += 1
-      yield _masked(images, labels, local_batch, info)
-    empty = _masked(np.zeros((0,) + info.image_shape, np.float32), np.zeros((0,), np.int32),
-                    local_batch, info)
+      yield batching.pad_batch(images, labels, local_batch)
+    empty = batching.pad_batch(np.zeros((0,) + info.image_shape, np.float32),
+                               np.zeros((0,), np.int32), local_batch)
     for _ in range(count, num_batches):
       yield empty
 
@@ -568,7 +557,7 @@ def class_batches(name: str, info: DatasetInfo, local_batch: int, per_class: int
                      f"{per_class}")
   builder = _builder(name, data_dir, info)
   shard, _ = _process_shards(builder, split)
-  tf = tfds_pipeline._import_tf()  # pylint: disable=protected-access
+  tf = tfds_pipeline.import_tf()
   num_classes = info.num_classes
 
   def count(counts, example):
@@ -600,11 +589,11 @@ def class_batches(name: str, info: DatasetInfo, local_batch: int, per_class: int
     while _any_process(pending is not None):
       if pending is None:
         if empty is None:
-          empty = _masked(np.zeros((0,) + info.image_shape, np.float32),
-                          np.zeros((0,), np.int32), local_batch, info)
+          empty = batching.pad_batch(np.zeros((0,) + info.image_shape, np.float32),
+                                     np.zeros((0,), np.int32), local_batch)
         yield empty
         continue
-      yield _masked(*pending, local_batch, info)
+      yield batching.pad_batch(*pending, local_batch)
       pending = next(it, None)
 
   return MaskedBatches(batches())

@@ -54,6 +54,7 @@ import numpy as np
 from etils import epath
 
 from datafree_jax.models import imagenet
+from datafree_jax.errors import TeacherError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -66,10 +67,6 @@ _LEAF_NAMES = {"params": {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 # Keys under which training scripts commonly wrap the state_dict in the file they save.
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "teacher")
-
-
-class TeacherError(RuntimeError):
-  """A teacher that cannot be used: missing, unreadable, or not this model's."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,15 +18,13 @@ from typing import Optional
 
 import numpy as np
 
+from datafree_jax.errors import DatasetNotPreparedError
+
 SPLITS = ("train", "test")
 IMAGE_KEY = "image"
 # CIFAR-100 also has 'coarse_label' (the 20 superclasses); the models use the 100 fine labels.
 LABEL_KEY = "label"
 _READ_BATCH = 10_000
-
-
-class DatasetNotPreparedError(RuntimeError):
-  """The dataset is not prepared in the data dir (this module never downloads)."""
 
 
 def resolve_data_dir(data_dir: Optional[str] = None) -> str:
@@ -39,7 +37,7 @@ def resolve_data_dir(data_dir: Optional[str] = None) -> str:
   return os.path.abspath(os.path.expanduser(data_dir))
 
 
-def _import_tfds():
+def import_tfds():
   """Imports tensorflow_datasets, which itself imports TensorFlow only when first needed."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Only effective before TF's first import.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -47,7 +45,7 @@ def _import_tfds():
   return tfds
 
 
-def _import_tf():
+def import_tf():
   """Imports TensorFlow quietened and kept off the accelerators (they are JAX's)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -109,7 +107,7 @@ def prepared_builder(name: str, data_dir: Optional[str] = None):
   Neither needs TensorFlow, which tfds imports lazily, so a missing dataset fails in a second.
   """
   resolved = resolve_data_dir(data_dir)
-  tfds = _import_tfds()
+  tfds = import_tfds()
   builder = tfds.builder(name, data_dir=resolved, try_gcs=False)
   if not _quietly(builder.is_prepared):
     version = str(builder.version)
@@ -137,8 +135,8 @@ def load_tfds_arrays(name: str, split: str, data_dir: Optional[str] = None):
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   builder = prepared_builder(name, data_dir)
-  tfds = _import_tfds()
-  _import_tf()
+  tfds = import_tfds()
+  import_tf()
   ds = builder.as_dataset(
       split=tfds.split_for_jax_process(split),
       shuffle_files=False,

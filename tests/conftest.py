@@ -130,18 +130,18 @@ def copy_stages(src, dst, *stages):
 @pytest.fixture(scope="session")
 def lenet5_teacher_workdir(tmp_path_factory):
   """A workdir with a finished tiny LeNet-5 teacher (tiny_config('teacher'): 40 steps)."""
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("lenet5_teacher"))
-  train.train_and_evaluate(tiny_config("teacher"), workdir)
+  pipeline.train_and_evaluate(tiny_config("teacher"), workdir)
   return workdir
 
 
 @pytest.fixture(scope="session")
 def bn_teacher_workdir(tmp_path_factory):
   """A workdir with a finished tiny LeNet-5-BN teacher (10 steps) and its BN statistics."""
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("bn_teacher"))
-  train.train_and_evaluate(ensemble_config(stage="teacher", **{
+  pipeline.train_and_evaluate(ensemble_config(stage="teacher", **{
       "teacher.steps": 10, "checkpoint_every": 1000}), workdir)
   return workdir
 
@@ -149,9 +149,9 @@ def bn_teacher_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def generators_workdir(bn_teacher_workdir, tmp_path_factory):
   """(workdir, summary): stage=generators of ensemble_config() ran after the BN teacher."""
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   workdir = copy_stages(bn_teacher_workdir, tmp_path_factory.mktemp("generators"), "teacher")
-  summary = train.train_and_evaluate(ensemble_config(stage="generators"), workdir)
+  summary = pipeline.train_and_evaluate(ensemble_config(stage="generators"), workdir)
   return workdir, summary
 
 

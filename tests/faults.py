@@ -16,8 +16,9 @@ import signal
 import jax
 import jax.numpy as jnp
 
+from datafree_jax import methods
+from datafree_jax import registry
 from datafree_jax import stage as stage_lib
-from datafree_jax import train
 
 
 class Wrapped(stage_lib.Stage):
@@ -82,7 +83,9 @@ def sigterm_at(stage, at: int):
 def with_faulty_stage(method: str, wrapped: Wrapped) -> str:
   """Registers method '<method>+<fault>' whose stage `wrapped.name` is `wrapped`; its name."""
   name = f"{method}+faulty_{wrapped.name}"
-  train.register_method(name, tuple(wrapped if s.name == wrapped.name else s
-                                    for s in train.METHODS[method]))
-  assert wrapped in train.METHODS[name], f"{method} has no stage {wrapped.name!r}"
+  base = registry.get(method)
+  methods.register_method(name, tuple(wrapped if s.name == wrapped.name else s
+                                      for s in base.stages),
+                          student_stage=base.student_stage, image_stages=base.image_stages)
+  assert wrapped in registry.get(name).stages, f"{method} has no stage {wrapped.name!r}"
   return name

@@ -42,14 +42,15 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-t
 import faults  # pylint: disable=g-import-not-at-top
 from conftest import flatten  # pylint: disable=g-import-not-at-top
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+
 from datafree_jax import bn_stats  # pylint: disable=g-import-not-at-top
 from datafree_jax import common  # pylint: disable=g-import-not-at-top
-from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from datafree_jax import datasets
 from datafree_jax import loop  # pylint: disable=g-import-not-at-top
 from datafree_jax import models  # pylint: disable=g-import-not-at-top
 from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
 from datafree_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
-from datafree_jax import train  # pylint: disable=g-import-not-at-top
+from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
 from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top
 from datafree_jax.stages import distill  # pylint: disable=g-import-not-at-top
 from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
@@ -98,7 +99,7 @@ def downstream(workdir, teacher, data):
   out.update(flatten(state, "dafl/"))
   out.update(flatten(metrics, "dafl_metrics/"))
   for method, source in (("kd_data", "data"), ("kd_noise", "noise")):
-    res = stage_lib.run_alone(distill.Distill(source), stage_config(method), workdir,
+    res = stage_lib.run_alone(distill.RealOrNoise(source), stage_config(method), workdir,
                               data=data, teacher=teacher)
     assert res.step == 3, res.step
     out.update(flatten(res.state, f"distill_{source}/"))
@@ -131,7 +132,7 @@ def main(workdir):
   assert jax.device_count() == 8, jax.devices()
   # The teacher stage first: the parent waits for it (TEACHER_DONE) to run DAFL and the
   # distillation on 1 device from the same teacher while this process goes on.
-  data = train.load_data(stage_config("teacher"))
+  data = pipeline.load_data(stage_config("teacher"))
   t = teacher_stage.train(stage_config("teacher"), workdir, data, None)
   results = teacher_result(t)
   with open(os.path.join(workdir, TEACHER_DONE + ".tmp"), "w") as f:
@@ -139,7 +140,7 @@ def main(workdir):
   os.rename(os.path.join(workdir, TEACHER_DONE + ".tmp"), os.path.join(workdir, TEACHER_DONE))
   seconds["teacher"] = time.time() - t0
 
-  info = input_pipeline.dataset_info("mnist5k")
+  info = datasets.dataset_info("mnist5k")
   teacher = random_teacher(info)
   mesh8 = parallel.make_mesh("gen")
   config8 = config_for("auto", at_once=1)

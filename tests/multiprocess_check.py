@@ -7,7 +7,7 @@
 Runs stage=train of conftest.ensemble_config(**CONFIG) (the generators, then the distillation
 from them) on the finished teacher in WORKDIR, as process I of N (a localhost coordinator on
 port P, D fake CPU devices per process, CPU collectives through gloo), through the same entry
-point as the command line (train.main_entry). N=1 is a plain single-process run. With
+point as the command line (pipeline.main_entry). N=1 is a plain single-process run. With
 --teacher_from only the teacher stage runs, from the teacher in DIR (0 steps: its evaluation
 and its class-conditional BN statistics, from each process's part of the training split).
 
@@ -20,6 +20,8 @@ import argparse
 import os
 import signal
 import sys
+
+from datafree_jax import registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -48,7 +50,6 @@ def _parse():
 def _faulty_method(spec: str, process_id: int):
   """The method name to run: 'ensemble', or one with a stage wrapped by the fault `spec`."""
   import faults  # pylint: disable=g-import-not-at-top
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
   if not spec:
     return "ensemble"
   kind, _, rest = spec.partition("@")
@@ -57,7 +58,7 @@ def _faulty_method(spec: str, process_id: int):
   at = int(at)
   if only and int(only) != process_id:
     return "ensemble"
-  stage = next(s for s in train.METHODS["ensemble"] if s.name == stage_name)
+  stage = next(s for s in registry.get("ensemble").stages if s.name == stage_name)
   if kind == "sigterm":
     return faults.with_faulty_stage("ensemble", faults.sigterm_at(stage, at))
   if kind == "kill":
@@ -75,13 +76,13 @@ def main() -> int:
     distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                            num_processes=args.num_processes, process_id=args.process_id)
   from conftest import ensemble_config  # pylint: disable=g-import-not-at-top
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   config = ensemble_config(**CONFIG)
   config.method = _faulty_method(args.fault, args.process_id)
   if args.teacher_from:
     config.stage = "teacher"
     config.teacher.init_from = args.teacher_from
-  return train.main_entry(config, args.workdir)
+  return pipeline.main_entry(config, args.workdir)
 
 
 if __name__ == "__main__":

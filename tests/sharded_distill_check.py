@@ -22,23 +22,24 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from datafree_jax import datasets
+from datafree_jax import generator_parts
 from datafree_jax import models  # pylint: disable=g-import-not-at-top
 from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
-from datafree_jax.stages import dafl, ensemble  # pylint: disable=g-import-not-at-top
+from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
 
 BN_BATCH, N = 4, 64   # 8 images per device: 2 draws of 4
 
 
 def stacked_variables(gen, g):
   keys = jax.random.split(jax.random.key(7), g)
-  params, stats = jax.vmap(lambda k: dafl.init_generator(gen, k))(keys)
+  params, stats = jax.vmap(lambda k: generator_parts.init_generator(gen, k))(keys)
   return {"params": params, "batch_stats": stats}
 
 
 def main(out_dir):
   assert jax.device_count() == 8
-  info = input_pipeline.dataset_info("mnist5k")
+  info = datasets.dataset_info("mnist5k")
   gen = models.Generator(latent_dim=8, image_size=32, channels=1, width=8, num_upsample=2,
                          style="luo")
   mesh = parallel.make_mesh("data")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, ensemble_config, tiny_config
+
+from datafree_jax import datasets
 from datafree_jax import dry_run
-from datafree_jax import input_pipeline
 from datafree_jax import platforms
+from datafree_jax import registry
 from datafree_jax import stage as stage_lib
-from datafree_jax import train
+from datafree_jax import pipeline
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
 
@@ -30,14 +32,14 @@ def _programs(method: str, platform: str):
                                   "ensemble.max_generators_per_device_at_once": 2})
   config.platform = platform
   ctx = stage_lib.Context(config=config, workdir="", data=None,
-                          info=input_pipeline.config_info(config))
+                          info=datasets.config_info(config))
   out = []
-  for s in train.stages_to_run(config):
+  for s in pipeline.stages_to_run(config):
     out.extend((s.name, p) for p in s.programs(ctx))
   return out
 
 
-@pytest.mark.parametrize("method", sorted(train.METHODS))
+@pytest.mark.parametrize("method", sorted(registry.METHODS))
 def test_every_program_lowers_for_the_accelerators_in_their_form(method):
   """Each program (train step, evaluation, sampling) of each stage, built for 'tpu' and for
   'gpu', lowers for that platform with no CPU path's scope in its locations and with real
@@ -87,7 +89,7 @@ def _ensemble_after(platform: str, steps: int = 2, at_once: int = 0, width: int 
                               "ensemble.lowering": "auto", "ensemble.optimizer": "sgd",
                               "ensemble.lr": 0.05, "generator.width": width})
   config.platform = platform
-  info = input_pipeline.config_info(config)
+  info = datasets.config_info(config)
   teacher = _random_bn_teacher(config, info)
   ens = ensemble.build(config, teacher, info)
   state = ens.state
@@ -164,7 +166,7 @@ def test_a_shared_jit_traces_each_platform_apart():
   platform is a field of the module, so part of the cache key. The 'cpu' program carries the
   CPU paths, the 'tpu' one none."""
   config = ensemble_config(**{"generator.width": 32})   # upsampling blocks in their 2x2 form
-  info = input_pipeline.config_info(config)
+  info = datasets.config_info(config)
 
   @functools.partial(jax.jit, static_argnums=0)
   def generate(gen, variables, z):

@@ -1,6 +1,6 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, and the workdir unchanged.
 
-Each case goes through `train.main_entry`, the body of the command line (config parsing errors,
+Each case goes through `pipeline.main_entry`, the body of the command line (config parsing errors,
 which happen in the flag parser, go through the real command line in a subprocess).
 """
 import hashlib
@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, tiny_config
-from datafree_jax import train
+
+from datafree_jax import pipeline
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
 
@@ -42,7 +43,7 @@ def assert_rejected(config, workdir, capsys, expected):
   """main_entry fails with exit code 2 and the one line `error: ...expected...`, writing nothing."""
   capsys.readouterr()
   before = snapshot(workdir)
-  code = train.main_entry(config, str(workdir))
+  code = pipeline.main_entry(config, str(workdir))
   err = capsys.readouterr().err
   assert code == 2, err
   assert "Traceback" not in err

@@ -59,7 +59,7 @@ def test_debug_shows_the_traceback_and_the_error_line(tmp_path):
   r = _run("--config=configs/mnist5k.py:method=dafll", f"--workdir={tmp_path / 'w'}", "--debug")
   assert r.returncode == 2
   assert "Traceback (most recent call last)" in r.stderr
-  assert "config_lib.ConfigError: unknown method 'dafll'" in r.stderr
+  assert "errors.ConfigError: unknown method 'dafll'" in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("error: unknown method 'dafll'")
   assert not (tmp_path / "w").exists()
 

@@ -10,9 +10,11 @@ import os
 import pytest
 
 from conftest import REPO_ROOT, tiny_config
+
 from datafree_jax import config_lib
 from datafree_jax import losses
-from datafree_jax import train
+from datafree_jax import pipeline
+from datafree_jax import registry
 from test_bad_input import assert_rejected
 
 FIELDS = config_lib.schema_fields()
@@ -77,10 +79,10 @@ def test_unknown_and_missing_fields_are_errors():
 def test_generator_upsampling_must_fit_the_image_size(ups, ok):
   config = tiny_config("dafl", **{"generator.num_upsample": ups})
   if ok:
-    train.validate(config)
+    pipeline.validate(config)
   else:
     with pytest.raises(config_lib.ConfigError, match="num_upsample=6 does not fit the 32x32"):
-      train.validate(config)
+      pipeline.validate(config)
 
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py"))
@@ -93,7 +95,7 @@ def _arguments(path):
   """Every method, and for mnist.py every model, of a config file."""
   models = ("lenet5", "hinton") if os.path.basename(path) == "mnist.py" else (None,)
   for model in models:
-    for method in list(train.METHODS):  # the built-in methods (collected before any registers)
+    for method in registry.names():  # the built-in methods (collected before any registers)
       yield f"model={model},method={method}" if model else f"method={method}"
 
 
@@ -106,8 +108,8 @@ def test_every_config_file_validates_with_every_method(path, arg):
   refused = REFUSED.get((os.path.basename(path), arg))
   if refused:
     with pytest.raises(config_lib.ConfigError, match=refused):
-      train.validate(config_lib.load_config_file(path, arg))
+      pipeline.validate(config_lib.load_config_file(path, arg))
     return
   config = config_lib.load_config_file(path, arg)
   assert config.method == arg.split("method=")[1]
-  train.validate(config)
+  pipeline.validate(config)

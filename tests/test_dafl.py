@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import stage_state, tiny_config
+
 from datafree_jax import common
-from datafree_jax import loop
+from datafree_jax import evaluation
+from datafree_jax import generator_parts
 from datafree_jax import models
 from datafree_jax import parallel
-from datafree_jax import train
+from datafree_jax import pipeline
 from datafree_jax.stages import dafl
 from datafree_jax.stages import teacher as teacher_stage
 
@@ -26,7 +28,7 @@ def teacher_workdir(lenet5_teacher_workdir):
 @pytest.fixture(scope="module")
 def setup(teacher_workdir):
   config = tiny_config("dafl")
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   teacher = teacher_stage.load(config, teacher_workdir, data["test"].info)
   return config, data, teacher
 
@@ -45,7 +47,7 @@ def reference_dafl_step(config, teacher, info, state):
   params, {term: value}).
   """
   g, s = config.generator, config.student
-  gen = dafl.make_generator(g, info)
+  gen = generator_parts.make_generator(g, info)
   student = models.get_classifier(s.model, info.num_classes)
   key = common.step_key(config.seed, dafl.STAGE_SALT, 0)
   z = jax.random.normal(key, (s.batch_size, g.latent_dim))
@@ -157,7 +159,7 @@ def test_methods_run_end_to_end(teacher_workdir, tmp_path, method):
   config = tiny_config(method)
   config.student.steps = 30
   config.student.eval_every = 15
-  summary = train.train_and_evaluate(config, workdir)
+  summary = pipeline.train_and_evaluate(config, workdir)
   student = summary["student"]
   assert student["steps"] == 30
   low, high = ACCURACY_BOUNDS[method]
@@ -167,10 +169,10 @@ def test_methods_run_end_to_end(teacher_workdir, tmp_path, method):
   # The reported accuracy is the final checkpoint's student, evaluated again here.
   step, state, meta = stage_state(os.path.join(workdir, STAGE_DIRS[method]))
   assert step == 30 and meta["done"]
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   model = models.get_classifier(config.student.model, 10)
-  again = loop.evaluate_classifier(
-      common.classifier_logits(model), common.variables_of(state["student"]["params"],
+  again = evaluation.evaluate_classifier(
+      evaluation.classifier_logits(model), common.variables_of(state["student"]["params"],
                                                            state["student"]["batch_stats"]),
       data["test"].images, data["test"].labels, parallel.make_mesh("data"))
   assert again["accuracy"] == student["test_accuracy"]

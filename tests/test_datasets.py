@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+
 from datafree_jax import config_lib
+from datafree_jax import datasets
 from datafree_jax import input_pipeline
-from datafree_jax import train
+from datafree_jax import pipeline
 from test_bad_input import assert_rejected
 
 SIZE, CLASSES = 16, 3
@@ -30,9 +32,9 @@ def toy_arrays(n, seed):
 @pytest.fixture(scope="module")
 def toy():
   train_arrays, test_arrays = toy_arrays(96, 0), toy_arrays(30, 1)
-  input_pipeline.register_dataset("toy16", test_arrays, train_arrays,
+  datasets.register_dataset("toy16", test_arrays, train_arrays,
                                   class_names=("top-left", "top-right", "bottom"))
-  input_pipeline.register_dataset("toy16_test_only", test_arrays, mean=(0.2,), std=(0.3,))
+  datasets.register_dataset("toy16_test_only", test_arrays, mean=(0.2,), std=(0.3,))
   return train_arrays, test_arrays
 
 
@@ -49,7 +51,7 @@ def toy_config(method, dataset="toy16", **overrides):
 
 def test_registered_arrays_are_a_dataset(toy):
   (train_x, train_y), (test_x, test_y) = toy
-  info = input_pipeline.dataset_info("toy16")
+  info = datasets.dataset_info("toy16")
   assert info.image_shape == (16, 16, 1) and info.num_classes == 3
   assert info.class_names == ("top-left", "top-right", "bottom")
   ds = input_pipeline.load_dataset("toy16", "train")
@@ -71,23 +73,23 @@ def test_registered_arrays_are_a_dataset(toy):
 def test_bad_arrays_are_refused(args, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                      .replace("[", r"\[").replace("]", r"\]")):
-    input_pipeline.register_dataset(*args)
+    datasets.register_dataset(*args)
 
 
 def test_teacher_then_ensemble_pipeline_on_registered_arrays(toy, tmp_path, capsys):
   workdir = str(tmp_path / "w")
-  summary = train.train_and_evaluate(toy_config("ensemble"), workdir)
+  summary = pipeline.train_and_evaluate(toy_config("ensemble"), workdir)
   assert summary["teacher"]["test_accuracy"] >= 0.9  # the corners are easy
   assert summary["generators"]["num_generators"] == 3
   assert summary["student"]["steps"] == 6
-  assert sorted(d for d in os.listdir(workdir) if d in [s.name for s in train.method_stages("ensemble")]) == [
+  assert sorted(d for d in os.listdir(workdir) if d in [s.name for s in pipeline.method_stages("ensemble")]) == [
       "distill_generators", "generators", "teacher"]
   # The data-free stages read no training split: with a dataset that has none (the same
   # test images), stage=train runs from the teacher; the teacher stage refuses, writing nothing.
   other = str(tmp_path / "test_only")
   os.makedirs(other)
   shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(other, "teacher"))
-  out = train.train_and_evaluate(toy_config("ensemble", "toy16_test_only", stage="train"), other)
+  out = pipeline.train_and_evaluate(toy_config("ensemble", "toy16_test_only", stage="train"), other)
   assert out["student"]["steps"] == 6
   assert_rejected(toy_config("teacher", "toy16_test_only"), tmp_path / "new", capsys,
                   "dataset 'toy16_test_only' was registered without a train split")

@@ -9,21 +9,25 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_config
+
 from datafree_jax import config_lib
+from datafree_jax import datasets
 from datafree_jax import dry_run
-from datafree_jax import input_pipeline
-from datafree_jax import train
+from datafree_jax import generator_parts
+from datafree_jax import pipeline
+from datafree_jax import registry
 
 
 def _rows(config):
-  info = input_pipeline.config_info(config)
-  return dry_run.run(config, train.stages_to_run(config), info, emit=lambda line: None)
+  info = datasets.config_info(config)
+  return dry_run.run(config, pipeline.stages_to_run(config), info,
+                     registry.get(config.method).teacher, emit=lambda line: None)
 
 
 def test_every_stage_of_the_ensemble_compiles_and_nothing_is_written(tmp_path, capsys):
   config = tiny_config("ensemble", **{"dry_run": True})
   workdir = tmp_path / "w"
-  assert train.main_entry(config, str(workdir)) == 0
+  assert pipeline.main_entry(config, str(workdir)) == 0
   out = capsys.readouterr().out
   assert not workdir.exists()
   for stage in ("teacher", "generators", "distill_generators"):
@@ -49,9 +53,9 @@ def test_rows_are_per_device_numbers_with_the_loop_trips_counted():
   np.testing.assert_allclose(chunked.tflop_per_step, whole.tflop_per_step, rtol=0.05)
   assert chunked.peak_gib < whole.peak_gib  # two members' activations at a time, not ten
   config = tiny_config("ensemble")
-  from datafree_jax.stages import dafl, ensemble  # pylint: disable=g-import-not-at-top
-  gen = ensemble.make_generator(config, input_pipeline.config_info(config))
-  params, stats = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
+  from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
+  gen = ensemble.make_generator(config, datasets.config_info(config))
+  params, stats = jax.eval_shape(lambda: generator_parts.init_generator(gen, jax.random.key(0)))
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   # params, Adam's two moments, BN statistics (float32) and Adam's int32 step count.
   expected = 10 * 4 * (3 * count(params) + count(stats) + 1)
@@ -60,7 +64,7 @@ def test_rows_are_per_device_numbers_with_the_loop_trips_counted():
 
 def test_a_stage_that_does_not_fit_fails_the_run(tmp_path, capsys):
   config = tiny_config("dafl", **{"dry_run": True, "dry_run_hbm_gib": 1e-4})
-  assert train.main_entry(config, str(tmp_path / "w")) == 3
+  assert pipeline.main_entry(config, str(tmp_path / "w")) == 3
   err = capsys.readouterr().err
   assert "stage teacher" in err and "more than dry_run_hbm_gib=0.0001" in err
   assert not (tmp_path / "w").exists()
@@ -130,8 +134,8 @@ def test_a_measuring_dry_run_times_every_program_and_its_figures_are_reused(tmp_
   config = tiny_config("dafl", **{"dry_run": True, "dry_run_target": "cpu",
                                   "dry_run_measure": True, "dry_run_out": str(out)})
   lines = []
-  rows = dry_run.run(config, train.stages_to_run(config), input_pipeline.config_info(config),
-                     emit=lines.append)
+  rows = dry_run.run(config, pipeline.stages_to_run(config), datasets.config_info(config),
+                     registry.get(config.method).teacher, emit=lines.append)
   timed = [r for r in rows if r.kind != "restore"]
   assert timed and all(r.measured_s and r.measured_s > 0 for r in timed)
   assert "Measured on these devices" in "\n".join(lines)

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 from conftest import ensemble_config, stage_state, tiny_config
+
 from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
-from datafree_jax import input_pipeline
+from datafree_jax import datasets
+from datafree_jax import generator_parts
 from datafree_jax import losses
 from datafree_jax import models
-from datafree_jax import train
-from datafree_jax.stages import dafl
-from datafree_jax.stages import distill
+from datafree_jax import students
+from datafree_jax import pipeline
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
 
@@ -31,7 +32,7 @@ def teacher_workdir(bn_teacher_workdir):
 @pytest.fixture(scope="module")
 def setup(teacher_workdir):
   config = ensemble_config()
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   teacher = teacher_stage.load(config, teacher_workdir, data["test"].info)
   assert teacher["bn_stats"], "the lenet5_bn teacher must come with BN statistics"
   return data["test"].info, teacher
@@ -209,7 +210,7 @@ def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setu
                               "generator.w_a": 0.3, "generator.w_ie": 2.0})
   g = config.generator
   gen = ensemble.make_generator(config, info)
-  params, batch_stats = dafl.init_generator(gen, jax.random.key(5))
+  params, batch_stats = generator_parts.init_generator(gen, jax.random.key(5))
   tmodel, tvars = teacher["model"], teacher["variables"]
   targets = bn_stats.for_class(teacher["bn_stats"], 2)
 
@@ -260,7 +261,7 @@ def expected_batch(gens, key, n, bn_batch):
 @pytest.fixture(scope="module")
 def loaded_generators(generators_workdir):
   workdir, _ = generators_workdir
-  return ensemble.load_generators(workdir, input_pipeline.dataset_info("mnist5k"))
+  return ensemble.load_generators(workdir, datasets.dataset_info("mnist5k"))
 
 
 @pytest.mark.parametrize("n,bn_batch", [(9, 4), (12, 4), (5, 2), (13, 4), (8, 8)])
@@ -282,10 +283,10 @@ def test_distillation_batches_draw_each_generator_in_its_training_bn_batch(
 def test_a_conditional_generator_distils_on_every_class_in_turn():
   """A single conditional generator gives the images i of each draw j the classes
   (r_j + i) mod K, r_j = randint(split(key, 3)[1], (k,), 0, K)[j]: every class in turn."""
-  info = input_pipeline.dataset_info("mnist5k")
+  info = datasets.dataset_info("mnist5k")
   gen = models.Generator(latent_dim=6, image_size=32, channels=1, width=4, style="luo",
                          num_classes=10)
-  params, batch_stats = dafl.init_generator(gen, jax.random.key(3))
+  params, batch_stats = generator_parts.init_generator(gen, jax.random.key(3))
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
   gens = {"gen": gen, "meta": {"num_generators": 1, "class_ids": [ensemble.ALL_CLASSES],
                                "image_shape": list(info.image_shape)}}
@@ -317,7 +318,7 @@ def test_make_eval_reports_the_teachers_view_of_the_samples(generators_workdir, 
   for k in range(3):
     v = {"params": jax.tree.map(lambda x, k=k: x[k], gens["params"]),
          "batch_stats": jax.tree.map(lambda x, k=k: x[k], gens["batch_stats"])}
-    z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), k),
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(generator_parts.SAMPLE_SEED), k),
                           (ensemble_config().ensemble.batch_per_generator, gen.latent_dim))
     logits = teacher["model"].apply(teacher["variables"], apply(v, z), train=False)
     preds.append(np.asarray(jnp.argmax(logits, -1)))
@@ -346,7 +347,7 @@ def test_generators_stage(generators_workdir):
   assert meta["class_ids"] == [0, 1, 2] and meta["image_shape"] == [32, 32, 1]
   assert not os.path.exists(os.path.join(workdir, "distill_generators"))
   # Run again: the finished stage is reported, not rebuilt or retrained.
-  again = train.train_and_evaluate(ensemble_config(stage="generators"), workdir)
+  again = pipeline.train_and_evaluate(ensemble_config(stage="generators"), workdir)
   assert again["generators"] == g
 
 
@@ -366,7 +367,7 @@ def distilled_alone(generators_workdir, teacher_workdir, tmp_path_factory):
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
   config = ensemble_config(**{"stage": "distill", **DISTILL,
                               "generator_checkpoint": ensemble.directory(gen_workdir)})
-  return workdir, train.train_and_evaluate(config, workdir)
+  return workdir, pipeline.train_and_evaluate(config, workdir)
 
 
 def test_distill_stage_alone_from_a_generator_checkpoint(distilled_alone, generators_workdir):
@@ -379,7 +380,7 @@ def test_distill_stage_alone_from_a_generator_checkpoint(distilled_alone, genera
   assert meta["done"] and meta["source"] == "generators" and meta["num_generators"] == 3
   assert meta["generators"] == ensemble.directory(gen_workdir)
   assert meta["eval"]["accuracy"] == summary["student"]["test_accuracy"]
-  gens = ensemble.load_generators(gen_workdir, input_pipeline.dataset_info("mnist5k"))
+  gens = ensemble.load_generators(gen_workdir, datasets.dataset_info("mnist5k"))
   assert jax.tree.leaves(gens["params"])[0].shape[0] == 3  # A workdir path works too.
 
 
@@ -395,14 +396,14 @@ def test_distillation_learns_from_the_loaded_generators(generators_workdir, teac
   config = ensemble_config(**{"stage": "distill", "student.steps": 1, "student.lr": 0.5,
                               "student.optimizer": "sgd", "student.batch_size": 10,
                               "generator_checkpoint": ensemble.directory(gen_workdir)})
-  train.train_and_evaluate(config, workdir)
+  pipeline.train_and_evaluate(config, workdir)
   state, _ = _stage_state(workdir, "distill_generators")
 
   student = models.get_classifier(config.student.model, info.num_classes)
   params, batch_stats = common.init_model(
-      student, jax.random.fold_in(jax.random.key(config.seed), distill.STAGE_SALT),
+      student, jax.random.fold_in(jax.random.key(config.seed), students.STAGE_SALT),
       info.image_shape)
-  x = expected_batch(loaded_generators, common.step_key(config.seed, distill.STAGE_SALT, 0), 10,
+  x = expected_batch(loaded_generators, common.step_key(config.seed, students.STAGE_SALT, 0), 10,
                      8)
   t_logits = teacher["model"].apply(teacher["variables"], x, train=False)
 
@@ -425,7 +426,7 @@ def test_stage_train_runs_generators_then_distillation(teacher_workdir, generato
   the same generators and the same student, bit for bit, as the two stages run alone."""
   workdir = str(tmp_path)
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
-  summary = train.train_and_evaluate(ensemble_config(stage="train", **DISTILL), workdir)
+  summary = pipeline.train_and_evaluate(ensemble_config(stage="train", **DISTILL), workdir)
   assert summary["generators"]["steps"] == 4 and summary["generators"]["num_generators"] == 3
   assert summary["student"]["steps"] == 10
   state, meta = _stage_state(workdir, "distill_generators")
@@ -462,7 +463,7 @@ def test_generator_checkpoint_for_other_data_is_rejected(teacher_workdir, tmp_pa
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=f"made for {what}, but dataset 'mnist5k' has 10 classes of "
                            r"\(32, 32, 1\) images"):
-    train.train_and_evaluate(config, workdir)
+    pipeline.train_and_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, "distill_generators"))
 
 
@@ -471,27 +472,27 @@ def test_distill_stage_without_generators_is_a_checkpoint_error(teacher_workdir,
   shutil.copytree(teacher_stage.directory(teacher_workdir), teacher_stage.directory(workdir))
   with pytest.raises(ckpt_lib.CheckpointError, match="no generator checkpoint in .*generators; "
                                                      "run the generators stage first"):
-    train.train_and_evaluate(ensemble_config(stage="distill"), workdir)
+    pipeline.train_and_evaluate(ensemble_config(stage="distill"), workdir)
 
 
 def test_moment_matching_with_a_bn_free_teacher_is_a_config_error(tmp_path):
   config = ensemble_config(**{"teacher.model": "lenet5"})
   workdir = str(tmp_path / "w")
   with pytest.raises(config_lib.ConfigError, match="'lenet5' has no BatchNorm layers"):
-    train.train_and_evaluate(config, workdir)
+    pipeline.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)  # Rejected before anything was written.
   # With w_mm = 0 the BN-free teacher is accepted: no moment-matching targets.
-  info = train.load_data(config)["test"].info
+  info = pipeline.load_data(config)["test"].info
   model = models.get_classifier("lenet5", info.num_classes)
   params, _ = common.init_model(model, jax.random.key(0), info.image_shape)
   teacher = {"model": model, "variables": {"params": params}, "bn_stats": {},
              "meta": {"model": "lenet5"}}
   config.ensemble.w_mm = 0.0
-  train.validate(config)
+  pipeline.validate(config)
   ens = ensemble.build(config, teacher, info)
   assert ens.num_generators == 3 and ens.consts["targets"] == {}
 
 
 def test_generators_stage_is_only_for_the_ensemble(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="stage 'generators' does not apply"):
-    train.train_and_evaluate(tiny_config("dafl", stage="generators"), str(tmp_path / "w"))
+    pipeline.train_and_evaluate(tiny_config("dafl", stage="generators"), str(tmp_path / "w"))

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import stage_state
+
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import stage as stage_lib
-from datafree_jax import train
+from datafree_jax import pipeline
 from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
@@ -81,7 +82,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   try:
     # Meanwhile, the same stages on this process's 1 device.
     config = check.stage_config("teacher")
-    data = train.load_data(config)
+    data = pipeline.load_data(config)
     info = data["test"].info
     mine = check.teacher_result(teacher_stage.train(config, ref, data, None))
     _wait_for(os.path.join(workdir, check.TEACHER_DONE), proc, err_path)

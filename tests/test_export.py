@@ -1,5 +1,6 @@
 """A trained tiny student exported to every format (datafree_jax.export), each reloaded with its
-own runtime and checked against the JAX student; the command line's bad-input errors."""
+own runtime and checked against the JAX student; `python -m datafree_jax.main export` and its
+bad-input errors."""
 import json
 import os
 import shutil
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, copy_stages, stage_state, tiny_config
+
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import export
 from datafree_jax import input_pipeline
+from datafree_jax import main
 from datafree_jax import models
-from datafree_jax import train
+from datafree_jax import pipeline
 
 # Absolute tolerance on logits. Every runtime computes in float32 (XLA in TensorFlow and JAX,
 # TFLite's XNNPACK kernels, onnxruntime); the logits of this tiny student are O(1), and the
@@ -29,7 +32,7 @@ def workdir(lenet5_teacher_workdir, tmp_path_factory):
   """A finished tiny kd_noise run: the session's tiny LeNet-5 teacher, then a LeNet-5-half-BN
   student distilled on noise for 5 steps."""
   wd = copy_stages(lenet5_teacher_workdir, tmp_path_factory.mktemp("export_run"), "teacher")
-  train.train_and_evaluate(tiny_config("kd_noise", **{
+  pipeline.train_and_evaluate(tiny_config("kd_noise", **{
       "stage": "train", "student.steps": 5, "student.model": STUDENT,
       "checkpoint_every": 1000}), wd)
   return wd
@@ -125,7 +128,7 @@ def test_json_beside_each_file_and_the_printed_lines(workdir, exported):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "datafree_jax.export", *args], cwd=REPO_ROOT,
+  return subprocess.run([sys.executable, "-m", "datafree_jax.main", "export", *args], cwd=REPO_ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -160,10 +163,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(workdir, tmp_path, capsys):
        "is unfinished (step 6 of 15)"),
       ([f"--workdir={workdir}", "--format=savedmodel,pdf"], "unknown format 'pdf'"),
       ([f"--workdir={workdir}", "--stage=dafl"], "no stage 'dafl'"),
-      ([f"--workdir={workdir}", "--formats=onnx"], "unrecognized arguments: --formats=onnx"),
+      ([f"--workdir={workdir}", "--formats=onnx"], "unknown argument '--formats=onnx'"),
+      (["--stage=teacher"], "export needs --workdir=DIR"),
   ]
-  for args, expected in cases:  # in this process: export.main is the command's body
-    assert export.main(args + [f"--out={tmp_path / 'out'}"]) == 2, args
+  for args, expected in cases:  # in this process: main.main is the command's body
+    assert main.main(["main", "export"] + args + [f"--out={tmp_path / 'out'}"]) == 2, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err, (args, err)
   assert not os.path.exists(tmp_path / "out")

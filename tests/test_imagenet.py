@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
+
 from datafree_jax import config_lib
-from datafree_jax import train
+from datafree_jax import datasets
+from datafree_jax import pipeline
 
 tfds = pytest.importorskip("tensorflow_datasets")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,14 +39,13 @@ def test_smoke_runs_every_stage_on_mock_imagenet(tmp_path, no_host_prefetch):  #
   assert config.dtype == "bfloat16" and config.dataset == "imagenet2012"
   workdir = tmp_path / "w"
   with tfds.testing.mock_data(num_examples=40, data_dir=metadata):
-    summary = train.train_and_evaluate(config, str(workdir))
+    summary = pipeline.train_and_evaluate(config, str(workdir))
   assert summary["teacher"]["model"] == "resnet50_imagenet"
   assert summary["generators"]["num_generators"] == 4 and summary["generators"]["steps"] == 3
   assert summary["student"]["model"] == "resnet18_imagenet" and summary["student"]["steps"] == 4
   assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
   from datafree_jax.stages import teacher as teacher_stage  # pylint: disable=g-import-not-at-top
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  teacher = teacher_stage.load(config, str(workdir), input_pipeline.config_info(config))
+  teacher = teacher_stage.load(config, str(workdir), datasets.config_info(config))
   counts = np.asarray(teacher["bn_stats"]["class_counts"])
   # The streamed pass saw every mocked training example once (<= 4 per class).
   assert counts.shape == (1000,) and 0 < counts.sum() <= 40 and counts.max() <= 4
@@ -54,22 +55,22 @@ def test_smoke_runs_every_stage_on_mock_imagenet(tmp_path, no_host_prefetch):  #
 
 
 def test_any_tfds_dataset_can_be_streamed_by_name(tmp_path, monkeypatch, no_host_prefetch):  # pylint: disable=unused-argument,redefined-outer-name
-  """input_pipeline.register_streamed_dataset: a tfds image-classification dataset by name
+  """datasets.register_streamed_dataset: a tfds image-classification dataset by name
   (here the mocked imagenet2012 under another size) goes through the streamed splits."""
   from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(input_pipeline, "DATASETS", dict(input_pipeline.DATASETS))
-  monkeypatch.setattr(input_pipeline, "STREAMED", set(input_pipeline.STREAMED))
-  del input_pipeline.DATASETS["imagenet2012"]
-  input_pipeline.STREAMED.discard("imagenet2012")
-  input_pipeline.register_streamed_dataset("imagenet2012", image_size=48, num_classes=1000)
+  monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))
+  monkeypatch.setattr(datasets, "STREAMED", set(datasets.STREAMED))
+  del datasets.DATASETS["imagenet2012"]
+  datasets.STREAMED.discard("imagenet2012")
+  datasets.register_streamed_dataset("imagenet2012", image_size=48, num_classes=1000)
   with pytest.raises(ValueError, match="held in memory"):
-    input_pipeline.register_streamed_dataset("cifar10", image_size=32, num_classes=10)
+    datasets.register_streamed_dataset("cifar10", image_size=32, num_classes=10)
   metadata = str(tmp_path / "metadata")
   write_metadata(metadata)
   config = config_lib.load_config_file(IMAGENET, "smoke=True")
   config.image_size = 0
   with tfds.testing.mock_data(num_examples=40, data_dir=metadata):
-    splits = train.load_data(config)
+    splits = pipeline.load_data(config)
     assert isinstance(splits["train"], input_pipeline.StreamedSplit)
     images, labels = splits["train"].train_batches(8, seed=0)(0)
     x, y, mask = next(iter(splits["test"].eval_batches(8)))

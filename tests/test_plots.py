@@ -32,23 +32,23 @@ def pipeline_workdir(bn_teacher_workdir, generators_workdir, tmp_path_factory):
   """(workdir, summary): the shared generators run (teacher + generators, with the teacher's
   TensorBoard events too) continued with stage=distill, the student evaluated every 10 of 20
   steps."""
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   src, _ = generators_workdir
   workdir = copy_stages(src, tmp_path_factory.mktemp("plots_run"), "teacher", "generators",
                         "tensorboard", "samples")
   shutil.copytree(os.path.join(bn_teacher_workdir, "tensorboard"),
                   os.path.join(workdir, "tensorboard"), dirs_exist_ok=True)
-  summary = train.train_and_evaluate(
+  summary = pipeline.train_and_evaluate(
       ensemble_config(stage="distill", **{"student.eval_every": 10}), workdir)
   return workdir, summary
 
 
 def test_run_writes_the_three_plots(pipeline_workdir):
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   workdir, summary = pipeline_workdir
   expected = [os.path.join(workdir, "plots", name) for name in PLOTS]
   assert summary["plots"] == expected
-  text = train._summary_text(summary)  # pylint: disable=protected-access
+  text = pipeline._summary_text(summary)  # pylint: disable=protected-access
   assert all(f"  {p}" in text for p in expected)
   _assert_drawn(expected[0])
   _assert_drawn(expected[1], min_w=500)   # one panel per loss term, side by side

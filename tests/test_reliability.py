@@ -1,4 +1,4 @@
-"""Preemption and failure, in every stage of every method (train.METHODS):
+"""Preemption and failure, in every stage of every method (registry.METHODS):
 
 - SIGKILL of the command line once the stage's first checkpoint exists, a resumed run preempted by
   SIGTERM (it saves the reached step, exit code 143), and a second resumed run end bitwise
@@ -26,10 +26,12 @@ import pytest
 
 import faults
 from conftest import REPO_ROOT, stage_state
+
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import config_lib
 from datafree_jax import loop
-from datafree_jax import train
+from datafree_jax import pipeline
+from datafree_jax import registry
 from datafree_jax.stages import teacher as teacher_stage
 
 # A tiny pipeline of every method on the LeNet-5-BN teacher (moment matching needs BN), with a
@@ -51,11 +53,11 @@ STAGE_RUNS = {"teacher": ("teacher", "all", ()),
               "distill_data": ("kd_data", "train", ("teacher",)),
               "distill_noise": ("kd_noise", "train", ("teacher",))}
 BUILT_IN = ("teacher", "dafl", "ensemble", "kd_data", "kd_noise")
-ALL_STAGES = sorted({s.name for m in BUILT_IN for s in train.method_stages(m)})
+ALL_STAGES = sorted({s.name for m in BUILT_IN for s in pipeline.method_stages(m)})
 
 
 def test_the_stage_table_names_every_stage_of_every_method():
-  assert set(BUILT_IN) <= set(train.METHODS)
+  assert set(BUILT_IN) <= set(registry.METHODS)
   assert sorted(STAGE_RUNS) == ALL_STAGES
 
 
@@ -90,7 +92,7 @@ def reference(tmp_path_factory):
   """One workdir where every method ran uninterrupted (the teacher trained once)."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   for method in BUILT_IN:
-    train.train_and_evaluate(cli_config(method), workdir)
+    pipeline.train_and_evaluate(cli_config(method), workdir)
   assert sorted(n for n in os.listdir(workdir) if n in ALL_STAGES) == ALL_STAGES
   return workdir
 
@@ -126,7 +128,7 @@ def _sigterm_run(config, workdir, stage, after_step):
   try:
     thread = threading.Thread(target=preempt)
     thread.start()
-    code = train.main_entry(config, workdir)
+    code = pipeline.main_entry(config, workdir)
     thread.join()
   finally:
     signal.signal(signal.SIGTERM, old)
@@ -178,7 +180,7 @@ def test_sigkill_then_sigterm_in_every_stage_then_resume_is_exact(reference, tmp
   saved_step, _, meta = stage_state(stage_dir)
   assert saved_step == preempted_at and not meta["done"]
 
-  assert train.main_entry(config, workdir) == 0
+  assert pipeline.main_entry(config, workdir) == 0
   assert f"{stage}: resuming from step {preempted_at}" in capsys.readouterr().out
   step_a, state_a, meta_a = stage_state(os.path.join(reference, stage))
   step_b, state_b, meta_b = stage_state(stage_dir)
@@ -218,18 +220,18 @@ def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path
   workdir = str(tmp_path / "w")
   method, config_stage, _ = _prepare(reference, workdir, stage)
   config = cli_config(method, config_stage)
-  real = next(s for s in train.method_stages(method) if s.name == stage)
+  real = next(s for s in pipeline.method_stages(method) if s.name == stage)
   config.method = faults.with_faulty_stage(method, faults.nan_at(real, 7))
   with pytest.raises(loop.NonFiniteError,
                      match=rf"^{stage}: non-finite .*{NAN_TERM[stage]}.* at step 7 .*the last good "
                            rf"checkpoint in .*{stage} \(step 6\) is kept$"):
-    train.train_and_evaluate(config, workdir)
+    pipeline.train_and_evaluate(config, workdir)
   step, state, meta = stage_state(os.path.join(workdir, stage))
   assert step == 6 and int(state["step"]) == 6 and not meta["done"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
   if stage == "teacher":  # (resumption itself is the SIGKILL/SIGTERM test's subject)
     config.method = method  # Without the NaN the same run resumes and finishes.
-    train.train_and_evaluate(config, workdir)
+    pipeline.train_and_evaluate(config, workdir)
     step, _, meta = stage_state(os.path.join(workdir, stage))
     assert step == TOTAL["teacher"] and meta["done"]
 

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import prepare_tiny_mnist
-from datafree_jax import input_pipeline
+
+from datafree_jax import datasets
 from datafree_jax import streaming
 from datafree_jax import tfds_pipeline
 
@@ -36,7 +37,7 @@ SPLITS = {"imagenet2012": ("train", "validation", "test"), "cifar10": ("train", 
 
 
 def small_info(name):
-  return dataclasses.replace(input_pipeline.dataset_info(name), image_size=SIZE)
+  return dataclasses.replace(datasets.dataset_info(name), image_size=SIZE)
 
 
 def write_metadata(root):

@@ -7,20 +7,21 @@ import numpy as np
 import pytest
 
 import faults
+
 from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import loop
 from datafree_jax import models
 from datafree_jax import stage as stage_lib
-from datafree_jax import train
+from datafree_jax import pipeline
 from datafree_jax.stages import teacher as teacher_stage
 
 
 def test_teacher_training_lowers_loss_and_checkpoints(tmp_path, tiny):
   config = tiny("teacher")
   config.teacher.lr = 2e-3
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   workdir = str(tmp_path)
   out = teacher_stage.train(config, workdir, data, writer=None)
   ckpt = ckpt_lib.StageCheckpoints(teacher_stage.directory(workdir), create=False)
@@ -142,7 +143,7 @@ def test_model_without_bn_has_empty_stats():
 
 def test_interrupted_teacher_resumes_to_the_same_parameters(tmp_path, tiny):
   config = tiny("teacher")
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   full = teacher_stage.train(config, str(tmp_path / "full"), data, writer=None)
   workdir = str(tmp_path / "resumed")
   ctx = stage_lib.Context(config=config, workdir=workdir, data=data, info=data["test"].info)
@@ -158,11 +159,11 @@ def test_teacher_init_from_another_run_skips_training(tmp_path, tiny):
   """teacher.init_from: the stage takes 0 steps and ends in the same teacher checkpoint (its
   parameters, test accuracy and BN statistics) as the run it starts from."""
   config = tiny("teacher", **{"teacher.model": "lenet5_bn"})
-  data = train.load_data(config)
+  data = pipeline.load_data(config)
   first = teacher_stage.train(config, str(tmp_path / "a"), data, writer=None)
   config_b = tiny("teacher", **{"teacher.model": "lenet5_bn",
                                 "teacher.init_from": str(tmp_path / "a")})
-  summary = train.train_and_evaluate(config_b, str(tmp_path / "b"))
+  summary = pipeline.train_and_evaluate(config_b, str(tmp_path / "b"))
   second = teacher_stage.load(config_b, str(tmp_path / "b"), data["test"].info)
   assert second["meta"]["step"] == 0 and second["meta"]["done"]
   assert summary["teacher"]["test_accuracy"] == first["meta"]["eval"]["accuracy"]
@@ -174,5 +175,5 @@ def test_teacher_init_from_another_run_skips_training(tmp_path, tiny):
                                (tmp_path / "a", "lenet5", "cannot restore 'teacher'")):
     bad = tiny("teacher", **{"teacher.model": model, "teacher.init_from": str(path)})
     with pytest.raises((teacher_stage.TeacherError, ckpt_lib.CheckpointError), match=message):
-      train.train_and_evaluate(bad, str(tmp_path / "c"))
+      pipeline.train_and_evaluate(bad, str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import ensemble_config, tiny_config
+
 from datafree_jax import common
+from datafree_jax import datasets
 from datafree_jax import input_pipeline
 from datafree_jax import models
 from datafree_jax import teacher_import
-from datafree_jax import train
+from datafree_jax import pipeline
 from datafree_jax.stages import teacher as teacher_stage
 
 try:
@@ -472,7 +474,7 @@ def test_init_from_dispatch_errors_before_writing(tmp_path):
     config = tiny_config("teacher", **{"teacher.model": "lenet5",
                                        "teacher.init_from": str(tmp_path / name)})
     with pytest.raises(teacher_stage.TeacherError, match=message):
-      train.train_and_evaluate(config, str(tmp_path / "w"))
+      pipeline.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
 
 
@@ -485,7 +487,7 @@ def test_imported_teacher_runs_the_ensemble_pipeline_without_training_data(tmp_p
   images, labels = input_pipeline._load_mnist5k("test")  # pylint: disable=protected-access
   images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))  # 28 -> 32, LeNet-5's size
   name = "mnist5k_test_only_import"
-  input_pipeline.register_dataset(name, test=(images, labels),
+  datasets.register_dataset(name, test=(images, labels),
                                   class_names=[str(k) for k in range(10)])
   try:
     if torch is not None:
@@ -505,8 +507,8 @@ def test_imported_teacher_runs_the_ensemble_pipeline_without_training_data(tmp_p
                                 "student.steps": 4, "ensemble.eval_every": 0})
     config.dataset = name
     workdir = str(tmp_path / "run")
-    summary = train.train_and_evaluate(config, workdir)
-    teacher = teacher_stage.load(config, workdir, input_pipeline.dataset_info(name))
+    summary = pipeline.train_and_evaluate(config, workdir)
+    teacher = teacher_stage.load(config, workdir, datasets.dataset_info(name))
     assert teacher["meta"]["step"] == 0 and teacher["meta"]["done"]
     assert set(teacher["bn_stats"]) == {"global"}
     for ours, key in (("bn1", "bn1"), ("bn3", "bn3")):
@@ -519,8 +521,8 @@ def test_imported_teacher_runs_the_ensemble_pipeline_without_training_data(tmp_p
     assert summary["student"]["steps"] == 4
     assert 0.0 <= summary["student"]["test_accuracy"] <= 1.0
   finally:
-    input_pipeline.DATASETS.pop(name, None)
-    input_pipeline._REGISTERED.pop(name, None)  # pylint: disable=protected-access
+    datasets.DATASETS.pop(name, None)
+    datasets.REGISTERED.pop(name, None)  # pylint: disable=protected-access
 
 
 @needs_safetensors
@@ -534,7 +536,7 @@ def test_imported_teacher_gets_class_statistics_from_the_training_split(tmp_path
   path = str(tmp_path / "teacher.safetensors")
   st_numpy.save_file(teacher_import.to_state_dict("lenet5_bn", variables), path)
   config = tiny_config("teacher", **{"teacher.model": "lenet5_bn", "teacher.init_from": path})
-  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  summary = pipeline.train_and_evaluate(config, str(tmp_path / "run"))
   teacher = teacher_stage.load(config, str(tmp_path / "run"))
   assert teacher["meta"]["step"] == 0 and summary["teacher"]["test_accuracy"] is not None
   stats = teacher["bn_stats"]

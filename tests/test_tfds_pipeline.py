@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import prepare_tiny_mnist
+
+from datafree_jax import datasets
 from datafree_jax import input_pipeline
 from datafree_jax import tfds_pipeline
 
@@ -90,7 +92,7 @@ def _raw_mock_arrays(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_mocked_load_dataset(name, metadata_dir, tmp_path):
-  info = input_pipeline.dataset_info(name)
+  info = datasets.dataset_info(name)
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, data_dir=metadata_dir):
     # mock_data replaces the data_dir given here by its own (metadata_dir).
     ds = input_pipeline.load_dataset(name, "train", data_dir=str(tmp_path))

@@ -9,11 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from datafree_jax import batching
 from datafree_jax import bn_stats
 from datafree_jax import common
-from datafree_jax import loop
+from datafree_jax import evaluation
 from datafree_jax import models
 from datafree_jax import parallel
+from datafree_jax import students
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
 
@@ -196,7 +198,7 @@ def test_evaluate_classifier_masks_the_padded_last_batch(n, batch_size):
   want_acc = np.mean(np.argmax(logits, -1) == labels)
   want_ce = -np.mean(logp[np.arange(n), labels])
   assert 0 < want_acc < 1
-  got = loop.evaluate_classifier(_linear_logits, {"w": jnp.asarray(w)}, images, labels,
+  got = evaluation.evaluate_classifier(_linear_logits, {"w": jnp.asarray(w)}, images, labels,
                                  parallel.make_mesh("data"), batch_size=batch_size)
   assert got["accuracy"] == pytest.approx(want_acc, abs=1e-6)
   assert got["loss"] == pytest.approx(want_ce, rel=1e-5)
@@ -389,7 +391,7 @@ def test_make_optimizer_sgd_weight_decay_is_added_to_the_gradient():
 
 # ------------------------------------------------------------------ random_shift
 
-_shift = jax.jit(common.random_shift, static_argnums=(2, 3, 4))
+_shift = jax.jit(students.random_shift, static_argnums=(2, 3, 4))
 
 
 def _distinct_images(n, h=6, w=7, c=2):
@@ -488,12 +490,12 @@ def test_distill_step_augments_the_images_both_networks_see():
   off = dict(pad=0, fill=(0.0,), flip=False)
 
   def step(aug, images):
-    fn = jax.jit(functools.partial(distill.distill_step, student, tx, 2.0, teacher,
+    fn = jax.jit(functools.partial(students.distill_step, student, tx, 2.0, teacher,
                                    distill.data_images, parallel.split_leading(mesh), 7, 16,
                                    aug))
     return fn(state, (images, None), tvars, None)
-  key = common.step_key(7, distill.STAGE_SALT, 3)
-  shifted = common.random_shift(jax.random.fold_in(key, distill.AUGMENT_SALT), raw, **augment)
+  key = common.step_key(7, students.STAGE_SALT, 3)
+  shifted = students.random_shift(jax.random.fold_in(key, students.AUGMENT_SALT), raw, **augment)
   assert not np.allclose(shifted, raw)
   got, m_got = step(augment, raw)
   want, m_want = step(off, shifted)
@@ -507,7 +509,6 @@ def test_bn_stats_streaming_pass_equals_the_in_memory_statistics():
   """bn_stats.compute_streaming over masked batches (per-class running sums of each example's
   moments) gives compute()'s statistics of the same images: class-conditional means and
   variances of every BN input, counts, and the global statistics for a class with no images."""
-  from datafree_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   model = models.get_classifier("resnet18_imagenet", 5, 8)
   params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, 3))
   batch_stats = jax.tree.map(lambda x: x + 0.3, batch_stats)
@@ -516,7 +517,7 @@ def test_bn_stats_streaming_pass_equals_the_in_memory_statistics():
   y = rng.integers(0, 4, 40).astype(np.int32)  # class 4 has no images
   want = bn_stats.compute(model, params, batch_stats, [x[y == k] for k in range(5)])
   got = bn_stats.compute_streaming(model, params, batch_stats,
-                                   input_pipeline.masked_batches(x, y, 16), 5,
+                                   batching.masked_batches(x, y, 16), 5,
                                    parallel.make_mesh("data"))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   np.testing.assert_array_equal(got["class_counts"], np.bincount(y, minlength=5))

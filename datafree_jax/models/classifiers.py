@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from datafree_jax.errors import UnknownModelError
 from datafree_jax.models import cpu_conv, imagenet
 from datafree_jax.models.layers import Conv, RecordingBatchNorm, classifier_output
 
@@ -140,10 +141,6 @@ CLASSIFIERS = {
     "resnet50_imagenet": lambda nc, width, dtype: imagenet.resnet50(nc, width, dtype),
     "mobilenet_v2": lambda nc, width, dtype: imagenet.mobilenet_v2(nc, width, dtype),
 }
-
-
-class UnknownModelError(ValueError):
-  pass
 
 
 def get_classifier(name: str, num_classes: int, width: int = 0,

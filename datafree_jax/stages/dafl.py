@@ -9,7 +9,6 @@ pass does. Checkpoints go to <workdir>/dafl/; the final student is the result.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +17,14 @@ import optax
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import evaluation
+from datafree_jax import generator_parts
 from datafree_jax import losses
-from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
-from datafree_jax.stages import distill
+from datafree_jax import students
 
 STAGE_SALT = 2
 
@@ -33,36 +33,10 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, "dafl")
 
 
-def make_generator(gcfg, info, style=None, dtype=None, platform=None) -> models.Generator:
-  """The generator of config section `gcfg` (style: gcfg.style unless given), computing in
-  `dtype`, in the form of `platform` (platforms.py)."""
-  return models.Generator(latent_dim=gcfg.latent_dim, image_size=info.image_size,
-                          channels=info.channels, width=gcfg.width,
-                          num_upsample=gcfg.num_upsample, style=style or gcfg.style,
-                          dtype=dtype, platform=platform)
-
-
-def check_generator_fits(config, info):
-  """Raises ConfigError unless config.generator's upsampling reaches the dataset's image size."""
-  ups = config.generator.num_upsample
-  if info.image_size % 2**ups:
-    largest = int(math.log2(info.image_size & -info.image_size))
-    raise config_lib.ConfigError(
-        f"generator.num_upsample={ups} does not fit the {info.image_size}x{info.image_size} "
-        f"images of dataset {info.name!r}: the image size must be a multiple of 2^{ups} "
-        f"(use num_upsample <= {largest})")
-
-
-def init_generator(gen: models.Generator, key):
-  labels = jnp.zeros((2,), jnp.int32) if gen.num_classes else None
-  v = gen.init(key, jnp.zeros((2, gen.latent_dim), jnp.float32), labels)
-  return v["params"], v["batch_stats"]
-
-
 def generator_dafl_loss(gen, teacher_model, teacher_vars, gcfg, gparams, gbs, z):
   """DAFL's generator objective; returns (loss, (images, teacher_logits, new_gen_bs, terms))."""
-  images, new_bs = common.generate(gen, gparams, gbs, z)
-  logits, feats, _ = common.teacher_forward(teacher_model, teacher_vars, images)
+  images, new_bs = generator_parts.generate(gen, gparams, gbs, z)
+  logits, feats, _ = generator_parts.teacher_forward(teacher_model, teacher_vars, images)
   loss, terms = losses.dafl_generator_loss(logits, feats, gcfg.w_oh, gcfg.w_a, gcfg.w_ie)
   return loss, (images, logits, new_bs, terms)
 
@@ -80,7 +54,7 @@ def dafl_step(gen, student, tx_g, tx_s, gcfg, scfg, teacher_model, data_sharding
           state["gen"]["batch_stats"], z)
   g_updates, gen_opt = tx_g.update(g_grads, state["gen_opt"], state["gen"]["params"])
   s = state["student"]
-  sp, sbs, s_opt, kd, s_gn = common.student_kd_update(
+  sp, sbs, s_opt, kd, s_gn = students.student_kd_update(
       student, tx_s, s["params"], s["batch_stats"], state["student_opt"],
       jax.lax.stop_gradient(images), jax.lax.stop_gradient(t_logits), scfg.temperature)
   new = {"gen": {"params": optax.apply_updates(state["gen"]["params"], g_updates),
@@ -95,7 +69,7 @@ def dafl_step(gen, student, tx_g, tx_s, gcfg, scfg, teacher_model, data_sharding
 def _init_state(config, info, gen, student, tx_g, tx_s):
   """The joint loop's initial state (unplaced)."""
   kg, ks = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
-  gp, gbs = init_generator(gen, kg)
+  gp, gbs = generator_parts.init_generator(gen, kg)
   sp, sbs = common.init_model(student, ks, info.image_shape)
   return {"gen": {"params": gp, "batch_stats": gbs}, "gen_opt": tx_g.init(gp),
           "student": {"params": sp, "batch_stats": sbs}, "student_opt": tx_s.init(sp),
@@ -107,11 +81,11 @@ def build(config, teacher: dict, info, abstract: bool = False):
   `abstract`, the state as ShapeDtypeStructs (nothing materialised, for the dry run)."""
   gcfg, scfg = config.generator, config.student
   mesh = parallel.make_mesh("data")
-  gen = make_generator(gcfg, info, dtype=common.compute_dtype(config),
+  gen = generator_parts.make_generator(gcfg, info, dtype=common.compute_dtype(config),
                        platform=platforms.of_config(config))
   tx_g = common.make_optimizer(gcfg, scfg.steps)
   tx_s = common.make_optimizer(scfg, scfg.steps)
-  student = distill.make_student(config, info)
+  student = students.make_student(config, info)
   rep = parallel.replicated(mesh)
   init = functools.partial(_init_state, config, info, gen, student, tx_g, tx_s)
   if abstract:
@@ -131,7 +105,7 @@ class Dafl(stage_lib.Stage):
   selector = ""  # runs after the teacher: stage=train
 
   def check(self, config, info):
-    check_generator_fits(config, info)
+    generator_parts.check_generator_fits(config, info)
     parallel.check_global_batch(config.student.batch_size)
     if config.student.augment_shift or config.student.augment_flip:
       raise config_lib.ConfigError(
@@ -143,17 +117,17 @@ class Dafl(stage_lib.Stage):
     return config.student.steps
 
   def identity(self, ctx):
-    return dict(distill.student_identity(ctx), method="dafl")
+    return dict(students.student_identity(ctx), method="dafl")
 
   def plan(self, ctx):
     state, step, student, gen, mesh = build(ctx.config, ctx.teacher, ctx.info)
-    z = jax.random.normal(jax.random.key(common.SAMPLE_SEED), (100, gen.latent_dim))
-    grid = distill.make_sample_writer(
-        ctx, lambda s: common.generate(gen, s["gen"]["params"], s["gen"]["batch_stats"], z)[0],
+    z = jax.random.normal(jax.random.key(generator_parts.SAMPLE_SEED), (100, gen.latent_dim))
+    grid = students.make_sample_writer(
+        ctx, lambda s: generator_parts.generate(gen, s["gen"]["params"], s["gen"]["batch_stats"], z)[0],
         "dafl")
     return stage_lib.Plan(
         state=state, step=step,
-        evaluate=common.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
+        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
         eval_every=ctx.config.student.eval_every, on_eval=grid)
 
   def programs(self, ctx):
@@ -168,7 +142,7 @@ class Dafl(stage_lib.Stage):
             evaluation, stage_lib.restore_program(self.name, state)]
 
   def summarize(self, ctx, done):
-    return distill.student_summary(ctx, done)
+    return students.student_summary(ctx, done)
 
 
 STAGE = Dafl()

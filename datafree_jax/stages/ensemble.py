@@ -59,6 +59,7 @@ from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import generator_parts
 from datafree_jax import log
 from datafree_jax import losses
 from datafree_jax import models
@@ -66,8 +67,7 @@ from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
-from datafree_jax.stages import dafl
-from datafree_jax.stages import distill
+from datafree_jax import students
 
 STAGE_SALT = 4          # rng of the generator steps
 INIT_SALT = 40          # rng of the generators' initialisation
@@ -234,7 +234,7 @@ def is_conditional(config, num_classes: int) -> bool:
 def make_generator(config, info) -> models.Generator:
   """Generator k: config.generator's sizes with config.ensemble.style (class-conditional for a
   single conditional generator)."""
-  gen = dafl.make_generator(config.generator, info, style=config.ensemble.style,
+  gen = generator_parts.make_generator(config.generator, info, style=config.ensemble.style,
                             dtype=common.compute_dtype(config),
                             platform=platforms.of_config(config))
   if is_conditional(config, info.num_classes):
@@ -268,11 +268,11 @@ def member_loss(spec: MemberSpec, params, batch_stats, targets, class_id, key, t
                   jax.random.randint(jax.random.fold_in(key, 2), (), 0, spec.num_classes))
     cond = jnp.full((spec.batch,), c)
     targets = jax.tree.map(lambda t: t[c], targets)
-    images, new_bs = common.generate(spec.gen, params, batch_stats, z, cond)
+    images, new_bs = generator_parts.generate(spec.gen, params, batch_stats, z, cond)
   else:
-    images, new_bs = common.generate(spec.gen, params, batch_stats, z)
+    images, new_bs = generator_parts.generate(spec.gen, params, batch_stats, z)
   use_mm = spec.w_mm > 0
-  logits, feats, moments = common.teacher_forward(spec.teacher, teacher_vars, images,
+  logits, feats, moments = generator_parts.teacher_forward(spec.teacher, teacher_vars, images,
                                                   moments=use_mm)
   if spec.conditional:
     labels = cond
@@ -501,7 +501,7 @@ def init_generators(gen: models.Generator, seed: int, index):
   """
   key = jax.random.fold_in(jax.random.key(seed), INIT_SALT)
   # vmap: it runs once, the grouped convolutions of the init forward pass do not matter.
-  return jax.vmap(lambda i: dafl.init_generator(gen, jax.random.fold_in(key, i)))(index)
+  return jax.vmap(lambda i: generator_parts.init_generator(gen, jax.random.fold_in(key, i)))(index)
 
 
 def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
@@ -548,9 +548,9 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
   step = make_step(spec, mesh, lowering, chunk, g, consts, teacher["variables"])
 
   def one(n, p, bs, i, c):
-    z = jax.random.normal(jax.random.fold_in(jax.random.key(common.SAMPLE_SEED), i),
+    z = jax.random.normal(jax.random.fold_in(jax.random.key(generator_parts.SAMPLE_SEED), i),
                           (n, spec.gen.latent_dim))
-    return common.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
+    return generator_parts.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
 
   def sample(state, n: int, consts=consts, first: int = 0):
     conditions = sample_conditions(consts["class_id"], n, info.num_classes)
@@ -631,7 +631,7 @@ def _grid_writer(ctx, ens: Ensemble, batch: int):
     return images.reshape((-1,) + images.shape[2:])
   rows = per_gen // SAMPLES_PER_ROW
   titles = [f"G{k}" if r == 0 else "" for k in range(g) for r in range(rows)]
-  return distill.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles,
+  return students.make_sample_writer(ctx, sample_fn, "generators", row_titles=titles,
                                     args=(ens.consts,))
 
 
@@ -639,12 +639,12 @@ def generator_gflop(gen: models.Generator, batch: int, platform: str) -> float:
   """GFLOP of one generator's forward + backward (gradient of its parameters) at `batch`
   images, in XLA's count of the program lowered for `platform` (platforms.py): the generator's
   share of a member-step."""
-  params, bs = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
+  params, bs = jax.eval_shape(lambda: generator_parts.init_generator(gen, jax.random.key(0)))
   z = jax.ShapeDtypeStruct((batch, gen.latent_dim), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32) if gen.num_classes else None
 
   def total(p, bs, z):
-    return jnp.sum(common.generate(gen, p, bs, z, labels)[0])
+    return jnp.sum(generator_parts.generate(gen, p, bs, z, labels)[0])
   lowered = jax.jit(jax.grad(total)).trace(params, bs, z).lower(
       lowering_platforms=(platforms.lowering_platform(platform),))
   return stage_lib.cost_flops(lowered.cost_analysis()) / 1e9
@@ -667,7 +667,7 @@ class Generators(stage_lib.Stage):
 
   def check(self, config, info):
     e = config.ensemble
-    dafl.check_generator_fits(config, info)
+    generator_parts.check_generator_fits(config, info)
     if e.w_mm > 0 and not teacher_has_bn(config, info):
       raise config_lib.ConfigError(
           f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "
@@ -808,7 +808,7 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
                            dtype=dtype, platform=platform)
     g = int(meta["num_generators"])
     shapes = ckpt.item_shapes(step, "generators")
-    expected = jax.eval_shape(lambda: dafl.init_generator(gen, jax.random.key(0)))
+    expected = jax.eval_shape(lambda: generator_parts.init_generator(gen, jax.random.key(0)))
     expected = {"params": expected[0], "batch_stats": expected[1]}
     saved = {int(a.shape[0]) for a in jax.tree.leaves(shapes) if a.shape}
     same = (jax.tree.structure(shapes) == jax.tree.structure(expected) and len(saved) == 1
@@ -856,7 +856,7 @@ def _draw_images(gen, bn_batch: int, lowering: str, key, size: int, variables, c
 
   def one(p, bs, j, c):
     z = jax.random.normal(jax.random.fold_in(k_z, j), (bn_batch, gen.latent_dim))
-    return common.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
+    return generator_parts.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
   chosen = jax.tree.map(lambda x: x[draw], variables)
   images = map_members(one, (chosen["params"], chosen["batch_stats"], jnp.arange(k),
                              conditions), lowering)
@@ -920,7 +920,7 @@ def make_images_fn(gens: dict, lowering: str, bn_batch: int,
   return images_fn
 
 
-class DistillGenerators(distill.Distill):
+class DistillGenerators(students.Distill):
   """Luo et al.'s second stage: the student distils on images of the frozen generators, loaded
   from config.generator_checkpoint (default <workdir>/generators)."""
 
@@ -961,7 +961,7 @@ class DistillGenerators(distill.Distill):
     gen = make_generator(config, info)
     g = num_generators(config, info.num_classes)
     params, batch_stats = jax.eval_shape(
-        lambda: dafl.init_generator(gen, jax.random.key(0)))
+        lambda: generator_parts.init_generator(gen, jax.random.key(0)))
     layout = distill_layout(config.ensemble.distill_layout, g, mesh.devices.size)
     padded = -(-g // mesh.devices.size) * mesh.devices.size if layout == "sharded" else g
     sharding = (parallel.split_leading(mesh) if layout == "sharded"

@@ -22,20 +22,23 @@ import numpy as np
 import optax
 from etils import epath
 
+from datafree_jax import batching
 from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
+from datafree_jax import datasets
+from datafree_jax import evaluation
 from datafree_jax import input_pipeline
 from datafree_jax import log
-from datafree_jax import loop
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
+from datafree_jax import students
 from datafree_jax import teacher_import
-from datafree_jax.teacher_import import TeacherError  # pylint: disable=unused-import
+from datafree_jax.errors import TeacherError
 
 STAGE_SALT = 1
 
@@ -55,7 +58,7 @@ def train_step(model, tx, aug: dict, seed: int, state, batch):
   """One supervised step on cross-entropy, images randomly shifted (and flipped)."""
   images, labels = batch
   key = common.step_key(seed, STAGE_SALT, state["step"])
-  images = common.random_shift(key, images, **aug)
+  images = students.random_shift(key, images, **aug)
   (loss, (logits, new_bs)), grads = jax.value_and_grad(supervised_loss, argnums=1, has_aux=True)(
       model, state["params"], state["batch_stats"], images, labels)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -133,13 +136,13 @@ class Teacher(stage_lib.Stage):
         labels = np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(images)])
         stats = bn_stats_lib.compute_streaming(
             model, state["params"], state["batch_stats"],
-            input_pipeline.masked_batches(np.concatenate(images), labels,
-                                          loop.eval_local_batch()),
+            batching.masked_batches(np.concatenate(images), labels,
+                                          evaluation.eval_local_batch()),
             info.num_classes, mesh)
       else:  # streamed: per-class running sums over one pass
         stats = bn_stats_lib.compute_streaming(
             model, state["params"], state["batch_stats"],
-            train.class_batches(loop.eval_local_batch(), cfg.bn_stats_per_class),
+            train.class_batches(evaluation.eval_local_batch(), cfg.bn_stats_per_class),
             info.num_classes, mesh)
       items = {"teacher": {"params": state["params"], "batch_stats": state["batch_stats"]}}
       if stats:  # the same values on every process: replicated over the mesh, as saved
@@ -150,7 +153,7 @@ class Teacher(stage_lib.Stage):
         state=state, step=step_jit,
         batches=None if local is None else (
             lambda step: parallel.global_batch(local(step), mesh)),
-        evaluate=common.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
+        evaluate=evaluation.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
         eval_every=cfg.eval_every, meta={"dataset": info.name}, final_items=final_items)
 
   def programs(self, ctx):
@@ -185,6 +188,11 @@ class Teacher(stage_lib.Stage):
             evaluation,
             stage_lib.restore_program("teacher", state)]
 
+  def load(self, ctx) -> dict:
+    """The frozen teacher of the finished teacher stage in ctx.workdir (or config.teacher's
+    import), for a run that starts after it."""
+    return load(ctx.config, ctx.workdir, ctx.info)
+
   def summarize(self, ctx, done):
     if ctx.teacher is None:
       ctx.teacher = load(ctx.config, ctx.workdir, ctx.info)
@@ -203,7 +211,7 @@ def _build(config, info, mesh):
                                  common.compute_dtype(config), platforms.of_config(config))
   tx = common.make_optimizer(cfg, cfg.steps)
   rep = parallel.replicated(mesh)
-  step_jit = jax.jit(functools.partial(train_step, model, tx, common.augmentation(cfg, info),
+  step_jit = jax.jit(functools.partial(train_step, model, tx, students.augmentation(cfg, info),
                                        config.seed),
                      out_shardings=(rep, rep), donate_argnums=(0,))
   return model, tx, step_jit
@@ -215,7 +223,7 @@ def _train_split(ctx):
   averages."""
   try:
     return ctx.data["train"]
-  except input_pipeline.UnknownDatasetError:
+  except datasets.UnknownDatasetError:
     if not ctx.config.teacher.init_from:
       raise
     return None

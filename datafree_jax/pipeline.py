@@ -1,20 +1,11 @@
 """The pipeline: `train_and_evaluate(config, workdir)` runs the stages a config asks for.
 
-Every method is the teacher stage followed by the method's own stages (METHODS, the one table):
-
-    method      stages run
-    teacher     teacher
-    dafl        teacher -> dafl (joint generator + student)
-    ensemble    teacher -> generators (Luo et al.'s per-class ensemble) -> distill_generators
-    kd_data     teacher -> distill_data (distill from the real training images: upper bound)
-    kd_noise    teacher -> distill_noise (distill from N(0, 1) noise images: lower bound)
-
-A stage is an object with the interface of stage.Stage; `register_method` adds a method from
-outside the package. Each stage resumes from its own checkpoint directory under `workdir`; a
-finished stage is loaded, not rerun. `config.stage` runs them all ('all'), only 'teacher', only
-what comes after it ('train'), or one stage by its selector (method ensemble: 'generators', or
-'distill' from the generator checkpoint in config.generator_checkpoint, default
-<workdir>/generators; for kd_data/kd_noise 'distill' is the same as 'train').
+A method (registry.Method; the built-in ones in methods.py) is the teacher stage followed by
+the method's own stages. Each stage resumes from its own checkpoint directory under `workdir`;
+a finished stage is loaded, not rerun. `config.stage` runs them all ('all'), only 'teacher',
+only what comes after it ('train'), or one stage by its selector (method ensemble:
+'generators', or 'distill' from the generator checkpoint in config.generator_checkpoint,
+default <workdir>/generators; for kd_data/kd_noise 'distill' is the same as 'train').
 """
 from __future__ import annotations
 
@@ -24,50 +15,25 @@ import sys
 import time
 import traceback
 
-from datafree_jax import checkpoints as ckpt_lib
+import jax
+
 from datafree_jax import config_lib
+from datafree_jax import datasets
+from datafree_jax import dry_run
+from datafree_jax import errors
 from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
+from datafree_jax import methods  # pylint: disable=unused-import  (registers the built-in methods)
 from datafree_jax import paths
 from datafree_jax import plots
+from datafree_jax import registry
 from datafree_jax import stage as stage_lib
-from datafree_jax.stages import dafl
-from datafree_jax.stages import distill
-from datafree_jax.stages import ensemble
-from datafree_jax.stages import teacher as teacher_stage
-
-TEACHER = teacher_stage.STAGE
-# method -> its stages in the order they run; the first is the teacher stage, which publishes
-# the frozen teacher (Context.teacher) that the others use.
-METHODS: dict[str, tuple] = {
-    "teacher": (TEACHER,),
-    "dafl": (TEACHER, dafl.STAGE),
-    "ensemble": (TEACHER, ensemble.GENERATORS, ensemble.DISTILL),
-    "kd_data": (TEACHER, distill.DATA),
-    "kd_noise": (TEACHER, distill.NOISE),
-}
-
-
-def register_method(name: str, stages, config_sections: dict | None = None):
-  """Adds method `name` that runs `stages` (stage.Stage objects, the teacher stage first, e.g.
-  train.TEACHER). `config_sections` ({section: {field: (default, config_lib.Domain)}}) adds
-  the method's own config sections to the schema, with their defaults (config_lib.base_config
-  then has them)."""
-  for section, fields in (config_sections or {}).items():
-    config_lib.register_section(section, fields)
-  METHODS[name] = tuple(stages)
 
 
 def method_stages(method: str) -> tuple:
   """The stages of `method`, teacher first."""
-  return METHODS[method]
-
-
-def stage_selectors() -> list:
-  """What config.stage may say: all, teacher, train and every registered stage's selector."""
-  return ["all", "teacher", "train"] + sorted(
-      {s.selector for stages in METHODS.values() for s in stages[1:] if s.selector})
+  return registry.get(method).stages
 
 
 def stages_to_run(config) -> tuple:
@@ -81,8 +47,8 @@ def stages_to_run(config) -> tuple:
     return stages[1:]
   chosen = tuple(s for s in stages[1:] if s.selector == config.stage)
   if not chosen:
-    owners = sorted(m for m, st in METHODS.items()
-                    if any(s.selector == config.stage for s in st[1:]))
+    owners = sorted(m.name for m in registry.METHODS.values()
+                    if any(s.selector == config.stage for s in m.stages[1:]))
     raise config_lib.ConfigError(
         f"stage {config.stage!r} does not apply to method {config.method!r}; it is a stage of "
         + " and ".join(owners) + " (use stage=all, teacher or train)")
@@ -96,7 +62,7 @@ def validate(config):
   what depends on several fields (Stage.check).
   """
   config_lib.check_config(config)
-  info = input_pipeline.config_info(config)
+  info = datasets.config_info(config)
   for s in stages_to_run(config):
     s.check(config, info)
 
@@ -138,13 +104,11 @@ def check_workdir(config, workdir: str):
 def load_data(config) -> input_pipeline.Splits:
   """The dataset's splits, each read on first use."""
   return input_pipeline.Splits(config.dataset, config.data_dir or None,
-                               input_pipeline.config_info(config))
+                               datasets.config_info(config))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the pipeline; returns a summary dict (also written to <workdir>/results.json)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
   # Everything that can be checked is checked before anything is written: a run that fails
   # here leaves the workdir as it was.
   validate(config)
@@ -153,12 +117,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_workdir(config, workdir)
   stages = stages_to_run(config)
   ctx = stage_lib.Context(config=config, workdir=workdir, data=load_data(config),
-                          info=input_pipeline.config_info(config),
+                          info=datasets.config_info(config),
                           running=tuple(s.name for s in stages))
   summary = {"config": config.to_dict(), "workdir": workdir}
-  teacher = method_stages(config.method)[0]
+  teacher = registry.get(config.method).teacher
   if teacher not in stages:  # Continues from the finished teacher of the workdir.
-    ctx.teacher = teacher_stage.load(config, workdir, ctx.info)
+    ctx.teacher = teacher.load(ctx)
     meta = ctx.teacher["meta"]
     summary.update(teacher.summarize(ctx, stage_lib.Done(
         stage_lib.directory(ctx, teacher), meta["step"], meta.get("eval", {}), meta)))
@@ -176,28 +140,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         acc = summary["teacher"]["test_accuracy"]
         log.info(f"teacher {config.teacher.model}: test accuracy "
                  f"{acc if acc is None else format(acc, '.4f')}, checkpoint "
-                 f"{teacher_stage.directory(workdir)}, TensorBoard logs "
+                 f"{stage_lib.directory(ctx, teacher)}, TensorBoard logs "
                  f"{paths.join(workdir, 'tensorboard')}")
   finally:
     ctx.writer.close()
-  summary["plots"] = plots.write_plots(workdir, event_dir=ctx.writer.local_dir)
+  summary["plots"] = plots.write_plots(workdir, event_dir=ctx.writer.local_dir,
+                                       image_stages=registry.get(config.method).image_stages)
   summary["seconds"] = time.time() - t0
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, "results.json"), json.dumps(summary, indent=1))
   return summary
-
-
-# Errors that mean "the user must change something": one line on stderr, no traceback.
-def _user_errors():
-  from datafree_jax import models  # pylint: disable=g-import-not-at-top
-  errors = [config_lib.ConfigError, input_pipeline.UnknownDatasetError, models.UnknownModelError,
-            ckpt_lib.CheckpointError, teacher_stage.TeacherError, loop.NonFiniteError]
-  try:
-    from datafree_jax import tfds_pipeline  # pylint: disable=g-import-not-at-top
-    errors.append(tfds_pipeline.DatasetNotPreparedError)
-  except ImportError:
-    pass
-  return tuple(errors)
 
 
 def main_entry(config, workdir: str, debug: bool = False) -> int:
@@ -205,14 +157,14 @@ def main_entry(config, workdir: str, debug: bool = False) -> int:
   config.dry_run: the sizing dry run instead, which writes nothing)."""
   try:
     if config.get("dry_run"):
-      from datafree_jax import dry_run  # pylint: disable=g-import-not-at-top
       validate(config)
-      return dry_run.main(config, stages_to_run(config), input_pipeline.config_info(config))
+      return dry_run.main(config, stages_to_run(config), datasets.config_info(config),
+                          registry.get(config.method).teacher)
     summary = train_and_evaluate(config, workdir)
   except loop.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     return 143
-  except _user_errors() as e:
+  except errors.USER_ERRORS as e:
     if debug:
       traceback.print_exc()
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,0 +1,57 @@
+"""The built-in methods, registered in registry.METHODS, and `register_method` for new ones.
+
+    method      stages run                                                   student from
+    teacher     teacher                                                      -
+    dafl        teacher -> dafl (joint generator + student)                  dafl
+    ensemble    teacher -> generators (Luo et al.'s per-class ensemble)      distill_generators
+                        -> distill_generators
+    kd_data     teacher -> distill_data (KD on the real training images:     distill_data
+                upper bound)
+    kd_noise    teacher -> distill_noise (KD on N(0, 1) noise: lower bound)  distill_noise
+
+A new method is one module with its stage(s) (stage.Stage, built on the shared parts:
+students.py, generator_parts.py, ...) and one `register_method` call with its config section;
+export, plots, the dry run and the summary read what it registers.
+"""
+from __future__ import annotations
+
+from datafree_jax import config_lib
+from datafree_jax import registry
+from datafree_jax.stages import dafl
+from datafree_jax.stages import distill
+from datafree_jax.stages import ensemble
+from datafree_jax.stages import teacher
+
+TEACHER = teacher.STAGE
+
+
+def register_method(name: str, stages, config_sections: dict | None = None, *,
+                    student_stage: str = "", image_stages: tuple = (),
+                    description: str = "") -> registry.Method:
+  """Adds method `name` that runs `stages` (stage.Stage objects, the teacher stage first, e.g.
+  methods.TEACHER). `student_stage` names the stage whose checkpoint holds the final student
+  (what export reads), `image_stages` the stages whose sample grids and generator losses the
+  plots show. `config_sections` ({section: {field: (default, config_lib.Domain)}}) adds the
+  method's own config sections to the schema, with their defaults (config_lib.base_config
+  then has them)."""
+  for section, fields in (config_sections or {}).items():
+    config_lib.register_section(section, fields)
+  return registry.add(registry.Method(name, tuple(stages), student_stage, tuple(image_stages),
+                                      description))
+
+
+BUILT_IN = (
+    registry.Method("teacher", (TEACHER,), description="train (or import) the teacher only"),
+    registry.Method("dafl", (TEACHER, dafl.STAGE), student_stage=dafl.STAGE.name,
+                    image_stages=(dafl.STAGE.name,),
+                    description="DAFL (Chen et al. 2019): generator and student in one loop"),
+    registry.Method("ensemble", (TEACHER, ensemble.GENERATORS, ensemble.DISTILL),
+                    student_stage=ensemble.DISTILL.name, image_stages=(ensemble.GENERATORS.name,),
+                    description="Luo et al. 2020: per-class generators, then distillation"),
+    registry.Method("kd_data", (TEACHER, distill.DATA), student_stage=distill.DATA.name,
+                    description="KD on the real training images (upper bound)"),
+    registry.Method("kd_noise", (TEACHER, distill.NOISE), student_stage=distill.NOISE.name,
+                    description="KD on N(0, 1) noise images (lower bound)"),
+)
+for _method in BUILT_IN:
+  registry.add(_method)
