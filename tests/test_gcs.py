@@ -113,6 +113,15 @@ def test_pipeline_with_a_gs_workdir_resumes_and_writes_nothing_local(gcs, tmp_pa
   assert "distill_generators: resuming from step 4" in r.stdout, r.stdout[-3000:]
   assert json.loads(fs.cat(f"{BUCKET}/runs/tiny/results.json"))["student"]["steps"] == 6
 
+  # The export sub-command reads the run from the bucket and writes its files there.
+  r = _main(["export", f"--workdir={workdir}", "--format=stablehlo"], env, cwd)
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert f"stablehlo   {workdir}/export/student.stablehlo" in r.stdout, r.stdout
+  fs.invalidate_cache()  # this process listed the run before the export wrote to it
+  exported = json.loads(fs.cat(f"{BUCKET}/runs/tiny/export/student.stablehlo.json"))
+  assert exported["source"]["checkpoint"] == f"{workdir}/distill_generators"
+  assert fs.size(f"{BUCKET}/runs/tiny/export/student.stablehlo") > 1000
+
   # Nothing on the local disk: the working directory stays empty, the package and configs
   # unchanged, HOME holds only the libraries' own caches (TensorFlow's ~/.keras, matplotlib's
   # ~/.cache); TMPDIR (the TensorBoard staging directory) is emptied at the end.
