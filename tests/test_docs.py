@@ -47,6 +47,11 @@ import pytest
 
 from conftest import REPO_ROOT
 
+from datafree_jax import distributed
+from datafree_jax import export
+from datafree_jax import main
+from datafree_jax import pipeline
+
 DOC_FILES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(REPO_ROOT, "docs"))
     if f.endswith(".md"))
@@ -205,14 +210,12 @@ class DocError(AssertionError):
 
 
 def validate_config(config):
-  """The pipeline's check of a loaded config: the one call to change if it moves."""
-  from datafree_jax import train  # pylint: disable=g-import-not-at-top
-  train.validate(config)
+  """The pipeline's check of a loaded config, as the command line makes it before a run."""
+  pipeline.validate(config)
 
 
 def check_main_command(argv):
   """python -m datafree_jax.main ARGV: parsed, config loaded, overrides applied, validated."""
-  from datafree_jax import distributed, main  # pylint: disable=g-import-not-at-top
   args = main.parse_command_line(list(argv))
   if args["help"]:
     return
@@ -223,14 +226,11 @@ def check_main_command(argv):
   validate_config(config)
 
 
-# TODO(export sub-command): `export` is to become a sub-command of datafree_jax.main. Until it
-# is, its flags are those of today's python -m datafree_jax.export; then check them through the
-# main command line instead (the one place to change).
 def check_export_command(argv):
-  """python -m datafree_jax.main export ARGV (ARGV: what follows 'export')."""
-  from datafree_jax import export  # pylint: disable=g-import-not-at-top
-  args = export.parse_args(list(argv))
-  export.parse_formats(args.format)
+  """python -m datafree_jax.main export ARGV (ARGV: what follows 'export'): its flags as the
+  command line reads them, the formats known."""
+  args = main.parse_export_command_line(list(argv))
+  export.parse_formats(args["format"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -426,7 +426,7 @@ def check_tensorboard(args):
     logdir = args[0].partition("=")[2]
   else:
     raise DocError("tensorboard: expected --logdir DIR")
-  if 'paths.join(workdir, "tensorboard")' not in _read("datafree_jax/train.py"):
+  if 'paths.join(workdir, "tensorboard")' not in _read("datafree_jax/pipeline.py"):
     raise DocError("the pipeline no longer writes WORKDIR/tensorboard")
   if os.path.basename(logdir.rstrip("/")) != "tensorboard":
     raise DocError(f"tensorboard --logdir {logdir}: a run writes its logs to WORKDIR/tensorboard")
