@@ -31,6 +31,14 @@ import pytest  # pylint: disable=g-import-not-at-top
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: the slow set: tests that start whole pipelines in other processes, "
+      "use 8 fake devices, run the mock-ImageNet smoke run or compare with PyTorch. The "
+      "README's test line leaves it out (-m 'not slow'); CI (.ci/run) runs it as a second "
+      "step, `python -m pytest -q -n 2 --dist loadfile -m slow tests`.")
+
+
 def tiny_config(method="dafl", **overrides):
   """configs/mnist5k.py shrunk to a few steps, with flat 'a.b' overrides."""
   from datafree_jax import config_lib  # pylint: disable=g-import-not-at-top

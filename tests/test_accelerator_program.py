@@ -23,6 +23,9 @@ from datafree_jax import pipeline
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
 
+# The slow set (conftest.py; the programs of every method lowered for TPU and GPU): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 
 def _programs(method: str, platform: str):
   """(stage name, Program) of every stage of `method` (the tiny mnist5k config), built for

@@ -27,6 +27,7 @@ def test_bad_method_is_one_clear_line_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_teacher_only_run_prints_where_results_are(tmp_path):
   """Run from another directory without --workdir: the default workdir is
   ./workdir/<dataset>-<method>-seed<seed> there."""
@@ -77,6 +78,7 @@ def test_load_config_file_calls_get_config_with_its_argument(tmp_path):
   assert config_lib.load_config_file("cifar100", "method=kd_data").dataset == "cifar100"
 
 
+@pytest.mark.slow
 def test_packaged_configs_by_name_after_a_non_editable_install(tmp_path):
   """`pip install .` (not -e, as Colab does) and a run from another directory: the default
   config and --config=NAME are found inside the installed package; cifar100 imports cifar10."""
@@ -271,6 +273,7 @@ def test_config_file_that_raises_is_one_line_or_with_debug_the_traceback(tmp_pat
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_tuple_and_bool_overrides_reach_the_run(tmp_path):
   """A tiny teacher run; its results.json has the config the overrides made (both spellings,
   --config.a.b=VALUE and --config.a.b VALUE; a bare bool flag)."""

@@ -20,6 +20,9 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 import dafl_cifar_torch_check as check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 LOSSES = ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd")
 
 

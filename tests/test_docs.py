@@ -658,7 +658,7 @@ def test_every_doc_has_cases_and_the_readme_opens_with_the_ci_lines():
   first = [c for c in CASES if c.path == "README.md" and c.kind == "shell"][:2]
   assert [c.text for c in first] == [
       "pip install -e . && python -m datafree_jax.main",
-      "pip install -e '.[test]' && python -m pytest -q -n 2 --dist loadfile tests"]
+      "pip install -e '.[test]' && python -m pytest -q -n 2 --dist loadfile -m 'not slow' tests"]
   assert first[1].text in _read(".ci/run")  # CI runs the README's test line verbatim
 
 

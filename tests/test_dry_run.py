@@ -17,6 +17,9 @@ from datafree_jax import generator_parts
 from datafree_jax import pipeline
 from datafree_jax import registry
 
+# The slow set (conftest.py; sizing the accelerator programs): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 
 def _rows(config):
   info = datasets.config_info(config)

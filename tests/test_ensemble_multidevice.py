@@ -23,6 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multidevice_check as check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 
 def _restore_state(directory):
   """(step, 'state' item) of the latest checkpoint in `directory`, restored on 1 device."""

@@ -12,6 +12,9 @@ import pytest
 
 from conftest import free_port
 
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "datafree-test"
 # The tiny ensemble pipeline (conftest.ensemble_config) as command-line flags.

@@ -29,6 +29,7 @@ def no_host_prefetch(monkeypatch):
   monkeypatch.setattr(streaming, "HOST_PREFETCH", 0)
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_on_mock_imagenet(tmp_path, no_host_prefetch):  # pylint: disable=unused-argument,redefined-outer-name
   """imagenet.py:smoke=True under tfds.testing.mock_data: the streamed teacher training,
   its streamed class-conditional BN statistics, the generators and the distillation, in

@@ -19,6 +19,9 @@ import pytest
 from datafree_jax import models
 from datafree_jax.models import imagenet
 
+# The slow set (conftest.py; ImageNet-size architectures): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 IMAGENET = ("resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet", "mobilenet_v2")
 # The parameter counts torchvision documents (weights tables of resnet18/34/50, mobilenet_v2).
 TORCHVISION_PARAMS = {"resnet18_imagenet": 11_689_512, "resnet34_imagenet": 21_797_672,

@@ -20,6 +20,9 @@ from conftest import stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import datasets
 
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "multiprocess_check.py")
 TIMEOUT = 600

@@ -14,6 +14,9 @@ import pytest
 
 from conftest import REPO_ROOT, prepare_tiny_mnist
 
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = os.path.join(REPO_ROOT, "launch", "colab", "quickstart.ipynb")
 
 

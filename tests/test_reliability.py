@@ -97,6 +97,16 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="module")
+def prerequisites(tmp_path_factory):
+  """A workdir with what the stages need from earlier ones (the teacher, the generators),
+  without the runs of the other methods that `reference` also makes."""
+  workdir = str(tmp_path_factory.mktemp("prerequisites"))
+  pipeline.train_and_evaluate(cli_config("teacher"), workdir)
+  pipeline.train_and_evaluate(cli_config("ensemble", "generators"), workdir)
+  return workdir
+
+
 def _prepare(reference, workdir, stage):
   method, config_stage, needs = STAGE_RUNS[stage]
   os.makedirs(workdir, exist_ok=True)
@@ -136,6 +146,7 @@ def _sigterm_run(config, workdir, stage, after_step):
   return code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_sigkill_then_sigterm_in_every_stage_then_resume_is_exact(reference, tmp_path, capsys,
                                                                   stage):
@@ -188,6 +199,7 @@ def test_sigkill_then_sigterm_in_every_stage_then_resume_is_exact(reference, tmp
   _assert_same(state_a, state_b)
 
 
+@pytest.mark.slow
 def test_sigterm_on_the_command_line_exits_143(reference, tmp_path):
   """The exit code as the shell sees it, for the teacher stage of the real command line."""
   workdir = str(tmp_path / "w")
@@ -216,9 +228,9 @@ NAN_TERM = {"teacher": "loss", "dafl": "loss_g", "generators": "loss",
 
 
 @pytest.mark.parametrize("stage", ALL_STAGES)
-def test_nan_in_every_stage_stops_naming_stage_step_and_term(reference, tmp_path, stage):
+def test_nan_in_every_stage_stops_naming_stage_step_and_term(prerequisites, tmp_path, stage):
   workdir = str(tmp_path / "w")
-  method, config_stage, _ = _prepare(reference, workdir, stage)
+  method, config_stage, _ = _prepare(prerequisites, workdir, stage)
   config = cli_config(method, config_stage)
   real = next(s for s in pipeline.method_stages(method) if s.name == stage)
   config.method = faults.with_faulty_stage(method, faults.nan_at(real, 7))

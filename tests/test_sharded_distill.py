@@ -8,6 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+# The slow set (conftest.py): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

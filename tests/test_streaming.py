@@ -350,6 +350,7 @@ def _multidevice_main(metadata_dir):
   }))
 
 
+@pytest.mark.slow
 def test_global_batch_on_8_devices(metadata_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")

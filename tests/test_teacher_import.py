@@ -259,6 +259,7 @@ def _save(state_dict, directory, stem):
   return pth, sft
 
 
+@pytest.mark.slow
 @needs_torch
 @needs_safetensors
 @pytest.mark.parametrize("name", ["resnet18_imagenet", "mobilenet_v2", "lenet5", "lenet5_bn",
