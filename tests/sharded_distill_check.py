@@ -26,7 +26,7 @@ from datafree_jax import datasets
 from datafree_jax import generator_parts
 from datafree_jax import models  # pylint: disable=g-import-not-at-top
 from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
-from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
+from datafree_jax.ensemble import frozen as ensemble_frozen
 
 BN_BATCH, N = 4, 64   # 8 images per device: 2 draws of 4
 
@@ -56,7 +56,7 @@ def main(out_dir):
     class_ids = np.arange(g) % info.num_classes
     gens = {"gen": gen, "layout": "sharded", "padded": padded,
             "meta": {"num_generators": g, "class_ids": class_ids.tolist()}}
-    fn = jax.jit(ensemble.make_images_fn(gens, "vmap", BN_BATCH, mesh), static_argnums=1)
+    fn = jax.jit(ensemble_frozen.make_images_fn(gens, "vmap", BN_BATCH, mesh), static_argnums=1)
     out = fn(key, N, None, variables)
     images, weights = out if isinstance(out, tuple) else (out, None)
     assert images.shape == (N, 32, 32, 1), images.shape
@@ -70,7 +70,7 @@ def main(out_dir):
       if real == 0:
         continue
       local = jax.tree.map(lambda x, d=d: np.asarray(x)[2 * d:2 * d + 2], variables)
-      want = ensemble._draw_images(gen, BN_BATCH, "vmap", jax.random.fold_in(key, d), N // 8,  # pylint: disable=protected-access
+      want = ensemble_frozen._draw_images(gen, BN_BATCH, "vmap", jax.random.fold_in(key, d), N // 8,  # pylint: disable=protected-access
                                    local, jnp.asarray(ids[2 * d:2 * d + 2]), real)
       got = np.asarray(images)[d * 8:(d + 1) * 8]
       worst = max(worst, float(np.max(np.abs(got - np.asarray(want)))))
@@ -86,7 +86,7 @@ def main(out_dir):
           "class_ids": list(range(10)) + [0, 1], "batch_per_generator": BN_BATCH}
   ckpt.save(1, {"step": np.int32(1)}, meta, {"generators": variables})
   ckpt.close()
-  gens = ensemble.load_generators(d, info, mesh, layout="auto")
+  gens = ensemble_frozen.load_generators(d, info, mesh, layout="auto")
   p = gens["params"]
   facts["loaded_layout"], facts["loaded_padded"] = gens["layout"], gens["padded"]
   leaf, saved = jax.tree.leaves(p)[0], jax.tree.leaves(variables["params"])[0]

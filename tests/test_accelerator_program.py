@@ -20,6 +20,8 @@ from datafree_jax import platforms
 from datafree_jax import registry
 from datafree_jax import stage as stage_lib
 from datafree_jax import pipeline
+from datafree_jax.ensemble import members as ensemble_members
+from datafree_jax.ensemble import objective as ensemble_objective
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
 
@@ -149,7 +151,7 @@ def test_chunked_updates_equal_all_at_once():
     (7, 1, 3, (9, 9, 3)),
 ])
 def test_member_counts_that_do_not_divide_are_padded(g, devices, at_once, expected):
-  assert ensemble.member_layout(g, devices, at_once) == expected
+  assert ensemble_members.member_layout(g, devices, at_once) == expected
   padded, per_device, chunk = expected
   assert per_device % chunk == 0 and padded == per_device * devices
   assert padded - g < devices * max(-(-per_device // max(at_once, 1)), 1)
@@ -158,13 +160,13 @@ def test_member_counts_that_do_not_divide_are_padded(g, devices, at_once, expect
 def test_map_members_pads_a_last_partial_chunk():
   """5 members 2 at a time: three chunks, the last padded with a repeat, results dropped."""
   xs = jnp.arange(5.0)
-  out = jax.jit(lambda x: ensemble.map_members(lambda v: v * 2, (x,), "vmap", 2))(xs)
+  out = jax.jit(lambda x: ensemble_members.map_members(lambda v: v * 2, (x,), "vmap", 2))(xs)
   np.testing.assert_array_equal(out, 2 * np.arange(5.0))
-  assert ensemble.chunking(5, 2) == (3, 2) and ensemble.chunking(125, 5) == (25, 5)
+  assert ensemble_members.chunking(5, 2) == (3, 2) and ensemble_members.chunking(125, 5) == (25, 5)
 
 
 def test_a_shared_jit_traces_each_platform_apart():
-  """A jit that takes the generator as a static argument (as ensemble.init_generators does),
+  """A jit that takes the generator as a static argument (as ensemble_objective.init_generators does),
   asked for the 'tpu' generator after the 'cpu' one in the same process, traces anew: the
   platform is a field of the module, so part of the cache key. The 'cpu' program carries the
   CPU paths, the 'tpu' one none."""
@@ -177,7 +179,7 @@ def test_a_shared_jit_traces_each_platform_apart():
   texts = {}
   for platform in ("cpu", "tpu"):
     config.platform = platform
-    gen = ensemble.make_generator(config, info)
+    gen = ensemble_objective.make_generator(config, info)
     variables = gen.init(jax.random.key(0), jnp.zeros((2, gen.latent_dim)))
     z = jnp.zeros((4, gen.latent_dim))
     generate(gen, variables, z)   # the first call fills the jit's cache

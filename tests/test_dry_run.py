@@ -16,6 +16,7 @@ from datafree_jax import dry_run
 from datafree_jax import generator_parts
 from datafree_jax import pipeline
 from datafree_jax import registry
+from datafree_jax.ensemble import objective as ensemble_objective
 
 # The slow set (conftest.py; sizing the accelerator programs): CI runs it as a step of its own.
 pytestmark = pytest.mark.slow
@@ -56,8 +57,7 @@ def test_rows_are_per_device_numbers_with_the_loop_trips_counted():
   np.testing.assert_allclose(chunked.tflop_per_step, whole.tflop_per_step, rtol=0.05)
   assert chunked.peak_gib < whole.peak_gib  # two members' activations at a time, not ten
   config = tiny_config("ensemble")
-  from datafree_jax.stages import ensemble  # pylint: disable=g-import-not-at-top
-  gen = ensemble.make_generator(config, datasets.config_info(config))
+  gen = ensemble_objective.make_generator(config, datasets.config_info(config))
   params, stats = jax.eval_shape(lambda: generator_parts.init_generator(gen, jax.random.key(0)))
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
   # params, Adam's two moments, BN statistics (float32) and Adam's int32 step count.

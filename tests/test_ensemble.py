@@ -20,6 +20,8 @@ from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import students
 from datafree_jax import pipeline
+from datafree_jax.ensemble import frozen as ensemble_frozen
+from datafree_jax.ensemble import objective as ensemble_objective
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
 
@@ -178,7 +180,7 @@ def test_step_equals_independent_single_generator_updates(one_step, setup, name)
     targets = stats["global"] if ens.num_generators == 1 else bn_stats.for_class(stats, k)
     params, new_bs, loss = update(jax.tree.map(member, before["params"]),
                                   jax.tree.map(member, before["batch_stats"]), targets,
-                                  ensemble.member_key(config.seed, 0, k),
+                                  ensemble_objective.member_key(config.seed, 0, k),
                                   -1 if ens.num_generators == 1 else k)
     _assert_trees_close(jax.tree.map(member, after["params"]), _np(params))
     _assert_trees_close(jax.tree.map(member, after["batch_stats"]), _np(new_bs))
@@ -209,7 +211,7 @@ def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setu
   config = ensemble_config(**{"ensemble.loss": "dafl", "ensemble.w_mm": 0.7,
                               "generator.w_a": 0.3, "generator.w_ie": 2.0})
   g = config.generator
-  gen = ensemble.make_generator(config, info)
+  gen = ensemble_objective.make_generator(config, info)
   params, batch_stats = generator_parts.init_generator(gen, jax.random.key(5))
   tmodel, tvars = teacher["model"], teacher["variables"]
   targets = bn_stats.for_class(teacher["bn_stats"], 2)
@@ -217,8 +219,8 @@ def test_dafl_loss_option_is_dafls_generator_objective_plus_moment_matching(setu
   @jax.jit
   def both(key):
     config.ensemble.batch_per_generator = 8
-    spec = ensemble.member_spec(config, info, tmodel)
-    loss, (_, metrics) = ensemble.member_loss(spec, params, batch_stats, targets, 2, key, tvars)
+    spec = ensemble_objective.member_spec(config, info, tmodel)
+    loss, (_, metrics) = ensemble_objective.member_loss(spec, params, batch_stats, targets, 2, key, tvars)
     z = jax.random.normal(jax.random.split(key)[0], (8, gen.latent_dim))
     images, _ = gen.apply({"params": params, "batch_stats": batch_stats}, z, train=True,
                           mutable=["batch_stats"])
@@ -261,7 +263,7 @@ def expected_batch(gens, key, n, bn_batch):
 @pytest.fixture(scope="module")
 def loaded_generators(generators_workdir):
   workdir, _ = generators_workdir
-  return ensemble.load_generators(workdir, datasets.dataset_info("mnist5k"))
+  return ensemble_frozen.load_generators(workdir, datasets.dataset_info("mnist5k"))
 
 
 @pytest.mark.parametrize("n,bn_batch", [(9, 4), (12, 4), (5, 2), (13, 4), (8, 8)])
@@ -271,7 +273,7 @@ def test_distillation_batches_draw_each_generator_in_its_training_bn_batch(
   every generator at most once per step while ceil(n / bn_batch) <= G (here G = 3)."""
   gens = loaded_generators
   assert gens["meta"]["num_generators"] == 3 and gens["meta"]["batch_per_generator"] == 8
-  fn = jax.jit(ensemble.make_images_fn(gens, "loop", bn_batch), static_argnums=1)
+  fn = jax.jit(ensemble_frozen.make_images_fn(gens, "loop", bn_batch), static_argnums=1)
   variables = {"params": gens["params"], "batch_stats": gens["batch_stats"]}
   for seed in range(2):
     key = jax.random.key(seed)
@@ -288,10 +290,10 @@ def test_a_conditional_generator_distils_on_every_class_in_turn():
                          num_classes=10)
   params, batch_stats = generator_parts.init_generator(gen, jax.random.key(3))
   stack = lambda t: jax.tree.map(lambda x: x[None], t)
-  gens = {"gen": gen, "meta": {"num_generators": 1, "class_ids": [ensemble.ALL_CLASSES],
+  gens = {"gen": gen, "meta": {"num_generators": 1, "class_ids": [ensemble_objective.ALL_CLASSES],
                                "image_shape": list(info.image_shape)}}
   variables = {"params": stack(params), "batch_stats": stack(batch_stats)}
-  fn = jax.jit(ensemble.make_images_fn(gens, "loop", 4), static_argnums=1)
+  fn = jax.jit(ensemble_frozen.make_images_fn(gens, "loop", 4), static_argnums=1)
   key = jax.random.key(11)
   images = np.asarray(fn(key, 12, None, variables))
   _, k_class, k_z = jax.random.split(key, 3)
@@ -380,7 +382,7 @@ def test_distill_stage_alone_from_a_generator_checkpoint(distilled_alone, genera
   assert meta["done"] and meta["source"] == "generators" and meta["num_generators"] == 3
   assert meta["generators"] == ensemble.directory(gen_workdir)
   assert meta["eval"]["accuracy"] == summary["student"]["test_accuracy"]
-  gens = ensemble.load_generators(gen_workdir, datasets.dataset_info("mnist5k"))
+  gens = ensemble_frozen.load_generators(gen_workdir, datasets.dataset_info("mnist5k"))
   assert jax.tree.leaves(gens["params"])[0].shape[0] == 3  # A workdir path works too.
 
 

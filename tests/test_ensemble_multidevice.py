@@ -15,6 +15,7 @@ from conftest import stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import stage as stage_lib
 from datafree_jax import pipeline
+from datafree_jax.ensemble import frozen as ensemble_frozen
 from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher as teacher_stage
@@ -165,7 +166,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   saved = ckpt.item_shapes(ckpt.latest_step(), "generators")
   ckpt.close()
   assert {x.shape[0] for x in jax.tree.leaves(saved)} == {16}
-  gens = ensemble.load_generators(os.path.join(workdir, "generators"), info)
+  gens = ensemble_frozen.load_generators(os.path.join(workdir, "generators"), info)
   assert gens["meta"]["num_generators"] == 10 and gens["meta"]["padded"] == 16
   expected = np.load(os.path.join(workdir, "expected.npz"))
   restored = jax.tree_util.tree_flatten_with_path(
@@ -174,7 +175,7 @@ def test_every_stage_on_8_devices_matches_1_device_and_restores_here(tmp_path):
   for path, value in restored:
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     np.testing.assert_array_equal(np.asarray(value), expected[name])
-  images_fn = jax.jit(ensemble.make_images_fn(gens, "vmap", 4), static_argnums=1)
+  images_fn = jax.jit(ensemble_frozen.make_images_fn(gens, "vmap", 4), static_argnums=1)
   images = np.asarray(images_fn(jax.random.key(0), 20, None,
                                 {"params": gens["params"], "batch_stats": gens["batch_stats"]}))
   assert images.shape == (20, 32, 32, 1) and np.isfinite(images).all()

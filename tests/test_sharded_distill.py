@@ -1,4 +1,4 @@
-"""Distillation from generators split over 8 devices (ensemble.make_images_fn, 'sharded'):
+"""Distillation from generators split over 8 devices (ensemble.frozen.make_images_fn, 'sharded'):
 each device draws its images from its own generators, weighted when the devices hold unequal
 numbers; a checkpoint is restored split and padded. Runs tests/sharded_distill_check.py in a
 subprocess with 8 host CPU devices."""
@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 
 # The slow set (conftest.py): CI runs it as a step of its own.
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from datafree_jax import evaluation
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import students
+from datafree_jax.ensemble import objective as ensemble_objective
 from datafree_jax.models import cpu_conv
-from datafree_jax.stages import ensemble
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -263,8 +263,8 @@ def test_ensemble_stack_targets_all_classes_member_gets_global_statistics(lenet_
       lambda x: jnp.stack([x + 10.0 * (c + 1) for c in range(num_classes)]), batch_stats)
   stats = {"global": batch_stats, "class": per_class,
            "class_counts": jnp.ones((num_classes,), jnp.int32)}
-  class_ids = np.array([ensemble.ALL_CLASSES, 2, 0, 3], np.int32)
-  targets = ensemble._stack_targets(stats, class_ids)  # pylint: disable=protected-access
+  class_ids = np.array([ensemble_objective.ALL_CLASSES, 2, 0, 3], np.int32)
+  targets = ensemble_objective.stack_targets(stats, class_ids)
   assert jax.tree.structure(targets) == jax.tree.structure(batch_stats)
   for leaf, glob, cls in zip(jax.tree.leaves(targets), jax.tree.leaves(batch_stats),
                              jax.tree.leaves(per_class)):
@@ -274,11 +274,11 @@ def test_ensemble_stack_targets_all_classes_member_gets_global_statistics(lenet_
       np.testing.assert_array_equal(np.asarray(leaf[m]), np.asarray(cls[class_ids[m]]))
   # Without an all-class member every member gets its class's statistics.
   ids = np.array([1, 3], np.int32)
-  for leaf, cls in zip(jax.tree.leaves(ensemble._stack_targets(stats, ids)),  # pylint: disable=protected-access
+  for leaf, cls in zip(jax.tree.leaves(ensemble_objective.stack_targets(stats, ids)),  # pylint: disable=protected-access
                        jax.tree.leaves(per_class)):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(cls[ids]))
   # The single all-class generator (G = 1) alone.
-  single = ensemble._stack_targets(stats, np.array([ensemble.ALL_CLASSES], np.int32))  # pylint: disable=protected-access
+  single = ensemble_objective.stack_targets(stats, np.array([ensemble_objective.ALL_CLASSES], np.int32))
   for leaf, glob in zip(jax.tree.leaves(single), jax.tree.leaves(batch_stats)):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(glob)[None])
 

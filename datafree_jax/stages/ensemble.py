@@ -14,8 +14,8 @@ batch, and the loss is CE towards c + moment matching against class c's BN stati
 unconditional variants give each sample a random target class ('random') or the teacher's
 argmax ('argmax') and match the global BN statistics.
 
-The update of one generator is `member_update`, a pure function of that member's arrays. The
-params, BN state and optimiser state of all generators are stacked on a leading "member" axis,
+The update of one generator is `member_update` (ensemble/objective.py), a pure function of
+that member's arrays. The params, BN state and optimiser state of all generators are stacked on a leading "member" axis,
 sharded over the mesh axis 'gen', and `make_step` maps member_update over them in one of two
 lowerings (config.ensemble.lowering; 'auto' = 'loop' on the CPU backend, 'vmap' elsewhere):
   'vmap'  one jitted step: a shard_map over 'gen' gives each device its members, which are
@@ -40,7 +40,7 @@ Stage 'distill_generators' (Luo et al.'s second stage; config.stage 'distill'): 
 learns KL(T || S) on images of the frozen generators, drawn inside the jitted step: each draw is
 one generator's batch of batch_per_generator images (the BN batch it was trained with; BN in
 training mode, its updated statistics discarded), the generators taken in a random order that
-draws each equally often (make_images_fn).
+draws each equally often (frozen.make_images_fn).
 """
 from __future__ import annotations
 
@@ -52,29 +52,25 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datafree_jax import bn_stats as bn_stats_lib
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import generator_parts
 from datafree_jax import log
-from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 from datafree_jax import students
+from datafree_jax.ensemble import frozen
+from datafree_jax.ensemble import members as members_lib
+from datafree_jax.ensemble import objective
 
-STAGE_SALT = 4          # rng of the generator steps
-INIT_SALT = 40          # rng of the generators' initialisation
 SAMPLES_PER_ROW = 10    # samples per generator in the grids (visualize's 10 columns)
 GRID_GENERATORS = 20    # generators shown in the sample grids
-MAX_UNROLLED = 32       # members traced one by one in one chunk of the 'loop' lowering
-ALL_CLASSES = -1        # class id of a generator trained on all classes (G = 1)
 
 
 def directory(workdir: str) -> str:
@@ -86,233 +82,6 @@ def checkpoint_to_distill(config, workdir: str) -> str:
   return config.get("generator_checkpoint", "") or directory(workdir)
 
 
-def resolve_lowering(lowering: str, platform: str) -> str:
-  """'auto' -> 'loop' on platform 'cpu', 'vmap' on the accelerators (platforms.py)."""
-  if lowering == "auto":
-    return "loop" if platforms.is_cpu(platform) else "vmap"
-  return lowering
-
-
-def num_generators(config, num_classes: int) -> int:
-  """The real ensemble size G (ensemble.num_generators; 0 = one generator per class)."""
-  return int(config.ensemble.num_generators) or num_classes
-
-
-def member_class_ids(g: int, padded: int, num_classes: int) -> np.ndarray:
-  """(padded,) int32: class of each member, ALL_CLASSES for a single all-class generator."""
-  ids = np.arange(padded, dtype=np.int32) % num_classes
-  if g == 1:
-    ids[0] = ALL_CLASSES
-  return ids
-
-
-def chunking(n: int, at_once: int) -> tuple[int, int]:
-  """(chunks, members per chunk) for n members at most `at_once` at a time (0 = all at once):
-  the fewest chunks, then the smallest equal chunks that cover n, so that chunks x size - n
-  (padding) is less than the number of chunks, whatever n's divisors (n prime included)."""
-  if at_once <= 0 or at_once >= n:
-    return 1, max(n, 1)
-  chunks = -(-n // at_once)
-  return chunks, -(-n // chunks)
-
-
-def member_layout(g: int, devices: int, at_once: int) -> tuple[int, int, int]:
-  """(padded members, members per device, members per chunk) of G generators on `devices`
-  devices updated at most `at_once` per device at a time: each device's share is padded to
-  whole chunks (chunking), the ensemble to a multiple of the devices."""
-  per_device = -(-g // devices)
-  chunks, size = chunking(per_device, at_once)
-  return devices * chunks * size, chunks * size, size
-
-
-def _per_chunk(fn: Callable, lowering: str, shared):
-  if lowering == "vmap":
-    return jax.vmap(lambda xs: fn(*xs, *shared))
-  return functools.partial(_each_member, fn, shared)
-
-
-def map_members(fn: Callable, stacked: tuple, lowering: str, at_once: int = 0, shared=()):
-  """fn(*member_k, *shared) for every member k of the pytrees `stacked` (leading member axis),
-  inside a jitted function; the results stacked (new arrays: for images and predictions;
-  `update_members` updates a member stack in place).
-
-  'vmap' vectorises over members; 'loop' traces `fn` once per member. With `at_once` > 0 the
-  members are processed in sequential chunks (chunking(n, at_once); lax.map over chunks; a
-  last, partial chunk is filled with repeats of the first members, whose results are dropped),
-  bounding the memory of one call. 'loop' unrolls at most MAX_UNROLLED members per chunk (the
-  size of the traced program).
-  """
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  if lowering != "vmap" and (at_once <= 0 or at_once > MAX_UNROLLED):
-    at_once = MAX_UNROLLED
-  chunks, c = chunking(n, at_once)
-  per_chunk = _per_chunk(fn, lowering, shared)
-  if chunks == 1:
-    return per_chunk(stacked)
-  if chunks * c != n:
-    fill = np.arange(chunks * c) % n
-    stacked = jax.tree.map(lambda x: x[fill], stacked)
-  parts = jax.tree.map(lambda x: x.reshape((chunks, c) + x.shape[1:]), stacked)
-  out = jax.lax.map(per_chunk, parts)
-  return jax.tree.map(lambda y: y.reshape((chunks * c,) + y.shape[2:])[:n], out)
-
-
-def update_members(fn: Callable, members, consts, at_once: int = 0, shared=()):
-  """(new members, per-member metrics) of fn(member_k, consts_k, *shared) -> (new member_k,
-  metrics_k) for every member of the stack `members`, vmapped, inside a jitted function.
-
-  With `at_once` > 0 the members are updated in chunks of at_once (n must be a multiple:
-  member_layout pads the ensemble so): a fori_loop whose carry is the member stack itself, each
-  chunk read with dynamic_slice and written back with dynamic_update_slice, so that XLA updates
-  the (donated) stack in place instead of building a second one beside it (lax.map over chunks
-  would). Without chunking, one vmap over all members.
-  """
-  n = jax.tree.leaves(members)[0].shape[0]
-  per_chunk = _per_chunk(fn, "vmap", shared)
-  if at_once <= 0 or at_once >= n:
-    return per_chunk((members, consts))
-  if n % at_once:
-    raise ValueError(f"{n} members do not split into chunks of {at_once} (member_layout pads "
-                     "the ensemble to whole chunks)")
-  take = lambda tree, start: jax.tree.map(
-      lambda x: jax.lax.dynamic_slice_in_dim(x, start, at_once), tree)
-  put = lambda tree, part, start: jax.tree.map(
-      lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), start, 0),
-      tree, part)
-  first = jax.eval_shape(per_chunk, (take(members, 0), take(consts, 0)))[1]
-  # A zero computed from the members, so that under a shard_map the metrics buffer varies over
-  # the mesh axis as the members do (the loop carry's type must not change).
-  zero = jnp.zeros((), jnp.float32) * jax.tree.leaves(members)[0].reshape(-1)[0]
-  metrics = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1:], s.dtype)
-                         + zero.astype(s.dtype), first)
-
-  def body(i, carry):
-    members, metrics = carry
-    start = i * at_once
-    new, met = per_chunk((take(members, start), take(consts, start)))
-    return put(members, new, start), put(metrics, met, start)
-  return jax.lax.fori_loop(0, n // at_once, body, (members, metrics))
-
-
-def _each_member(fn, shared, stacked):
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  outs = [fn(*jax.tree.map(lambda x, i=i: x[i], stacked), *shared) for i in range(n)]
-  return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
-
-
-def member_key(seed: int, step, index):
-  """The rng of member `index` at `step`: independent of lowering, sharding and chunking."""
-  return jax.random.fold_in(common.step_key(seed, STAGE_SALT, step), index)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberSpec:
-  """What one generator's update needs besides its arrays: modules, optimiser, loss settings."""
-  gen: models.Generator
-  teacher: Any                 # the teacher's flax module (its variables are an argument)
-  tx: Any                      # optax.GradientTransformation
-  num_classes: int
-  seed: int
-  batch: int                   # images per generator and step
-  loss: str = "luo"            # 'luo' | 'dafl'
-  single_target: str = "random"
-  w_tv: float = 0.0
-  w_l2: float = 0.0
-  w_mm: float = 1.0
-  mm_form: str = "l2"
-  w_oh: float = 1.0            # loss 'dafl': DAFL's weights (config.generator)
-  w_a: float = 0.1
-  w_ie: float = 5.0
-  conditional: bool = False    # a class-conditional generator (G = 1, single_target 'conditional')
-
-
-def is_conditional(config, num_classes: int) -> bool:
-  return (num_generators(config, num_classes) == 1
-          and config.ensemble.single_target == "conditional")
-
-
-def make_generator(config, info) -> models.Generator:
-  """Generator k: config.generator's sizes with config.ensemble.style (class-conditional for a
-  single conditional generator)."""
-  gen = generator_parts.make_generator(config.generator, info, style=config.ensemble.style,
-                            dtype=common.compute_dtype(config),
-                            platform=platforms.of_config(config))
-  if is_conditional(config, info.num_classes):
-    gen = gen.clone(num_classes=info.num_classes)
-  return gen
-
-
-def member_spec(config, info, teacher_model) -> MemberSpec:
-  e, g = config.ensemble, config.generator
-  return MemberSpec(
-      gen=make_generator(config, info), teacher=teacher_model,
-      tx=common.make_optimizer(e, e.steps), num_classes=info.num_classes, seed=config.seed,
-      batch=int(e.batch_per_generator), loss=e.loss, single_target=e.single_target,
-      w_tv=e.w_tv, w_l2=e.w_l2, w_mm=e.w_mm, mm_form=e.mm_form, w_oh=g.w_oh, w_a=g.w_a,
-      w_ie=g.w_ie, conditional=is_conditional(config, info.num_classes))
-
-
-def member_loss(spec: MemberSpec, params, batch_stats, targets, class_id, key, teacher_vars):
-  """The loss of one generator; returns (loss, (new batch_stats, metrics)). Pure.
-
-  'luo': inceptionism_loss towards class `class_id` (ALL_CLASSES: per-sample random or argmax
-  targets) + w_mm * bn_moment_matching against `targets`. 'dafl': losses.dafl_generator_loss
-  (config.generator's weights) + the same moment matching. A conditional generator draws one
-  class c per step (class_id when >= 0), generates class c and matches targets[c] (`targets`
-  then holds every class's statistics).
-  """
-  k_z, k_free = jax.random.split(key)
-  z = jax.random.normal(k_z, (spec.batch, spec.gen.latent_dim))
-  if spec.conditional:
-    c = jnp.where(class_id >= 0, class_id,
-                  jax.random.randint(jax.random.fold_in(key, 2), (), 0, spec.num_classes))
-    cond = jnp.full((spec.batch,), c)
-    targets = jax.tree.map(lambda t: t[c], targets)
-    images, new_bs = generator_parts.generate(spec.gen, params, batch_stats, z, cond)
-  else:
-    images, new_bs = generator_parts.generate(spec.gen, params, batch_stats, z)
-  use_mm = spec.w_mm > 0
-  logits, feats, moments = generator_parts.teacher_forward(spec.teacher, teacher_vars, images,
-                                                  moments=use_mm)
-  if spec.conditional:
-    labels = cond
-  elif spec.single_target == "argmax":
-    labels = jnp.where(class_id >= 0, class_id, jnp.argmax(jax.lax.stop_gradient(logits), -1))
-  else:
-    free = jax.random.randint(k_free, logits.shape[:1], 0, spec.num_classes)
-    labels = jnp.where(class_id >= 0, class_id, free)
-  if spec.loss == "luo":
-    loss = losses.inceptionism_loss(logits, labels, images, spec.w_tv, spec.w_l2)
-    metrics = {"ce": losses.cross_entropy(logits, labels),
-               "tv": losses.total_variation(images), "l2": losses.image_l2_prior(images)}
-  else:
-    loss, metrics = losses.dafl_generator_loss(logits, feats, spec.w_oh, spec.w_a, spec.w_ie)
-    if not spec.conditional:
-      labels = jnp.where(class_id >= 0, class_id, jnp.argmax(logits, -1))
-  if use_mm:
-    mm = losses.bn_moment_matching(moments, targets, form=spec.mm_form)
-    loss = loss + spec.w_mm * mm
-    metrics["mm"] = mm
-  metrics["agreement"] = losses.accuracy(logits, labels)
-  return loss, (new_bs, metrics)
-
-
-def member_update(spec: MemberSpec, member, const, teacher_vars, step):
-  """One generator's whole update: generator, teacher, loss, gradient, optimiser. Pure.
-
-  member: {'params', 'batch_stats', 'opt_state'}; const: {'targets', 'class_id', 'index'}.
-  Returns (new member, metrics of this member).
-  """
-  key = member_key(spec.seed, step, const["index"])
-  (loss, (new_bs, metrics)), grads = jax.value_and_grad(member_loss, argnums=1, has_aux=True)(
-      spec, member["params"], member["batch_stats"], const["targets"], const["class_id"], key,
-      teacher_vars)
-  updates, opt_state = spec.tx.update(grads, member["opt_state"], member["params"])
-  new = {"params": optax.apply_updates(member["params"], updates), "batch_stats": new_bs,
-         "opt_state": opt_state}
-  return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-
-
 MEMBER_KEYS = ("params", "batch_stats", "opt_state")
 
 
@@ -320,7 +89,8 @@ def _mean_over_real(per_member, real, g: int):
   return {k: jnp.sum(v * real) / g for k, v in per_member.items()}
 
 
-def ensemble_step(sharded_update: Callable, g: int, state, batch, consts, teacher_vars):  # pylint: disable=unused-argument
+def ensemble_step(sharded_update: Callable, g: int, state, batch,  # pylint: disable=unused-argument
+                  consts, teacher_vars):
   """The 'vmap' step: sharded_update (member_update mapped over each device's members, under a
   shard_map over 'gen') on the stacked state; metrics averaged over the G real members."""
   members = {k: state[k] for k in MEMBER_KEYS}
@@ -328,7 +98,7 @@ def ensemble_step(sharded_update: Callable, g: int, state, batch, consts, teache
   return dict(new, step=state["step"] + 1), _mean_over_real(per_member, consts["real"], g)
 
 
-def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
+def make_step(spec: objective.MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
               consts, teacher_vars) -> Callable:
   """step(state, batch) -> (state, metrics) (batch: None): member_update on every member, metrics
   averaged over the G real members. state: {'params', 'batch_stats', 'opt_state'} stacked and
@@ -343,8 +113,8 @@ def make_step(spec: MemberSpec, mesh: Mesh, lowering: str, at_once: int, g: int,
   # per-member cotangent for the replicated teacher kernels, which the varying-manual-axes check
   # rejects; no collective is used inside, so the check guards nothing there.
   sharded = jax.shard_map(
-      lambda members, consts, tvars, step: update_members(
-          functools.partial(member_update, spec), members, consts, at_once,
+      lambda members, consts, tvars, step: members_lib.update_members(
+          functools.partial(objective.member_update, spec), members, consts, at_once,
           shared=(tvars, step)),
       mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=(P(axis), P(axis)),
       check_vma=not platforms.is_cpu(spec.gen.platform))
@@ -377,18 +147,19 @@ def _stack_jit(trees):
 def _unstack(tree, n: int) -> list:
   """The n members of a stacked pytree, cut MAX_UNROLLED at a time (one jitted call each)."""
   out = []
-  for i in range(0, n, MAX_UNROLLED):
-    m = min(MAX_UNROLLED, n - i)
+  for i in range(0, n, members_lib.MAX_UNROLLED):
+    m = min(members_lib.MAX_UNROLLED, n - i)
     part = tree if m == n else jax.tree.map(lambda x, i=i, m=m: x[i:i + m], tree)
     out.extend(_unstack_jit(part, m))
   return out
 
 
 def _stack(trees: list):
-  """The members stacked again (MAX_UNROLLED at a time, then concatenated)."""
-  if len(trees) <= MAX_UNROLLED:
+  """The members stacked again (members_lib.MAX_UNROLLED at a time, then concatenated)."""
+  if len(trees) <= members_lib.MAX_UNROLLED:
     return _stack_jit(trees)
-  parts = [_stack_jit(trees[i:i + MAX_UNROLLED]) for i in range(0, len(trees), MAX_UNROLLED)]
+  step = members_lib.MAX_UNROLLED
+  parts = [_stack_jit(trees[i:i + step]) for i in range(0, len(trees), step)]
   return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
@@ -400,8 +171,8 @@ class _LoopStep:
   into the global arrays; in a multi-process run each process updates its own devices' members.
   """
 
-  def __init__(self, spec: MemberSpec, mesh: Mesh, g: int, consts, teacher_vars):
-    self.update = jax.jit(functools.partial(member_update, spec), donate_argnums=(0,))
+  def __init__(self, spec: objective.MemberSpec, mesh: Mesh, g: int, consts, teacher_vars):
+    self.update = jax.jit(functools.partial(objective.member_update, spec), donate_argnums=(0,))
     self.split = NamedSharding(mesh, P(mesh.axis_names[0]))
     rep = NamedSharding(mesh, P())
     self.teacher = _device_blocks(jax.device_put(teacher_vars, rep))
@@ -460,48 +231,11 @@ class Ensemble:
     """(padded, n) the class of each image of sample(state, n): the member's class; for a
     conditional all-class generator the class it is conditioned on (k mod num_classes); -1
     for an unconditional all-class generator."""
-    labels = np.asarray(sample_conditions(self.class_ids, n, max(self.gen.num_classes, 1)))
+    labels = np.asarray(objective.sample_conditions(
+        self.class_ids, n, max(self.gen.num_classes, 1)))
     if self.gen.num_classes:
       return labels
-    return np.where(self.class_ids[:, None] >= 0, labels, ALL_CLASSES).astype(np.int32)
-
-
-def sample_conditions(class_ids, n: int, num_classes: int, offset=0):
-  """(G, n) labels a conditional generator is given: its class, or for an all-class generator
-  the classes (offset + j) mod num_classes."""
-  ids = jnp.asarray(class_ids)[:, None]
-  return jnp.where(ids >= 0, ids, (offset + jnp.arange(n)[None, :]) % num_classes)
-
-
-def _stack_targets(stats: dict, class_ids: np.ndarray, conditional_classes: int = 0):
-  """Moment-matching targets stacked per member: class-conditional, or global for ALL_CLASSES;
-  for a conditional generator (conditional_classes > 0) every class's statistics (leading axis:
-  class)."""
-  if not stats:
-    return {}
-  if conditional_classes:
-    per_class = bn_stats_lib.targets_for(stats, np.arange(conditional_classes))
-    return jax.tree.map(lambda t: jnp.broadcast_to(t, (len(class_ids),) + t.shape), per_class)
-  targets = bn_stats_lib.targets_for(stats, np.maximum(class_ids, 0))
-  if (class_ids >= 0).all():
-    return targets
-  all_classes = jnp.asarray(class_ids < 0)
-  glob = bn_stats_lib.targets_for({"global": stats["global"]}, class_ids)
-  return jax.tree.map(
-      lambda t, g: jnp.where(all_classes.reshape((-1,) + (1,) * (t.ndim - 1)), g, t),
-      targets, glob)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def init_generators(gen: models.Generator, seed: int, index):
-  """(params, batch_stats) of the members `index`, stacked; member k's depend only on k.
-
-  A module-level jit, so its compilation is shared by every ensemble of the same generator in a
-  process.
-  """
-  key = jax.random.fold_in(jax.random.key(seed), INIT_SALT)
-  # vmap: it runs once, the grouped convolutions of the init forward pass do not matter.
-  return jax.vmap(lambda i: generator_parts.init_generator(gen, jax.random.fold_in(key, i)))(index)
+    return np.where(self.class_ids[:, None] >= 0, labels, objective.ALL_CLASSES).astype(np.int32)
 
 
 def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
@@ -516,23 +250,23 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
   e = config.ensemble
   mesh = mesh if mesh is not None else parallel.make_mesh("gen")
   axis = mesh.axis_names[0]
-  g = num_generators(config, info.num_classes)
+  g = objective.num_generators(config, info.num_classes)
   at_once = int(e.max_generators_per_device_at_once)
-  padded, _, chunk = member_layout(g, mesh.devices.size, at_once)
-  class_ids = member_class_ids(g, padded, info.num_classes)
+  padded, _, chunk = members_lib.member_layout(g, mesh.devices.size, at_once)
+  class_ids = objective.member_class_ids(g, padded, info.num_classes)
   platform = platforms.of_config(config)
-  lowering = "vmap" if abstract else resolve_lowering(e.lowering, platform)
-  spec = member_spec(config, info, teacher["model"])
+  lowering = "vmap" if abstract else members_lib.resolve_lowering(e.lowering, platform)
+  spec = objective.member_spec(config, info, teacher["model"])
   split, rep = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
   index = np.arange(padded, dtype=np.int32)
 
   def init_state(idx):
-    params, batch_stats = init_generators(spec.gen, config.seed, idx)
+    params, batch_stats = objective.init_generators(spec.gen, config.seed, idx)
     return {"params": params, "batch_stats": batch_stats,
             "opt_state": jax.vmap(spec.tx.init)(params)}
 
   def make_consts(stats):
-    return {"targets": _stack_targets(stats, class_ids, spec.gen.num_classes),
+    return {"targets": objective.stack_targets(stats, class_ids, spec.gen.num_classes),
             "class_id": jnp.asarray(class_ids), "index": jnp.asarray(index),
             "real": jnp.asarray(index < g, jnp.float32)}
   stats = teacher.get("bn_stats") or {}
@@ -553,13 +287,13 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
     return generator_parts.generate(spec.gen, p, bs, z, c if spec.conditional else None)[0]
 
   def sample(state, n: int, consts=consts, first: int = 0):
-    conditions = sample_conditions(consts["class_id"], n, info.num_classes)
+    conditions = objective.sample_conditions(consts["class_id"], n, info.num_classes)
     members = (state["params"], state["batch_stats"], consts["index"], conditions)
     if first:  # the first members only, gathered: no other member is sampled
-      return map_members(functools.partial(one, n), jax.tree.map(lambda x: x[:first], members),
-                         lowering, at_once)
+      return members_lib.map_members(functools.partial(one, n),
+                                     jax.tree.map(lambda x: x[:first], members), lowering, at_once)
     fn = jax.shard_map(
-        lambda *m: map_members(functools.partial(one, n), m, lowering, at_once),
+        lambda *m: members_lib.map_members(functools.partial(one, n), m, lowering, at_once),
         mesh=mesh, in_specs=P(axis), out_specs=P(axis),
         check_vma=not platforms.is_cpu(platform))
     return fn(*members)
@@ -568,9 +302,9 @@ def build(config, teacher: dict, info, mesh: Optional[Mesh] = None,
     def classify(p, bs, i, c, tvars):
       images = one(n, p, bs, i, c)
       return jnp.argmax(spec.teacher.apply(tvars, images, train=False), -1).astype(jnp.int32)
-    conditions = sample_conditions(consts["class_id"], n, info.num_classes)
+    conditions = objective.sample_conditions(consts["class_id"], n, info.num_classes)
     fn = jax.shard_map(
-        lambda p, bs, i, c, tv: map_members(classify, (p, bs, i, c), lowering, at_once,
+        lambda p, bs, i, c, tv: members_lib.map_members(classify, (p, bs, i, c), lowering, at_once,
                                             shared=(tv,)),
         mesh=mesh, in_specs=(P(axis), P(axis), P(axis), P(axis), P()), out_specs=P(axis),
         check_vma=not platforms.is_cpu(platform))
@@ -659,8 +393,8 @@ def teacher_has_bn(config, info) -> bool:
 
 class Generators(stage_lib.Stage):
   """Trains the ensemble. Its output is the 'generators' item of the final checkpoint (the
-  members' params and BN state, the real G first), which stage 'distill_generators' loads. An Ensemble built
-  by `build` from the same config and teacher in ctx.outputs['ensemble'] is used (its compiled
+  members' params and BN state, the real G first), which stage 'distill_generators' loads. An
+  Ensemble built by `build` from the same config and teacher in ctx.outputs['ensemble'] is used (its compiled
   step reused) instead of building one."""
   name = "generators"
   selector = "generators"
@@ -673,7 +407,7 @@ class Generators(stage_lib.Stage):
           f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "
           f"{config.teacher.model!r} has no BatchNorm layers; use a teacher with BN (e.g. "
           "teacher.model='lenet5_bn') or set ensemble.w_mm=0")
-    g = num_generators(config, info.num_classes)
+    g = objective.num_generators(config, info.num_classes)
     if 1 < g < info.num_classes:
       log.warn(f"ensemble.num_generators={g}: classes {g}..{info.num_classes - 1} get no "
                "generator and no distillation images")
@@ -683,12 +417,12 @@ class Generators(stage_lib.Stage):
 
   def identity(self, ctx):
     config, info = ctx.config, ctx.info
-    gen = make_generator(config, info)
-    g = num_generators(config, info.num_classes)
+    gen = objective.make_generator(config, info)
+    g = objective.num_generators(config, info.num_classes)
     return {"num_generators": g, "image_shape": list(info.image_shape),
             "latent_dim": gen.latent_dim, "width": gen.width, "num_upsample": gen.num_upsample,
             "style": gen.style, "conditional": bool(gen.num_classes),
-            "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}
+            "class_ids": [int(c) for c in objective.member_class_ids(g, g, info.num_classes)]}
 
   def resume_hint(self, key, saved):
     if key != "padded":
@@ -754,172 +488,6 @@ class Generators(stage_lib.Stage):
 GENERATORS = Generators()
 
 
-def distill_layout(setting: str, g: int, devices: int) -> str:
-  """config.ensemble.distill_layout resolved: 'sharded' or 'replicated'."""
-  if setting != "auto":
-    return setting
-  return "sharded" if g >= devices else "replicated"
-
-
-def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
-                    layout: str = "replicated", platform: Optional[str] = None) -> dict:
-  """The finished generators in `path` on `mesh`, checked against `info`; their module computes
-  in `dtype`, in the form of `platform` (platforms.py). layout 'replicated': every device holds
-  all G; 'sharded': the stacked members are split over the mesh's axis, padded with zero members
-  to a multiple of its size (each device reads only its part); 'auto': distill_layout's
-  choice.
-
-  Works on any device count: the restore target is built from the checkpoint's own meta and
-  item shapes. Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G, or the padded
-  count when sharded), 'meta', 'directory', 'layout', 'padded'}.
-
-  Raises:
-    CheckpointError: no finished generator checkpoint in `path`, or one made for other images
-      or another number of classes.
-  """
-  d = ckpt_lib.stage_directory(path, "generators")
-  hint = ("run the generators stage first (stage=generators or stage=all), or point "
-          "generator_checkpoint at a generators directory")
-  if not paths.isdir(d):
-    raise ckpt_lib.CheckpointError(f"no generator checkpoint in {d}; {hint}")
-  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"no generator checkpoint in {d}; {hint}")
-    meta = ckpt.restore_meta(step)
-    if meta.get("kind") != "generator_ensemble":
-      raise ckpt_lib.CheckpointError(f"the checkpoint in {d} is not a generator ensemble "
-                                     f"(stage {meta.get('stage')!r}); {hint}")
-    if not meta.get("done"):
-      raise ckpt_lib.CheckpointError(
-          f"the generators in {d} are unfinished (step {step} of {meta.get('total_steps')}); "
-          "run the generators stage again to finish them")
-    shape, classes = tuple(meta.get("image_shape", ())), meta.get("num_classes")
-    if shape != tuple(info.image_shape) or classes != info.num_classes:
-      raise ckpt_lib.CheckpointError(
-          f"the generators in {d} were made for {classes} classes of {shape} images, but "
-          f"dataset {info.name!r} has {info.num_classes} classes of {tuple(info.image_shape)} "
-          "images")
-    gen = models.Generator(latent_dim=meta["latent_dim"], image_size=shape[0],
-                           channels=shape[2], width=meta["width"],
-                           num_upsample=meta["num_upsample"], style=meta["style"],
-                           num_classes=classes if meta.get("conditional") else 0,
-                           dtype=dtype, platform=platform)
-    g = int(meta["num_generators"])
-    shapes = ckpt.item_shapes(step, "generators")
-    expected = jax.eval_shape(lambda: generator_parts.init_generator(gen, jax.random.key(0)))
-    expected = {"params": expected[0], "batch_stats": expected[1]}
-    saved = {int(a.shape[0]) for a in jax.tree.leaves(shapes) if a.shape}
-    same = (jax.tree.structure(shapes) == jax.tree.structure(expected) and len(saved) == 1
-            and min(saved) >= g and all(
-                tuple(a.shape[1:]) == tuple(b.shape)
-                for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(expected))))
-    if not same:
-      raise ckpt_lib.CheckpointError(
-          f"the generators in {d} do not match their meta ({g} generators {meta['style']!r}, "
-          f"width {meta['width']}, latent {meta['latent_dim']}); the checkpoint is corrupt")
-    mesh = mesh if mesh is not None else parallel.make_mesh("data")
-    layout = distill_layout(layout, g, mesh.devices.size)
-    # The checkpoint holds the real G first, then the padding of the run that wrote it: read
-    # the first G (replicated) or as many members as this mesh splits evenly (sharded; the
-    # slots past G, padding or zeros, are never drawn).
-    padded = g
-    if layout == "sharded":
-      padded = -(-g // mesh.devices.size) * mesh.devices.size
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((padded,) + x.shape[1:], x.dtype),
-                          shapes)
-    target = ckpt_lib.abstract_like(shapes, parallel.split_leading(mesh) if layout == "sharded"
-                                    else parallel.replicated(mesh))
-    variables = ckpt.restore(step, "generators", target, pad=padded != min(saved))
-  finally:
-    ckpt.close()
-  return {"gen": gen, "params": variables["params"], "batch_stats": variables["batch_stats"],
-          "meta": meta, "directory": d, "layout": layout, "padded": padded}
-
-
-def _draw_images(gen, bn_batch: int, lowering: str, key, size: int, variables, class_ids,
-                 real):
-  """`size` images from members [0, real) of the stacked `variables` (class_ids: theirs):
-  k = ceil(size / bn_batch) draws, draw j is member perm[j mod real] of a random permutation
-  of the real members, on latents keyed fold_in(key_z, j). `real` may be traced."""
-  n = class_ids.shape[0]
-  classes = max(gen.num_classes, 1)
-  k = -(-size // bn_batch)
-  k_perm, k_class, k_z = jax.random.split(key, 3)
-  perm = jax.random.permutation(k_perm, n)
-  if not isinstance(real, int) or real < n:  # the real members first, in permuted order
-    perm = perm[jnp.argsort(perm >= real, stable=True)]
-  draw = perm[jnp.arange(k) % jnp.maximum(real, 1)]
-  offsets = jax.random.randint(k_class, (k,), 0, classes)
-  conditions = sample_conditions(class_ids[draw], bn_batch, classes, offsets[:, None])
-
-  def one(p, bs, j, c):
-    z = jax.random.normal(jax.random.fold_in(k_z, j), (bn_batch, gen.latent_dim))
-    return generator_parts.generate(gen, p, bs, z, c if gen.num_classes else None)[0]
-  chosen = jax.tree.map(lambda x: x[draw], variables)
-  images = map_members(one, (chosen["params"], chosen["batch_stats"], jnp.arange(k),
-                             conditions), lowering)
-  images = images.reshape((k * bn_batch,) + images.shape[2:])
-  return jax.lax.stop_gradient(images[:size])
-
-
-def make_images_fn(gens: dict, lowering: str, bn_batch: int,
-                   mesh: Optional[Mesh] = None) -> Callable:
-  """images_fn(key, n, batch, variables): n images from the frozen generators' `variables`
-  (the loop's `batch` is unused), each generator drawing `bn_batch` images at a time: the BN
-  batch it was trained with, so that its images do not depend on G or n.
-
-  A step takes k = ceil(n / bn_batch) draws: draw j is generator perm[j mod G] of a random
-  permutation of the G generators (every generator is drawn equally often over the steps, and
-  at most once per step while k <= G), on latents keyed fold_in(key_z, j); a conditional
-  all-class generator is given the classes (r_j + i) mod num_classes for its images i, r_j
-  random. The draws' images are concatenated and the first n kept. Generator BN runs in
-  training mode (its updated statistics are discarded).
-
-  Sharded generators (gens['layout'] == 'sharded', on `mesh`): each of the D devices draws its
-  n / D images the same way from its own real members, with the step key folded with its index
-  (for D > 1). When D does not divide G the devices hold different numbers of real members
-  r_d (the last ones fewer, possibly none), and images_fn returns (images, weights) with
-  weight r_d D / G for the images of device d: a generator's share of the weighted loss is
-  then the same for every generator, in expectation, as with replicated generators.
-  """
-  gen = gens["gen"]
-  g = int(gens["meta"]["num_generators"])
-  ids = np.asarray(gens["meta"]["class_ids"], np.int32)
-  if gens.get("layout", "replicated") != "sharded":
-    class_ids = jnp.asarray(ids)
-
-    def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
-      return _draw_images(gen, bn_batch, lowering, key, size, variables, class_ids, g)
-    return images_fn
-
-  axis = mesh.axis_names[0]
-  d = mesh.devices.size
-  padded = int(gens["padded"])
-  per_device = padded // d
-  ids = np.concatenate([ids, np.zeros((padded - g,), np.int32)])
-  weighted = g % d != 0
-
-  def local(key, variables, class_ids, size):
-    index = jax.lax.axis_index(axis)
-    real = g if d == 1 else jnp.clip(g - index * per_device, 0, per_device)
-    k_dev = key if d == 1 else jax.random.fold_in(key, index)
-    images = _draw_images(gen, bn_batch, lowering, k_dev, size, variables, class_ids, real)
-    if not weighted:
-      return images
-    w = jnp.full((size,), real * d / g, jnp.float32)
-    return images, w
-
-  def images_fn(key, size, batch, variables):  # pylint: disable=unused-argument
-    fn = jax.shard_map(functools.partial(local, size=size // d), mesh=mesh,
-                       in_specs=(P(), P(axis), P(axis)),
-                       out_specs=(P(axis), P(axis)) if weighted else P(axis),
-                       check_vma=not platforms.is_cpu(gen.platform))
-    return fn(key, variables, jax.device_put(ids, NamedSharding(mesh, P(axis))))
-  return images_fn
-
-
 class DistillGenerators(students.Distill):
   """Luo et al.'s second stage: the student distils on images of the frozen generators, loaded
   from config.generator_checkpoint (default <workdir>/generators)."""
@@ -933,7 +501,7 @@ class DistillGenerators(students.Distill):
 
   def _generators(self, ctx) -> dict:
     if "frozen_generators" not in ctx.outputs:
-      ctx.outputs["frozen_generators"] = load_generators(
+      ctx.outputs["frozen_generators"] = frozen.load_generators(
           checkpoint_to_distill(ctx.config, ctx.workdir), ctx.info, parallel.make_mesh("data"),
           common.compute_dtype(ctx.config), ctx.config.ensemble.distill_layout,
           platforms.of_config(ctx.config))
@@ -950,19 +518,19 @@ class DistillGenerators(students.Distill):
       variables = parallel.put_replicated(variables, mesh)
     bn_batch = int(gens["meta"].get("batch_per_generator",
                                     ctx.config.ensemble.batch_per_generator))
-    images_fn = make_images_fn(gens, resolve_lowering(ctx.config.ensemble.lowering,
-                                                      gens["gen"].platform), bn_batch, mesh)
+    lowering = members_lib.resolve_lowering(ctx.config.ensemble.lowering, gens["gen"].platform)
+    images_fn = frozen.make_images_fn(gens, lowering, bn_batch, mesh)
     return images_fn, None, variables, {"generators": gens["directory"],
                                         "num_generators": gens["meta"]["num_generators"]}
 
   def abstract_source(self, ctx, mesh):
     """The generators the generators stage of this config would save, as ShapeDtypeStructs."""
     config, info = ctx.config, ctx.info
-    gen = make_generator(config, info)
-    g = num_generators(config, info.num_classes)
+    gen = objective.make_generator(config, info)
+    g = objective.num_generators(config, info.num_classes)
     params, batch_stats = jax.eval_shape(
         lambda: generator_parts.init_generator(gen, jax.random.key(0)))
-    layout = distill_layout(config.ensemble.distill_layout, g, mesh.devices.size)
+    layout = frozen.distill_layout(config.ensemble.distill_layout, g, mesh.devices.size)
     padded = -(-g // mesh.devices.size) * mesh.devices.size if layout == "sharded" else g
     sharding = (parallel.split_leading(mesh) if layout == "sharded"
                 else parallel.replicated(mesh))
@@ -971,9 +539,10 @@ class DistillGenerators(students.Distill):
         {"params": params, "batch_stats": batch_stats})
     gens = {"gen": gen, "layout": layout, "padded": padded, "meta": {
         "num_generators": g,
-        "class_ids": [int(c) for c in member_class_ids(g, g, info.num_classes)]}}
-    images_fn = make_images_fn(gens, resolve_lowering(config.ensemble.lowering, gen.platform),
-                               int(config.ensemble.batch_per_generator), mesh)
+        "class_ids": [int(c) for c in objective.member_class_ids(g, g, info.num_classes)]}}
+    lowering = members_lib.resolve_lowering(config.ensemble.lowering, gen.platform)
+    images_fn = frozen.make_images_fn(gens, lowering, int(config.ensemble.batch_per_generator),
+                                      mesh)
     return images_fn, None, variables
 
 
