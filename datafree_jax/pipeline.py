@@ -181,11 +181,15 @@ def _summary_text(s: dict) -> str:
     lines.append(f"teacher {t['model']}: test accuracy {acc:.4f}" if acc is not None else
                  f"teacher {t['model']}")
     lines.append(f"  checkpoint: {paths.resolve(t['checkpoint'])}")
-  g = s.get("generators")
-  if g:
-    lines.append(f"generators: {g['num_generators']} after {g['steps']} steps" + "".join(
-        f", {k} {v:.4f}" for k, v in g["eval"].items()))
-    lines.append(f"  checkpoint: {paths.resolve(g['checkpoint'])}")
+  for name, entry in s.items():  # the entries of the method's other stages (Stage.summarize)
+    if name in ("teacher", "student") or not isinstance(entry, dict) or "checkpoint" not in entry:
+      continue
+    facts = [f"{k} {v}" for k, v in entry.items()
+             if k not in ("checkpoint", "eval") and isinstance(v, (int, float, str))]
+    facts += [f"{k} {v:.4f}" for k, v in (entry.get("eval") or {}).items()
+              if isinstance(v, (int, float))]
+    lines.append(f"{name}: " + ", ".join(facts))
+    lines.append(f"  checkpoint: {paths.resolve(entry['checkpoint'])}")
   st = s.get("student")
   if st:
     lines.append(f"student {st['model']}: final test accuracy {st['test_accuracy']:.4f} after "

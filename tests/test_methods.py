@@ -209,3 +209,15 @@ def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
       assert path[0] == "pipeline.py:train_and_evaluate", (loss, path)
       assert len(path) <= 7, (loss, path)
       assert not [f for f in path if "<locals>" in f], (loss, path)
+
+
+def test_the_summary_prints_any_stages_entries_without_knowing_the_stage():
+  summary = {"seconds": 3.0, "workdir": "/w", "config": {}, "plots": [],
+             "teacher": {"model": "lenet5", "test_accuracy": 0.98, "checkpoint": "/w/teacher"},
+             "my_stage": {"members": 4, "steps": 7, "eval": {"agreement": 0.5},
+                          "checkpoint": "/w/my_stage"},
+             "student": {"model": "lenet5_half", "test_accuracy": 0.9, "steps": 7,
+                         "checkpoint": "/w/my_student"}}
+  text = pipeline._summary_text(summary)  # pylint: disable=protected-access
+  assert "my_stage: members 4, steps 7, agreement 0.5000\n  checkpoint: /w/my_stage" in text
+  assert "student lenet5_half: final test accuracy 0.9000 after 7 steps" in text
