@@ -47,7 +47,7 @@ setup(
                                     # crashed importing triton on a CPU-only machine
         "cuda": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
-        "export": EXPORT,   # python -m datafree_jax.export: ONNX, and checking TFLite/ONNX
+        "export": EXPORT,   # python -m datafree_jax.main export: ONNX, checking TFLite/ONNX
         "import": IMPORT,   # teacher.init_from=FILE.safetensors (.pt/.pth need torch)
         "gcs": ["gcsfs"],   # gs:// through fsspec (EPATH_USE_TF=false) instead of TensorFlow
     },

@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,17 +30,20 @@ def test_every_classifier_is_tested_here_or_in_test_imagenet_models():
 
 @pytest.mark.parametrize("name", sorted(set(models.CLASSIFIERS) - IMAGENET_MODELS))
 def test_classifier_shapes(name):
+  """Shapes and structures only: traced abstractly (jax.eval_shape), nothing compiled."""
   channels = 3 if name.startswith("resnet") else 1
   model = models.get_classifier(name, 7, width=4)
-  params, batch_stats = common.init_model(model, jax.random.key(0), (32, 32, channels))
-  x = jnp.ones((3, 32, 32, channels))
-  logits, feats = model.apply(common.variables_of(params, batch_stats), x, features=True)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((2, 32, 32, channels)), train=False))
+  batch_stats = variables.get("batch_stats", {})
+  x = jax.ShapeDtypeStruct((3, 32, 32, channels), jnp.float32)
+  logits, feats = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), variables, x)
   assert logits.shape == (3, 7)
   assert feats.shape == (3, FEATURES[name])
-  assert model.apply(common.variables_of(params, batch_stats), x).shape == (3, 7)
+  assert jax.eval_shape(lambda v, x: model.apply(v, x), variables, x).shape == (3, 7)
   # Every BN layer reports the moments of its input, in the structure of batch_stats.
-  _, _, moments = generator_parts.teacher_forward(model, common.variables_of(params, batch_stats), x,
-                                         moments=True)
+  _, _, moments = jax.eval_shape(
+      lambda v, x: generator_parts.teacher_forward(model, v, x, moments=True), variables, x)
   assert len(jax.tree.leaves(moments)) == 2 * BN_LAYERS[name]
   assert jax.tree.structure(moments) == jax.tree.structure(batch_stats)
 
@@ -55,8 +60,9 @@ def test_lenet5_half_is_half_width():
 def test_generator_shapes(style, size, channels, ups):
   g = models.Generator(latent_dim=10, image_size=size, channels=channels, width=8,
                        num_upsample=ups, style=style)
-  v = g.init(jax.random.key(0), jnp.zeros((2, 10)))
-  x, upd = g.apply(v, jax.random.normal(jax.random.key(1), (5, 10)), mutable=["batch_stats"])
+  v = jax.jit(g.init)(jax.random.key(0), jnp.zeros((2, 10)))
+  x, _ = jax.jit(functools.partial(g.apply, mutable=["batch_stats"]))(
+      v, jax.random.normal(jax.random.key(1), (5, 10)))
   assert x.shape == (5, size, size, channels)
   # The last BN normalises each channel over the batch (DAFL: no scale/offset).
   if style == "dafl":
@@ -72,13 +78,14 @@ def test_luo_generator_is_the_authors_layout():
   arg_scope's), computed here by hand from the layer before it."""
   g = models.Generator(latent_dim=6, image_size=32, channels=3, width=12, num_upsample=3,
                        style="luo")
-  v = g.init(jax.random.key(0), jnp.zeros((2, 6)))
+  v = jax.jit(g.init)(jax.random.key(0), jnp.zeros((2, 6)))
   assert [v["params"][f"bn{i}"]["scale"].shape[0] for i in (1, 2, 3)] == [12, 6, 4]
   z = jax.random.normal(jax.random.key(1), (7, 6))
   scale = jax.random.uniform(jax.random.key(2), (3,), minval=0.5, maxval=2.0)
   v = {"params": dict(v["params"], bn_out={"scale": scale}), "batch_stats": v["batch_stats"]}
-  x, state = g.apply(v, z, mutable=["batch_stats", "intermediates"],
-                     capture_intermediates=lambda mdl, _: mdl.name == "conv_out")
+  x, state = jax.jit(lambda v, z: g.apply(
+      v, z, mutable=["batch_stats", "intermediates"],
+      capture_intermediates=lambda mdl, _: mdl.name == "conv_out"))(v, z)
   t = jnp.tanh(state["intermediates"]["conv_out"]["__call__"][0])
   mean, var = t.mean(axis=(0, 1, 2)), t.var(axis=(0, 1, 2))
   np.testing.assert_allclose(x, (t - mean) / jnp.sqrt(var + 0.8) * scale, atol=1e-5)
@@ -89,13 +96,14 @@ def test_conditional_generator_is_the_generator_of_z_and_the_one_hot_label():
                           num_classes=3)
   plain = models.Generator(latent_dim=8, image_size=16, channels=1, width=4, style="luo")
   labels = jnp.array([0, 2, 1, 2])
-  v = cond.init(jax.random.key(0), jnp.zeros((2, 5)), jnp.zeros((2,), jnp.int32))
+  v = jax.jit(cond.init)(jax.random.key(0), jnp.zeros((2, 5)), jnp.zeros((2,), jnp.int32))
   z = jax.random.normal(jax.random.key(1), (4, 5))
-  x, _ = cond.apply(v, z, labels, mutable=["batch_stats"])
-  ref, _ = plain.apply(v, jnp.concatenate([z, jax.nn.one_hot(labels, 3)], -1),
-                       mutable=["batch_stats"])
+  apply_cond = jax.jit(lambda v, z, y: cond.apply(v, z, y, mutable=["batch_stats"])[0])
+  x = apply_cond(v, z, labels)
+  ref, _ = jax.jit(lambda v, z: plain.apply(v, z, mutable=["batch_stats"]))(
+      v, jnp.concatenate([z, jax.nn.one_hot(labels, 3)], -1))
   np.testing.assert_array_equal(x, ref)
-  other, _ = cond.apply(v, z, (labels + 1) % 3, mutable=["batch_stats"])
+  other = apply_cond(v, z, (labels + 1) % 3)
   assert np.abs(np.asarray(other - x)).max() > 1e-3  # the label matters
   with pytest.raises(ValueError, match="needs the class labels"):
     cond.apply(v, z, mutable=["batch_stats"])
@@ -125,16 +133,16 @@ def test_upsample_conv_is_upsample_then_conv(features, platform, form):
       return generators.UpsampleConv(features, platform=platform, name="c")(x)
 
   x = jax.random.normal(jax.random.key(1), (2, 4, 6, 3))
-  ref_v = Reference().init(jax.random.key(0), x)
-  fused_v = Fused().init(jax.random.key(0), x)
+  ref_v = jax.jit(Reference().init)(jax.random.key(0), x)
+  fused_v = jax.jit(Fused().init)(jax.random.key(0), x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, ref_v, fused_v))
   # A kernel with distinct taps, so that a wrong tap or parity shows.
   v = {"params": {"c": {"kernel": jax.random.normal(jax.random.key(2), (3, 3, 3, features)),
                         "bias": jnp.arange(float(features))}}}
-  out = Fused().apply(v, x)
+  out = jax.jit(Fused().apply)(v, x)
   assert out.shape == (2, 8, 12, features)
-  assert jnp.allclose(out, Reference().apply(v, x), atol=1e-5)
+  assert jnp.allclose(out, jax.jit(Reference().apply)(v, x), atol=1e-5)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-  g_ref = jax.grad(loss(Reference()), argnums=(0, 1))(v, x)
-  g_fused = jax.grad(loss(Fused()), argnums=(0, 1))(v, x)
+  g_ref = jax.jit(jax.grad(loss(Reference()), argnums=(0, 1)))(v, x)
+  g_fused = jax.jit(jax.grad(loss(Fused()), argnums=(0, 1)))(v, x)
   assert jax.tree.all(jax.tree.map(lambda a, b: jnp.allclose(a, b, atol=1e-4), g_ref, g_fused))

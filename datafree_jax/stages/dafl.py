@@ -90,8 +90,8 @@ def build(config, teacher: dict, info, abstract: bool = False):
   init = functools.partial(_init_state, config, info, gen, student, tx_g, tx_s)
   if abstract:
     state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
-  else:
-    state = parallel.put_replicated(init(), mesh)
+  else:  # One jitted init: op by op, every initialiser of the generator compiles on its own.
+    state = parallel.put_replicated(jax.jit(init)(), mesh)
   step_jit = jax.jit(
       functools.partial(dafl_step, gen, student, tx_g, tx_s, gcfg, scfg, teacher["model"],
                         parallel.split_leading(mesh), config.seed),
