@@ -11,15 +11,15 @@
 # columns beside the project's (on the GPU when PyTorch sees one). Nothing is downloaded or
 # installed. Appends to OUT_FILE (created if missing): the date, the devices (`nvidia-smi -L`
 # where present, and jax.devices()), then for each step a heading with its command, what the
-# step writes there itself (step_speed.py's --out: its header line and markdown table) and the
+# step writes there itself (step_speed's --out: its header line and markdown table) and the
 # step's whole stdout + stderr (also shown here as it runs) in a collapsed block:
 #   1. DAFL steps: mnist5k, the paper's MNIST setting and CIFAR-10 at batch 1024 (ResNet-34 ->
 #      ResNet-18), project and PyTorch:
-#        python benchmarks/step_speed.py --settings=mnist5k,paper_mnist,cifar10 \
+#        python -m benchmarks.step_speed --settings=mnist5k,paper_mnist,cifar10 \
 #          --cifar_batch=1024 --rounds=3 --reps=5 --out=OUT_FILE
 #   2. one step of 10 and of 100 CIFAR-10 generators (configs/cifar10.py:method=ensemble,
 #      ResNet-34 teacher), lowering 'vmap', with the single-generator step's compile time:
-#        python benchmarks/step_speed.py --settings=cifar_ensemble10,cifar_ensemble100 \
+#        python -m benchmarks.step_speed --settings=cifar_ensemble10,cifar_ensemble100 \
 #          --lowering=vmap --rounds=3 --reps=5 --out=OUT_FILE
 #   3. the ImageNet sizing dry run (configs/imagenet.py:dry_run=True; compiles every program of
 #      every stage exactly for these devices from abstract inputs, trains and writes nothing):
@@ -32,7 +32,7 @@
 #        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
 #          --config.dry_run_measure=True --config.dry_run_out=JSON --config.teacher.batch_size=128 \
 #          --config.student.batch_size=128 --config.ensemble.num_generators=8 --workdir=TMP
-# STEP_SPEED_ARGS (words) are appended to the step_speed.py command lines (a later option wins:
+# STEP_SPEED_ARGS (words) are appended to the step_speed command lines (a later option wins:
 # STEP_SPEED_ARGS="--rounds=1 --reps=1" for a quick pass). ACCELERATOR_STEPS picks the steps
 # (default "1 2 3 4"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
 # 2 see one GPU (CUDA_VISIBLE_DEVICES, default 0), PyTorch's: both implementations on one
@@ -110,11 +110,11 @@ if command -v nvidia-smi > /dev/null 2>&1; then
 fi
 
 step 1 "DAFL steps: mnist5k, paper MNIST, CIFAR-10 at batch 1024" \
-  ${one_device[@]+"${one_device[@]}"} "$python" benchmarks/step_speed.py \
+  ${one_device[@]+"${one_device[@]}"} "$python" -m benchmarks.step_speed \
   --settings=mnist5k,paper_mnist,cifar10 --cifar_batch=1024 --rounds=3 --reps=5 \
   "--out=$out" ${extra[@]+"${extra[@]}"}
 step 2 "one step of 10 and of 100 CIFAR-10 generators, lowering vmap" \
-  ${one_device[@]+"${one_device[@]}"} "$python" benchmarks/step_speed.py \
+  ${one_device[@]+"${one_device[@]}"} "$python" -m benchmarks.step_speed \
   --settings=cifar_ensemble10,cifar_ensemble100 --lowering=vmap --rounds=3 --reps=5 \
   "--out=$out" ${extra[@]+"${extra[@]}"}
 step 3 "ImageNet sizing dry run" \

@@ -1,60 +1,38 @@
 """Seconds per DAFL joint step (generator + student update) at the paper's MNIST setting
-(generator width 128, batch 512) and at the mnist5k config's setting.
+(generator width 128, batch 512) and at the mnist5k config's setting, the project's step only.
 
-    python benchmarks/dafl_step_speed.py [--steps=5]
+    python -m benchmarks.dafl_step_speed [--steps=5]
 
-Uses a randomly initialised LeNet-5 teacher (speed does not depend on its weights).
+Uses a random LeNet-5 teacher (speed does not depend on its weights). Each step is compiled
+first (its first call), then timed --steps times; s/step is the median.
+step_speed's mnist5k and paper_mnist settings time the same steps beside PyTorch's.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 
-import jax
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from datafree_jax import common, config_lib, input_pipeline, models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from datafree_jax.stages import dafl  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def config():
-  return config_lib.load_config_file(os.path.join(REPO, "configs", "mnist5k.py"))
-
-
-def time_step(width, batch, latent, steps):
-  c = config()
-  c.generator.width, c.student.batch_size, c.generator.latent_dim = width, batch, latent
-  info = input_pipeline.dataset_info("mnist5k")
-  tmodel = models.get_classifier("lenet5", 10)
-  tp, tbs = common.init_model(tmodel, jax.random.key(0), info.image_shape)
-  teacher = {"model": tmodel, "variables": common.variables_of(tp, tbs), "meta": {}}
-  state, step, *_ = dafl.build(c, teacher, info)
-  state, m = step(state, None)
-  jax.block_until_ready(m)
-  t0 = time.time()
-  for _ in range(steps):
-    state, m = step(state, None)
-    jax.device_get(m)
-  return (time.time() - t0) / steps
+from benchmarks import common, project, speed
 
 
 def main():
-  p = argparse.ArgumentParser()
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--steps", type=int, default=5)
   args = p.parse_args()
-  c = config()
-  rows = [("paper MNIST (width 128, batch 512, latent 100)", 128, 512, 100),
-          (f"mnist5k config (width {c.generator.width}, batch {c.student.batch_size}, latent "
-           f"{c.generator.latent_dim})", c.generator.width, c.student.batch_size,
-           c.generator.latent_dim)]
-  print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")
-  print("| setting | s/step |\n|---|---|")
-  for name, w, b, l in rows:
-    print(f"| {name} | {time_step(w, b, l, args.steps):.3f} |", flush=True)
+  c = project.load_config("mnist5k", "method=dafl")
+  g = c.generator
+  settings = [("paper MNIST (width 128, batch 512, latent 100)",
+               speed.mnist_dafl_config(128, 512, 100)),
+              (f"mnist5k config (width {g.width}, batch {c.student.batch_size}, latent "
+               f"{g.latent_dim})", c)]
+  print(common.machine_line())
+  rows = []
+  for name, config in settings:
+    timed = speed.dafl_row(name, config, 0, None, []).jax
+    timed.compile()
+    timed.run(args.steps)
+    rows.append([name, f"{timed.median():.3f}"])
+    timed.release()
+  print("\n".join(common.markdown_table(["setting", "s/step"], rows)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ImageNet sizing dry runs: configs/imagenet.py for each student and device count.
 
-    python benchmarks/imagenet_sizing.py --devices=8,16,64 --students=resnet18,resnet50,mobilenet_v2
-    python benchmarks/imagenet_sizing.py --devices=8 --students=resnet18 --target=gpu
+    python -m benchmarks.imagenet_sizing --devices=8,16,64 --students=resnet18,resnet50,mobilenet_v2
+    python -m benchmarks.imagenet_sizing --devices=8 --students=resnet18 --target=gpu
 
 Each run is `python -m datafree_jax.main
 --config=configs/imagenet.py:student=S,dry_run=True,target=T` in a subprocess with
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import REPO
 
 
 def main():

@@ -1,8 +1,8 @@
 """Accuracy table on mnist5k: teacher, KD with data, KD on noise, DAFL and the generator
 ensemble with its ablations, over several seeds.
 
-    python benchmarks/mnist5k_table.py --seeds=0,1,2 --workdir=/tmp/mnist5k_table
-    python benchmarks/mnist5k_table.py --teacher=lenet5_bn --seeds=0,1,2 \
+    python -m benchmarks.mnist5k_table --seeds=0,1,2 --workdir=/tmp/mnist5k_table
+    python -m benchmarks.mnist5k_table --teacher=lenet5_bn --seeds=0,1,2 \
         --methods=dafl,ensemble,ensemble_no_mm,ensemble_one_generator
 
 Each seed trains its own teacher (configs/mnist5k.py; --teacher picks LeNet-5 or LeNet-5-BN,
@@ -37,15 +37,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from datafree_jax import config_lib, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common, project
 
 METHODS = ("kd_data", "kd_noise", "dafl")
 # name: (config method, overrides, label)
@@ -69,25 +65,11 @@ SPECS = {
 }
 
 
-def get_config(arg: str, overrides: list[str]):
-  c = config_lib.load_config_file(os.path.join(REPO, "configs", "mnist5k.py"), arg)
-  c.log_every_secs = 60.0
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value)
-  return c
-
-
 def plot_accuracy(workdir: str, seeds, methods, labels: dict) -> str | None:
   """Draws test accuracy vs step of the teacher and of each method's student, all seeds, in
   one figure: <workdir>/accuracy_vs_step.png (returned; None when no run has an evaluation).
   Reads the TensorBoard scalars of <workdir>/seed<S>/teacher_only and <workdir>/seed<S>/<method>
   (runs missing there are left out)."""
-  from datafree_jax import paths, plots  # pylint: disable=g-import-not-at-top
   curves = {}
   for method in ("teacher",) + tuple(methods):
     runs = []
@@ -95,7 +77,7 @@ def plot_accuracy(workdir: str, seeds, methods, labels: dict) -> str | None:
       run = os.path.join(workdir, f"seed{seed}", "teacher_only" if method == "teacher" else method)
       if not os.path.isdir(os.path.join(run, "tensorboard")):
         continue
-      acc = plots.accuracy_curves(plots.read_workdir_scalars(run))
+      acc = project.accuracy_curves(run)
       # A method's workdir holds the teacher copied from teacher_only, not its events: its
       # curve is the student's (the stage other than the teacher's).
       stage = "teacher" if method == "teacher" else next((s for s in acc if s != "teacher"), None)
@@ -106,8 +88,8 @@ def plot_accuracy(workdir: str, seeds, methods, labels: dict) -> str | None:
   if not curves:
     return None
   path = os.path.join(workdir, "accuracy_vs_step.png")
-  paths.write_bytes(path, plots.accuracy_figure(
-      curves, f"mnist5k: test accuracy vs step, seeds {', '.join(map(str, seeds))}"))
+  project.write_accuracy_figure(
+      path, curves, f"mnist5k: test accuracy vs step, seeds {', '.join(map(str, seeds))}")
   return path
 
 
@@ -139,22 +121,20 @@ def main():
   for seed in seeds:
     base = os.path.join(args.workdir, f"seed{seed}")
     t0 = time.time()
-    summary = train.train_and_evaluate(
-        get_config(f"method=teacher,seed={seed},teacher={args.teacher}", args.set),
-        os.path.join(base, "teacher_only"))
+    summary, teacher_dir = project.mnist5k_teacher(args.workdir, seed, args.teacher, args.set)
     rows["teacher"].append((summary["teacher"]["test_accuracy"],
                             summary["config"]["teacher"]["steps"], time.time() - t0))
     for method in methods:
       workdir = os.path.join(base, method)
       if not os.path.exists(os.path.join(workdir, "teacher")):
-        shutil.copytree(os.path.join(base, "teacher_only", "teacher"),
+        shutil.copytree(os.path.join(teacher_dir, "teacher"),
                         os.path.join(workdir, "teacher"))
       t0 = time.time()
       config_method, overrides, _ = SPECS[method]
-      config = get_config(f"method={config_method},seed={seed},stage=train,"
-                          f"teacher={args.teacher}",
-                          args.set + [f"{k}={v}" for k, v in overrides.items()])
-      summary = train.train_and_evaluate(config, workdir)
+      config = project.mnist5k_run_config(
+          f"method={config_method},seed={seed},stage=train,teacher={args.teacher}",
+          args.set + [f"{k}={v}" for k, v in overrides.items()])
+      summary = project.train_and_evaluate(config, workdir)
       steps = str(summary["student"]["steps"])
       if "generators" in summary:
         steps = f"{summary['generators']['steps']} generator + {steps} student"
@@ -162,12 +142,14 @@ def main():
       print(json.dumps({"seed": seed, "method": method, "row": rows[method][-1]}), flush=True)
   print(f"\nmnist5k, seeds {seeds}, teacher {args.teacher}, final test accuracy on the 1,000 "
         "held-out digits")
-  print("| method | accuracy % (mean +- std) | per seed | steps | wall time / run |")
-  print("|---|---|---|---|---|")
+  cells = []
   for m, r in rows.items():
     acc = np.array([x[0] for x in r]) * 100
-    print(f"| {labels[m]} | {acc.mean():.2f} +- {acc.std():.2f} | "
-          f"{', '.join(f'{a:.2f}' for a in acc)} | {r[0][1]} | {np.mean([x[2] for x in r]):.0f} s |")
+    cells.append([labels[m], f"{acc.mean():.2f} +- {acc.std():.2f}",
+                  ", ".join(f"{a:.2f}" for a in acc), r[0][1],
+                  f"{np.mean([x[2] for x in r]):.0f} s"])
+  print("\n".join(common.markdown_table(
+      ["method", "accuracy % (mean +- std)", "per seed", "steps", "wall time / run"], cells)))
   if args.plot:
     figure = plot_accuracy(args.workdir, seeds, methods, labels)
     if figure:

@@ -1,7 +1,7 @@
-"""benchmarks/step_speed.py at a tiny size on the CPU (the project's steps beside their PyTorch
-references when PyTorch is installed, the project's alone with --no_torch or without it), and
-benchmarks/accelerator.sh: shellcheck, and its steps run with a fake `python` (the commands,
-the results file, a failed step recorded and the next one run)."""
+"""`python -m benchmarks.step_speed` at a tiny size on the CPU (the project's steps beside their
+PyTorch references when PyTorch is installed, the project's alone with --no_torch or without
+it), and benchmarks/accelerator.sh: shellcheck, and its steps run with a fake `python` (the
+commands, the results file, a failed step recorded and the next one run)."""
 import importlib.util
 import os
 import subprocess
@@ -11,9 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT, find_shellcheck
 
-BENCHMARKS = os.path.join(REPO_ROOT, "benchmarks")
-STEP_SPEED = os.path.join(BENCHMARKS, "step_speed.py")
-ACCELERATOR = os.path.join(BENCHMARKS, "accelerator.sh")
+ACCELERATOR = os.path.join(REPO_ROOT, "benchmarks", "accelerator.sh")
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 # Tiny sizes: LeNet-5 DAFL at batch 8 and generator width 4, one round of one timed step;
 # one PyTorch thread (the tests share two cores).
@@ -25,8 +23,8 @@ TORCH_COLS = ["PyTorch s/step", "PyTorch round medians", "PyTorch first call s",
 
 
 def _step_speed(*args, timeout=150):
-  return subprocess.run([sys.executable, STEP_SPEED, *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=REPO_ROOT)
+  return subprocess.run([sys.executable, "-m", "benchmarks.step_speed", *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
 def _table(text: str):
@@ -64,6 +62,7 @@ def tiny_run(tmp_path_factory):
   return r, out.read_text()
 
 
+@pytest.mark.slow  # the speed benchmark beside PyTorch
 def test_step_speed_tiny_table(tiny_run):
   r, _ = tiny_run
   assert r.returncode == 0, r.stdout + r.stderr
@@ -96,10 +95,11 @@ def test_step_speed_tiny_table(tiny_run):
   assert check and check[0].endswith(": ok"), r.stdout
 
 
+@pytest.mark.slow  # the speed benchmark beside PyTorch
 def test_step_speed_appends_header_and_table_to_out(tiny_run):
   r, text = tiny_run
   assert r.returncode == 0, r.stdout + r.stderr
-  assert text.startswith("earlier results\n### benchmarks/step_speed.py --settings=mnist5k,")
+  assert text.startswith("earlier results\n### python -m benchmarks.step_speed --settings=mnist5k,")
   assert "\nbackend cpu, device kind cpu" in text
   assert _table(text) == _table(r.stdout)
 
@@ -108,14 +108,14 @@ def test_step_speed_appends_header_and_table_to_out(tiny_run):
 def test_step_speed_without_pytorch_has_project_columns_only(how, monkeypatch, capsys):
   """In-process: with --no_torch, or with `import torch` failing, the project's columns only
   and exit status 0."""
-  monkeypatch.syspath_prepend(BENCHMARKS)
-  import step_speed  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  monkeypatch.syspath_prepend(REPO_ROOT)
+  from benchmarks import common, step_speed  # pylint: disable=import-outside-toplevel
   args = ["--settings=mnist5k", *TINY]
   if how == "--no_torch":
     args.append("--no_torch")
   else:
     monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` raises ImportError
-    assert step_speed.import_torch() is None
+    assert common.import_torch() is None
   assert step_speed.main(args) == 0
   text = capsys.readouterr().out
   cols, rows = _table(text)
@@ -170,10 +170,10 @@ def test_accelerator_script_records_a_failed_step_and_goes_on(tmp_path):
   assert r.returncode == 1, r.stdout + r.stderr
   runs = [c for c in calls if not c.startswith("-c ")]   # the device / torch lines first
   assert len(runs) == 4, calls
-  assert runs[0] == (f"benchmarks/step_speed.py --settings=mnist5k,paper_mnist,cifar10 "
+  assert runs[0] == (f"-m benchmarks.step_speed --settings=mnist5k,paper_mnist,cifar10 "
                      f"--cifar_batch=1024 --rounds=3 --reps=5 --out={tmp_path}/results.md "
                      "--rounds=1 --reps=1")
-  assert runs[1].startswith("benchmarks/step_speed.py --settings=cifar_ensemble10,"
+  assert runs[1].startswith("-m benchmarks.step_speed --settings=cifar_ensemble10,"
                             "cifar_ensemble100 --lowering=vmap ")
   assert runs[1].endswith("--rounds=1 --reps=1")
   assert runs[2].startswith("-m datafree_jax.main --config=configs/imagenet.py:dry_run=True "

@@ -1,24 +1,26 @@
 """One DAFL step at the CIFAR-10 setting against the authors' PyTorch code (transcribed in
-benchmarks/dafl_cifar_torch_check.py), from identical weights and latents, at batch 4.
+benchmarks/torch_dafl.py, compared by benchmarks/dafl_compare.py as
+`python -m benchmarks.dafl_cifar_torch_check` does), from identical weights and latents, at
+batch 4.
 
 float64 (JAX under jax.enable_x64, PyTorch .double()): the loss terms agree to 1e-5 and every
 generator and student gradient to 1e-4 relative. float32: images, teacher outputs and loss terms
 agree as tightly; the gradients only to the float32 floor of ReLU networks (the benchmark's
 docstring), checked against a sanity bound.
 """
-import os
 import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
+
 torch = pytest.importorskip("torch")
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "benchmarks")
-sys.path.insert(0, BENCHMARKS)
-import dafl_cifar_torch_check as check  # pylint: disable=g-import-not-at-top,wrong-import-position
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+from benchmarks import dafl_compare as check  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The slow set (conftest.py): CI runs it as a step of its own.
 pytestmark = pytest.mark.slow
@@ -28,7 +30,7 @@ LOSSES = ("l_oh", "l_a", "l_ie", "loss_g", "loss_kd")
 
 @pytest.fixture(scope="module")
 def setting():
-  return check.Setting(batch=4, schedule_steps=5, seed=0)
+  return check.cifar_setting(batch=4, schedule_steps=5, seed=0)
 
 
 @pytest.fixture

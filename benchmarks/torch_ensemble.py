@@ -1,7 +1,8 @@
 """A PyTorch reference of one generator-ensemble step (stages/ensemble.py, Luo et al. 2020).
 
-Imported by benchmarks/step_speed.py (rows ensembleN and cifar_ensembleN); it needs PyTorch
-(`pip install torch==2.13.0`: the reference only, not a dependency of the package).
+Used by step_speed's rows ensembleN and cifar_ensembleN; it needs PyTorch (`pip install
+torch==2.13.0`: the reference only, not a dependency of the package). Teachers (the authors'
+ResNets, LeNet-5-BN) and the Flax -> PyTorch weight copy are torch_dafl's.
 
 What one member update of the project computes (`ensemble.member_update` with loss 'luo'), in
 PyTorch's usual form:
@@ -21,30 +22,31 @@ low-resolution convolution, the same function): Dense -> BN(eps 1e-5) -> LeakyRe
 per block nearest x2 -> Conv3x3 -> BN(eps 0.8, momentum 0.1) -> LeakyReLU(0.2), then
 Conv3x3(C) -> tanh -> BN(eps 0.8, scale only: BatchNorm2d(affine=True) whose bias is frozen at
 0). Its modules carry the Flax names (fc, bn0, conv1, bn1, ..., conv_out, bn_out), so
-`load_flax` copies a Flax member's parameters by name. LeNet5BN is classifiers.LeNet5 with
-use_bn (conv-BN-relu-pool x2, conv-BN-relu, fc-relu-fc), Flax names too.
+torch_dafl.load_flax copies a Flax member's parameters by name.
 """
 from __future__ import annotations
 
 import math
 
+import jax
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dafl_cifar_torch_check import _LEAF, flat, flax_to_torch_array  # pylint: disable=g-import-not-at-top
+from benchmarks import torch_dafl
 
 nn = torch.nn
 
 
-
 class LuoGenerator(nn.Module):
   """models.Generator(style='luo') in PyTorch, unconditional."""
+  without_flax_source = ("bn_out.bias",)   # frozen at 0: Flax has no offset there
 
   def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
                num_upsample: int = 2):
     super().__init__()
     self.init = image_size // 2**num_upsample
-    self.width = width
+    self.width = self.dense_channels = width
     self.num_upsample = num_upsample
     self.fc = nn.Linear(latent_dim, width * self.init**2)
     self.bn0 = nn.BatchNorm2d(width, eps=1e-5, momentum=0.1)
@@ -68,41 +70,6 @@ class LuoGenerator(nn.Module):
       x = getattr(self, f"conv{i + 1}")(x)
       x = F.leaky_relu(getattr(self, f"bn{i + 1}")(x), 0.2)
     return self.bn_out(torch.tanh(self.conv_out(x)))
-
-
-class LeNet5BN(nn.Module):
-  """classifiers.LeNet5(use_bn=True): conv5-BN-relu-pool, conv5-BN-relu-pool, conv5-BN-relu,
-  fc-relu, fc."""
-
-  def __init__(self, num_classes=10, widths=(6, 16, 120, 84), channels=1):
-    super().__init__()
-    c1, c2, c3, f4 = widths
-    self.conv1, self.bn1 = nn.Conv2d(channels, c1, 5), nn.BatchNorm2d(c1)
-    self.conv2, self.bn2 = nn.Conv2d(c1, c2, 5), nn.BatchNorm2d(c2)
-    self.conv3, self.bn3 = nn.Conv2d(c2, c3, 5), nn.BatchNorm2d(c3)
-    self.fc1, self.fc2 = nn.Linear(c3, f4), nn.Linear(f4, num_classes)
-
-  def forward(self, x):
-    x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-    x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-    x = F.relu(self.bn3(self.conv3(x))).flatten(1)
-    return self.fc2(F.relu(self.fc1(x)))
-
-
-def load_flax(module, params, batch_stats=None, gen_width: int = 0):
-  """Copies Flax params (and batch_stats) into `module`, whose parameters carry the Flax names
-  (path joined with '.', leaf renamed: kernel/scale -> weight, mean/var -> running_mean/var)."""
-  targets = dict(module.named_parameters())
-  targets.update(dict(module.named_buffers()))
-  with torch.no_grad():
-    for tree in (params, batch_stats or {}):
-      for path, x in flat(tree).items():
-        name = ".".join(path[:-1] + (_LEAF[path[-1]],))
-        t = targets[name]
-        src = torch.from_numpy(flax_to_torch_array(path, x, gen_width))
-        if tuple(src.shape) != tuple(t.shape):
-          raise ValueError(f"{'/'.join(path)} -> {name}: {tuple(src.shape)} vs {tuple(t.shape)}")
-        t.copy_(src.to(t.device))
 
 
 class BNRecorder:
@@ -142,9 +109,7 @@ class TorchEnsemble:
 
   def __init__(self, generators, teacher, targets, class_ids, latent_dim: int, batch: int,
                lr: float, betas=(0.9, 0.999), w_tv=0.0, w_l2=0.0, w_mm=1.0):
-    self.generators, self.teacher = generators, teacher.eval()
-    for p in teacher.parameters():
-      p.requires_grad_(False)
+    self.generators, self.teacher = generators, torch_dafl.freeze(teacher)
     self.targets, self.class_ids = targets, list(class_ids)
     self.latent_dim, self.batch = latent_dim, batch
     self.w_tv, self.w_l2, self.w_mm = w_tv, w_l2, w_mm
@@ -181,3 +146,25 @@ class TorchEnsemble:
   def step(self):
     for k in range(len(self.generators)):
       self.member_step(k)
+
+
+def from_project(config, info, teacher: dict, ens, device) -> TorchEnsemble:
+  """The reference of the project's ensemble `ens` (project.build_ensemble of `config` and the
+  `teacher` dict) on `device`: the same initial generator weights, teacher and BN targets."""
+  g, e, n = config.generator, config.ensemble, ens.num_generators
+  members = jax.device_get({k: ens.state[k] for k in ("params", "batch_stats")})
+  gens = []
+  for k in range(n):
+    gen = LuoGenerator(g.latent_dim, info.image_size, info.channels, g.width, g.num_upsample)
+    member = jax.tree.map(lambda x, k=k: x[k], members)
+    torch_dafl.load_flax(gen, member["params"], member["batch_stats"])
+    gens.append(gen.to(device))
+  t_teacher = torch_dafl.teacher_module(config.teacher.model, info,
+                                        jax.device_get(teacher["variables"]), device=device)
+  flat = torch_dafl.flat(jax.device_get(ens.consts["targets"]))
+  layers = sorted({p[:-1] for p in flat})
+  names = {p: torch_dafl.torch_module_name(t_teacher, p) for p in layers}
+  targets = [{names[p]: tuple(torch.tensor(np.asarray(flat[p + (m,)][k]), device=device)
+                              for m in ("mean", "var")) for p in layers} for k in range(n)]
+  return TorchEnsemble(gens, t_teacher, targets, ens.class_ids[:n], g.latent_dim,
+                       int(e.batch_per_generator), e.lr, (e.b1, e.b2), e.w_tv, e.w_l2, e.w_mm)
