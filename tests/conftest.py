@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs that run the real code paths in seconds on a 2-core CPU."""
 import atexit
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -133,34 +134,54 @@ def copy_stages(src, dst, *stages):
   return str(dst)
 
 
-# Trained once per test session and shared, read-only: tests copy what they change.
+# Trained once per test run and shared, read-only: tests copy what they change. Under
+# pytest-xdist the workers of one run share them: the first worker that needs one makes it (a
+# file lock in the run's temporary directory), the others wait for it and read it.
+
+def shared_workdir(tmp_path_factory, worker_id: str, name: str, make) -> str:
+  """The directory `name` made once per test run by make(directory)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if worker_id != "master" else base   # the run's folder under xdist
+  path = root / f"shared_{name}"
+  with filelock.FileLock(str(root / f"shared_{name}.lock")):
+    if not (root / f"shared_{name}.done").exists():
+      if path.exists():
+        shutil.rmtree(path)  # a make() that failed half-way
+      path.mkdir()
+      make(str(path))
+      (root / f"shared_{name}.done").touch()
+  return str(path)
+
 
 @pytest.fixture(scope="session")
-def lenet5_teacher_workdir(tmp_path_factory):
+def lenet5_teacher_workdir(tmp_path_factory, worker_id):
   """A workdir with a finished tiny LeNet-5 teacher (tiny_config('teacher'): 40 steps)."""
   from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("lenet5_teacher"))
-  pipeline.train_and_evaluate(tiny_config("teacher"), workdir)
-  return workdir
+  return shared_workdir(tmp_path_factory, worker_id, "lenet5_teacher",
+                        lambda d: pipeline.train_and_evaluate(tiny_config("teacher"), d))
 
 
 @pytest.fixture(scope="session")
-def bn_teacher_workdir(tmp_path_factory):
+def bn_teacher_workdir(tmp_path_factory, worker_id):
   """A workdir with a finished tiny LeNet-5-BN teacher (10 steps) and its BN statistics."""
   from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("bn_teacher"))
-  pipeline.train_and_evaluate(ensemble_config(stage="teacher", **{
-      "teacher.steps": 10, "checkpoint_every": 1000}), workdir)
-  return workdir
+  return shared_workdir(tmp_path_factory, worker_id, "bn_teacher",
+                        lambda d: pipeline.train_and_evaluate(ensemble_config(stage="teacher", **{
+                            "teacher.steps": 10, "checkpoint_every": 1000}), d))
 
 
 @pytest.fixture(scope="session")
-def generators_workdir(bn_teacher_workdir, tmp_path_factory):
+def generators_workdir(bn_teacher_workdir, tmp_path_factory, worker_id):
   """(workdir, summary): stage=generators of ensemble_config() ran after the BN teacher."""
   from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = copy_stages(bn_teacher_workdir, tmp_path_factory.mktemp("generators"), "teacher")
-  summary = pipeline.train_and_evaluate(ensemble_config(stage="generators"), workdir)
-  return workdir, summary
+
+  def make(d):
+    copy_stages(bn_teacher_workdir, d, "teacher")
+    pipeline.train_and_evaluate(ensemble_config(stage="generators"), d)
+  workdir = shared_workdir(tmp_path_factory, worker_id, "generators", make)
+  with open(os.path.join(workdir, "results.json")) as f:
+    return workdir, json.load(f)
 
 
 def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:
@@ -199,13 +220,18 @@ def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:
   return data_dir
 
 
-# The longest test files first (measured, about 20-75 s each on a 2-core CPU): with
-# `-n 2 --dist loadfile` a long file that starts last keeps one worker busy while the other
-# idles. A stable sort: the order within a file, and of the other files, is kept.
-LONGEST_FILES = ("test_multiprocess.py", "test_reliability.py", "test_imagenet.py",
-                 "test_ensemble.py", "test_methods.py", "test_imagenet_models.py",
-                 "test_dafl_cifar_torch.py", "test_gcs.py", "test_ensemble_multidevice.py",
-                 "test_cli.py", "test_notebook.py")
+# The longest test files first (measured with --durations=0: about 10-50 s each on a 2-core
+# CPU), those of the README's test line, then those of the slow set: with `-n 2 --dist loadfile`
+# a long file that starts last keeps one worker busy while the other idles. A stable sort: the
+# order within a file, and of the other files, is kept.
+LONGEST_FILES = ("test_ensemble.py", "test_reliability.py", "test_bad_input.py",
+                 "test_methods.py", "test_teacher.py", "test_dafl.py", "test_units.py",
+                 "test_export.py", "test_streaming.py", "test_datasets.py", "test_cli.py",
+                 # the slow set
+                 "test_imagenet.py", "test_multiprocess.py", "test_imagenet_models.py",
+                 "test_accelerator_program.py", "test_dry_run.py", "test_gcs.py",
+                 "test_dafl_cifar_torch.py", "test_ensemble_multidevice.py",
+                 "test_sharded_distill.py", "test_notebook.py")
 
 
 def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument

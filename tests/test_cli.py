@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+from datafree_jax import main
+
 
 def _run(*args, cwd=REPO_ROOT):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -48,11 +50,13 @@ def test_teacher_only_run_prints_where_results_are(tmp_path):
      "error: config file 'configs/nope.py' does not exist"),
     (["extra", "words"], "error: unexpected arguments: extra words"),
 ])
-def test_missing_config_file_and_extra_arguments(tmp_path, args, expected):
-  r = _run(*args, f"--workdir={tmp_path / 'w'}")
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]  # one line
-  assert r.stderr.strip().startswith(expected), r.stderr
+def test_missing_config_file_and_extra_arguments(tmp_path, args, expected, capsys,
+                                                 monkeypatch):
+  monkeypatch.chdir(REPO_ROOT)  # (the command's body in this process, from the repository)
+  assert main.main(["main", *args, f"--workdir={tmp_path / 'w'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [err.strip().splitlines()[-1]]  # one line
+  assert err.strip().startswith(expected), err
   assert not (tmp_path / "w").exists()
 
 
@@ -251,10 +255,10 @@ def test_parse_command_line_refuses(args, expected):
     main.parse_command_line(args)
 
 
-def test_help():
-  r = _run("--help")
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert r.stdout.startswith("Command line: python -m datafree_jax.main") and not r.stderr
+def test_help(capsys):
+  assert main.main(["main", "--help"]) == 0
+  out = capsys.readouterr()
+  assert out.out.startswith("Command line: python -m datafree_jax.main") and not out.err
 
 
 def test_config_file_that_raises_is_one_line_or_with_debug_the_traceback(tmp_path):
