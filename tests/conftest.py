@@ -34,10 +34,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: the slow set: tests that start whole pipelines in other processes, "
-      "use 8 fake devices, run the mock-ImageNet smoke run or compare with PyTorch. The "
-      "README's test line leaves it out (-m 'not slow'); CI (.ci/run) runs it as a second "
-      "step, `python -m pytest -q -n 2 --dist loadfile -m slow tests`.")
+      "markers", "slow: the slow set: whole pipelines or commands in other processes, 8 fake "
+      "devices, ImageNet-size models and the streamed ImageNet input pipeline, the accelerator "
+      "programs and their sizing, and parity with other frameworks (PyTorch; the exported "
+      "files in TensorFlow, TFLite and ONNX Runtime). The README's test line leaves it out "
+      "(-m 'not slow'); CI (.ci/run) runs it as a second step, "
+      "`python -m pytest -q -n 2 --dist loadfile -m slow tests`.")
 
 
 def tiny_config(method="dafl", **overrides):
@@ -226,9 +228,10 @@ def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:
 # order within a file, and of the other files, is kept.
 LONGEST_FILES = ("test_ensemble.py", "test_reliability.py", "test_bad_input.py",
                  "test_methods.py", "test_teacher.py", "test_dafl.py", "test_units.py",
-                 "test_export.py", "test_streaming.py", "test_datasets.py", "test_cli.py",
+                 "test_datasets.py", "test_cli.py",
                  # the slow set
                  "test_imagenet.py", "test_multiprocess.py", "test_imagenet_models.py",
+                 "test_streaming.py", "test_export.py",
                  "test_accelerator_program.py", "test_dry_run.py", "test_gcs.py",
                  "test_dafl_cifar_torch.py", "test_ensemble_multidevice.py",
                  "test_sharded_distill.py", "test_notebook.py")

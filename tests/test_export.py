@@ -89,6 +89,7 @@ RUNTIMES = {"savedmodel": _savedmodel, "tflite": _tflite, "stablehlo": _stablehl
             "onnx": _onnx}
 
 
+@pytest.mark.slow  # the exported files in TensorFlow, TFLite and ONNX Runtime
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_each_format_reloads_and_matches_the_jax_student(exported, jax_student, fmt):
   by_format, _ = exported
@@ -106,6 +107,7 @@ def test_each_format_reloads_and_matches_the_jax_student(exported, jax_student, 
   assert ex.max_diff is not None and ex.max_diff <= ATOL
 
 
+@pytest.mark.slow  # the exported files in TensorFlow, TFLite and ONNX Runtime
 def test_json_beside_each_file_and_the_printed_lines(workdir, exported):
   by_format, lines = exported
   assert "checked on 8 mnist5k test images" in lines[0]
@@ -132,6 +134,7 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the command in another process
 def test_cli_exports_the_teacher_as_stablehlo(workdir, tmp_path, jax_student):
   run = _cli(f"--workdir={workdir}", "--stage=teacher", "--format=stablehlo",
              f"--out={tmp_path}")
@@ -191,6 +194,7 @@ def test_fixed_batch_when_a_symbolic_batch_does_not_trace_and_format_lists():
   assert export.to_build(("onnx",)) == ("savedmodel", "tflite", "onnx")
 
 
+@pytest.mark.slow  # the exported files in TensorFlow, TFLite and ONNX Runtime
 def test_onnx_without_tf2onnx_is_skipped_with_a_message(workdir, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "tf2onnx", None)  # import tf2onnx raises ImportError
   lines = []

@@ -28,6 +28,9 @@ from datafree_jax import datasets
 from datafree_jax import streaming
 from datafree_jax import tfds_pipeline
 
+# The slow set (conftest.py; the streamed ImageNet input pipeline): CI runs it as a step of its own.
+pytestmark = pytest.mark.slow
+
 tfds = pytest.importorskip("tensorflow_datasets")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -350,7 +353,6 @@ def _multidevice_main(metadata_dir):
   }))
 
 
-@pytest.mark.slow
 def test_global_batch_on_8_devices(metadata_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
