@@ -21,7 +21,7 @@ Two precisions, from the same weights:
   the comparison of the two formulations. One step: generated images, teacher logits and
   features, every generator loss term (l_oh, l_a, l_ie, total) and the KD loss, the relative
   difference ||g_jax - g_torch|| / ||g_torch|| of every generator and student gradient (JAX:
-  the stage's building blocks `dafl.generator_dafl_loss` and `common.student_kd_loss`; PyTorch:
+  the stage's building blocks `dafl.generator_dafl_loss` and `students.student_kd_loss`; PyTorch:
   the authors' single backward of generator loss + KD loss). Then --steps steps of the stage's
   jitted step (`step(state, None)` of `dafl.build`) against the authors' loop (Adam for the
   generator, SGD with PyTorch's weight decay for the student, the learning rate set per step by

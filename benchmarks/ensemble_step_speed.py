@@ -3,7 +3,7 @@
     python -m benchmarks.ensemble_step_speed                  # mnist5k setting
     python -m benchmarks.ensemble_step_speed --lowerings=loop,unroll,separate --rounds=10
 
-Rows (all update the same G generators with the package's `ensemble.member_update`):
+Rows (all update the same G generators with the package's `ensemble.objective.member_update`):
   loop      the 'loop' lowering (the CPU default): a Python loop over one jitted member update,
             on the stacked state (cut into members and restacked every step)
   vmap      the 'vmap' lowering (the accelerator default): one jitted step, members vmapped

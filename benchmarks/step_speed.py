@@ -45,7 +45,7 @@ implementations start from the same generator (and student) weights: the project
 ones are copied into the PyTorch modules.
 
 Check (ensemble settings, with PyTorch): member 0's loss at the first step, the project's
-`ensemble.member_loss` against the PyTorch reference's on the same weights, BN targets and
+`ensemble.objective.member_loss` against the PyTorch reference's on the same weights, BN targets and
 latents, both at full float32 precision (no TF32); printed below the table, the script exits
 with status 1 when they differ by more than 1e-4 relative. --no_check skips it.
 

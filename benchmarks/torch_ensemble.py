@@ -4,7 +4,7 @@ Used by step_speed's rows ensembleN and cifar_ensembleN; it needs PyTorch (`pip 
 torch==2.13.0`: the reference only, not a dependency of the package). Teachers (the authors'
 ResNets, LeNet-5-BN) and the Flax -> PyTorch weight copy are torch_dafl's.
 
-What one member update of the project computes (`ensemble.member_update` with loss 'luo'), in
+What one member update of the project computes (`ensemble.objective.member_update` with loss 'luo'), in
 PyTorch's usual form:
   z ~ randn(batch, latent); x = G_k(z) (generator in training mode);
   logits = T(x) (teacher in evaluation mode; forward pre-hooks on its BatchNorm2d layers record

@@ -177,7 +177,7 @@ class Stage:
     return {self.name: {"steps": done.step, "eval": done.eval, "checkpoint": done.directory}}
 
   def programs(self, ctx) -> list:
-    """The stage's jitted step(s) with abstract inputs (dry_run.Program), for the sizing dry
+    """The stage's jitted step(s) with abstract inputs (stage.Program), for the sizing dry
     run: nothing materialised, read or written. ctx.teacher is the abstract frozen teacher."""
     raise NotImplementedError(f"stage {self.name!r} has no dry run")
 
