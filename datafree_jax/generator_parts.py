@@ -10,7 +10,6 @@ from datafree_jax import config_lib
 from datafree_jax import models
 from datafree_jax.models import BN_INPUTS
 
-
 SAMPLE_SEED = 1234  # the fixed latents of sample grids and of the generators' evaluation
 
 

@@ -1,5 +1,5 @@
 """The methods this project runs, by name: the one description of a method that the pipeline,
-the config schema, the dry run, export, plots and the summary read. Imports nothing of the
+the config schema, the dry run, export and the plots read. Imports nothing of the
 package (a method's stages are opaque objects here; stage.py defines their interface).
 
 A method is the teacher stage followed by the method's own stages. methods.py registers the

@@ -22,7 +22,7 @@ from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
 from datafree_jax import visualize
 
-STAGE_SALT = 3
+STAGE_SALT = 3    # rng of the distillation steps (every Distill stage)
 AUGMENT_SALT = 1  # folded into a step's key for the augmentation of its images
 
 
