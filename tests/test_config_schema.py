@@ -113,3 +113,17 @@ def test_every_config_file_validates_with_every_method(path, arg):
   config = config_lib.load_config_file(path, arg)
   assert config.method == arg.split("method=")[1]
   pipeline.validate(config)
+
+
+def test_mnist5k_default_ensemble_is_its_long_setting_and_quick_the_short_one():
+  path = os.path.join(REPO_ROOT, "configs", "mnist5k.py")
+  setting = lambda c: (c.ensemble.steps, c.student.steps, c.student.temperature,
+                       c.student.augment_shift)
+  assert setting(config_lib.load_config_file(path)) == (600, 2400, 4.0, 2)
+  assert setting(config_lib.load_config_file(path, "long=True")) == (600, 2400, 4.0, 2)
+  assert setting(config_lib.load_config_file(path, "quick=True")) == (150, 800, 1.0, 0)
+  assert config_lib.load_config_file(path, "method=dafl").student.steps == 800
+  for arg, message in (("method=dafl,quick=True", "quick=True is a setting of method=ensemble"),
+                       ("long=True,quick=True", "contradict")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.load_config_file(path, arg)
