@@ -14,8 +14,9 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   """Optimiser from a config block with optimizer/lr/schedule/weight_decay/momentum/b1/b2.
 
   schedule: 'constant', 'cosine' (to 0 at total_steps) or 'step' (x0.1 at each fraction of
-  total_steps in cfg.boundaries; the default (0.4, 0.8) is DAFL's CIFAR student schedule). SGD's
-  weight decay is the PyTorch kind (added to the gradient). The values were checked against
+  total_steps in cfg.boundaries; the default (0.4, 0.8) is DAFL's CIFAR student schedule), times
+  min(1, (step + 1) / cfg.warmup_steps) when warmup_steps > 0 (a linear warmup). SGD's weight
+  decay is the PyTorch kind (added to the gradient). The values were checked against
   config_lib.SCHEMA before.
   """
   if cfg.schedule == "constant":
@@ -28,12 +29,23 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
       step = int(f * total_steps)
       scales[step] = scales.get(step, 1.0) * 0.1
     lr = optax.piecewise_constant_schedule(cfg.lr, scales)
+  warmup = int(cfg.get("warmup_steps", 0) or 0)
+  if warmup:
+    lr = _with_warmup(lr, warmup)
   wd = cfg.get("weight_decay", 0.0)
   if cfg.optimizer == "adam":
     tx = optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
   else:
     tx = optax.sgd(lr, momentum=cfg.get("momentum", 0.9) or None)
   return optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
+
+
+def _with_warmup(lr, warmup: int):
+  """The schedule `lr` (a number or a schedule) times min(1, (step + 1) / warmup)."""
+  def schedule(step):
+    base = lr(step) if callable(lr) else lr
+    return base * jnp.minimum(1.0, (step + 1) / warmup)
+  return schedule
 
 
 def compute_dtype(config):

@@ -333,8 +333,11 @@ FRACTION = Number(float, 0, high=1)  # [0, 1): momentum, Adam's betas
 
 
 def _optimizer_fields(lr, schedule="constant", **extra):
+  # warmup_steps: the learning rate ramps linearly from lr/warmup_steps to the schedule's over
+  # the first warmup_steps steps (Goyal et al.'s large-batch warmup; 0 = none).
   return dict(optimizer=("adam", Choice(OPTIMIZERS)), lr=(lr, POSITIVE),
-              schedule=(schedule, Choice(SCHEDULES)), weight_decay=(0.0, NON_NEGATIVE), **extra)
+              schedule=(schedule, Choice(SCHEDULES)), warmup_steps=(0, NON_NEGATIVE_INT),
+              weight_decay=(0.0, NON_NEGATIVE), **extra)
 
 
 def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):

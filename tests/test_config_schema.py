@@ -7,6 +7,7 @@ table is tried here without editing this file.
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_config
@@ -42,7 +43,7 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  assert len(FIELDS) == 80
+  assert len(FIELDS) == 84  # (warmup_steps in the 4 optimiser sections since 2026-12-03)
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
@@ -127,3 +128,16 @@ def test_mnist5k_default_ensemble_is_its_long_setting_and_quick_the_short_one():
                        ("long=True,quick=True", "contradict")):
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.load_config_file(path, arg)
+
+
+def test_imagenet_recipes_warm_up_and_mobilenet_v2_has_its_own():
+  path = os.path.join(REPO_ROOT, "configs", "imagenet.py")
+  c = config_lib.load_config_file(path)
+  assert c.teacher.warmup_steps == c.student.warmup_steps == 6256   # 5 epochs at batch 1024
+  assert (c.student.lr, c.student.weight_decay) == (0.4, 1e-4)
+  m = config_lib.load_config_file(path, "student=mobilenet_v2")
+  assert (m.student.model, m.student.weight_decay) == ("mobilenet_v2", 4e-5)
+  np.testing.assert_allclose(m.student.lr, 0.045 * 1024 / 256)
+  assert m.teacher.lr == 0.4                                        # the teacher keeps its own
+  smoke = config_lib.load_config_file(path, "smoke=True")
+  assert smoke.teacher.warmup_steps == smoke.student.warmup_steps == 0

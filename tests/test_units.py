@@ -525,3 +525,26 @@ def test_bn_stats_streaming_pass_equals_the_in_memory_statistics():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   # Class 4: the global running statistics.
   _assert_tree_equal(bn_stats.for_class(got, 4), batch_stats)
+
+
+def test_linear_warmup_scales_the_schedule_until_warmup_steps():
+  """SGD without momentum on loss p (gradient 1): each step moves p by the learning rate,
+  here 0.5 * min(1, (step + 1) / 4): 0.125, 0.25, 0.375, 0.5, 0.5; with a cosine schedule over
+  8 steps the warmup factor multiplies cos: step 1's rate is 0.5 * 2/4 * (1 + cos(pi/8)) / 2."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"optimizer": "sgd", "lr": 0.5, "schedule": "constant",
+                                   "warmup_steps": 4, "momentum": 0.0, "weight_decay": 0.0})
+  tx = common.make_optimizer(cfg, 100)
+  p = jnp.float32(1.0)
+  state = tx.init(p)
+  moves = []
+  for _ in range(5):
+    updates, state = tx.update(jnp.float32(1.0), state, p)
+    moves.append(-float(updates))
+  np.testing.assert_allclose(moves, [0.125, 0.25, 0.375, 0.5, 0.5], rtol=1e-6)
+  cfg.schedule = "cosine"
+  tx = common.make_optimizer(cfg, 8)
+  state = tx.init(p)
+  _, state = tx.update(jnp.float32(1.0), state, p)
+  updates, _ = tx.update(jnp.float32(1.0), state, p)
+  np.testing.assert_allclose(-float(updates), 0.5 * 0.5 * (1 + np.cos(np.pi / 8)) / 2, rtol=1e-6)
