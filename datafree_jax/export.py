@@ -49,6 +49,7 @@ from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import datasets
 from datafree_jax import input_pipeline
+from datafree_jax import methods  # pylint: disable=unused-import (registers the built-ins)
 from datafree_jax import models
 from datafree_jax import paths
 from datafree_jax import registry

@@ -24,7 +24,7 @@ from datafree_jax import errors
 from datafree_jax import input_pipeline
 from datafree_jax import log
 from datafree_jax import loop
-from datafree_jax import methods  # pylint: disable=unused-import  (registers the built-in methods)
+from datafree_jax import methods  # pylint: disable=unused-import (registers the built-ins)
 from datafree_jax import paths
 from datafree_jax import plots
 from datafree_jax import registry

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from datafree_jax import log
+from datafree_jax import methods  # pylint: disable=unused-import (registers the built-ins)
 from datafree_jax import paths
 from datafree_jax import registry
 

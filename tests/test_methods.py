@@ -5,6 +5,7 @@ importable functions."""
 import inspect
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -221,3 +222,13 @@ def test_the_summary_prints_any_stages_entries_without_knowing_the_stage():
   text = pipeline._summary_text(summary)  # pylint: disable=protected-access
   assert "my_stage: members 4, steps 7, agreement 0.5000\n  checkpoint: /w/my_stage" in text
   assert "student lenet5_half: final test accuracy 0.9000 after 7 steps" in text
+
+
+def test_export_and_plots_know_the_built_in_methods_without_the_pipeline():
+  """Used on their own (a notebook exporting a finished run), export and plots read the
+  registry the built-in methods are in."""
+  code = ("from datafree_jax import export, plots, registry\n"
+          "print(registry.student_stage('ensemble'), registry.image_stages())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       timeout=120).stdout
+  assert out.strip() == "distill_generators ('dafl', 'generators')"
