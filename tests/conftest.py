@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs that run the real code paths in seconds on a 2-core CPU."""
 import atexit
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent XLA compilation cache for the test session, set before jax is imported and
@@ -186,6 +188,39 @@ def generators_workdir(bn_teacher_workdir, tmp_path_factory, worker_id):
   workdir = shared_workdir(tmp_path_factory, worker_id, "generators", make)
   with open(os.path.join(workdir, "results.json")) as f:
     return workdir, json.load(f)
+
+
+_TFDS_MOCK_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def serialized_tfds_mock():
+  """tfds.testing.mock_data, then its file-system patch (MockFs, entered for the length of each
+  as_dataset call) taken by one thread at a time. MockFs patches tfds' file functions
+  process-wide and is not thread-safe: a streamed pipeline's background thread building an
+  epoch's dataset while another thread builds one can restore a patch in the wrong order and
+  leave it behind ("Temp directory uninitialized" in every later test of that worker)."""
+  from tensorflow_datasets.testing import test_utils  # pylint: disable=g-import-not-at-top
+  enter, exit_ = test_utils.MockFs.__enter__, test_utils.MockFs.__exit__
+
+  def locked_enter(self):
+    _TFDS_MOCK_LOCK.acquire()
+    try:
+      return enter(self)
+    except BaseException:
+      _TFDS_MOCK_LOCK.release()
+      raise
+
+  def locked_exit(self, *exc):
+    try:
+      return exit_(self, *exc)
+    finally:
+      _TFDS_MOCK_LOCK.release()
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(test_utils.MockFs, "__enter__", locked_enter)
+    mp.setattr(test_utils.MockFs, "__exit__", locked_exit)
+    yield
 
 
 def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:

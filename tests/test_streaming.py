@@ -22,7 +22,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import prepare_tiny_mnist
+from conftest import prepare_tiny_mnist, serialized_tfds_mock
 
 from datafree_jax import datasets
 from datafree_jax import streaming
@@ -67,7 +67,8 @@ def metadata_dir(tmp_path_factory):
 
 @pytest.fixture
 def mocked(metadata_dir):
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, data_dir=metadata_dir):
+  with serialized_tfds_mock(), tfds.testing.mock_data(num_examples=NUM_EXAMPLES,
+                                                      data_dir=metadata_dir):
     yield
 
 
