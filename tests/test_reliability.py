@@ -30,6 +30,7 @@ from conftest import REPO_ROOT, stage_state
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import config_lib
 from datafree_jax import loop
+from datafree_jax import main
 from datafree_jax import pipeline
 from datafree_jax import registry
 from datafree_jax.stages import teacher as teacher_stage
@@ -69,13 +70,9 @@ def cli_config(method, stage="all"):
   """The config the command line builds from FLAGS, for runs in this process."""
   c = config_lib.load_config_file(os.path.join(REPO_ROOT, "configs", "mnist5k.py"),
                                   _config_arg(method))
-  for flag in FLAGS:
+  for flag in FLAGS:  # as the command line reads them
     key, value = flag[len("--config."):].split("=")
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value)
+    main.apply_override(c, key, value)
   c.stage = stage
   return c
 
