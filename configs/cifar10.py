@@ -1,18 +1,56 @@
-r"""DAFL on CIFAR-10 (tfds 'cifar10'): ResNet-34 teacher -> ResNet-18 student, official settings.
+r"""CIFAR-10 (tfds 'cifar10'): DAFL's ResNet-34 -> ResNet-18, official settings, and the
+teacher/student pairs of zju-vipa/DataFree's benchmark.
 
     python -m datafree_jax.main --config=configs/cifar10.py --config.data_dir=$TFDS_DATA_DIR
+    python -m datafree_jax.main --config=configs/cifar10.py:pair=wrn40_2_wrn16_1 \
+        --config.teacher.init_from=checkpoints/pretrained/cifar10_wrn40_2.pth
 
-Arguments: method = dafl | kd_data | kd_noise | teacher; seed; stage.
+Arguments: method = dafl | kd_data | kd_noise | teacher | ...; seed; stage; pair (below).
 Published (Chen et al. 2019): teacher 95.58, DAFL student 92.22. 240,000 steps of batch 1024:
 an accelerator job. The teacher recipe is the official script's: SGD 0.1, momentum 0.9, weight
 decay 5e-4, lr / 10 at epochs 80 and 120 of 200, random crops padded with 4 black pixels and
 horizontal flips.
+
+pair = teacher_student, the five CIFAR pairs of zju-vipa/DataFree's tables (their README's
+CIFAR-10 accuracies: teacher and student trained on the data, then the student by DAFL,
+DeepInversion and CMI; docs/teacher_import.md has the model names):
+
+    pair               teacher   student   T. scratch  S. scratch  DAFL   DeepInv  CMI
+    resnet34_resnet18  resnet34  resnet18  95.70       95.20       92.22  93.26    94.84
+    vgg11_resnet18     vgg11_bn  resnet18  92.25       95.20       81.10  90.36    91.13
+    wrn40_2_wrn16_1    wrn40_2   wrn16_1   94.87       91.12       65.71  83.04    90.01
+    wrn40_2_wrn40_1    wrn40_2   wrn40_1   94.87       93.94       81.33  86.85    92.78
+    wrn40_2_wrn16_2    wrn40_2   wrn16_2   94.87       93.95       81.55  89.72    92.52
+
+Their zoo's teachers (checkpoints/pretrained/<dataset>_<teacher>.pth, e.g. cifar10_wrn40_2.pth;
+`vgg11` there is vgg11_bn here) load with --config.teacher.init_from=FILE; without init_from
+the teacher is trained here first. pair=resnet34_resnet18 (the default) is DAFL's setting above
+throughout. The other pairs take their settings from zju-vipa/DataFree's code:
+  * teacher, when trained here (train_scratch.py's defaults and README command): SGD 0.1,
+    momentum 0.9, weight decay 1e-4, batch 256, 200 epochs (39,200 steps), lr / 10 at epochs
+    120, 150 and 180, random crops padded with 4 and horizontal flips;
+  * student (datafree_kd.py, scripts/dafl/dafl_cifar10_wrn402_wrn161.sh, the one pair their
+    scripts give): SGD 0.1, momentum 0.9, weight decay 1e-4, cosine decay over 200 epochs of
+    400 steps of batch 256 (80,000 steps), KD at temperature 20;
+  * DAFL's generator (the same script): Adam 1e-3 with betas (0.5, 0.999), latent size 512,
+    weights one-hot 1, activation 0.001, balance 20 (their information entropy is in nats,
+    ours in log10: w_ie = 20 ln 10). Their generator is a larger one (LargeGenerator) and takes
+    one step per 5 student steps; here the DAFL stage's generator and loop are DAFL's own.
 """
+import math
+
 from datafree_jax import config_lib
 
 
+# pair -> (teacher.model, student.model).
+PAIRS = {"resnet34_resnet18": ("resnet34", "resnet18"), "vgg11_resnet18": ("vgg11_bn", "resnet18"),
+         "wrn40_2_wrn16_1": ("wrn40_2", "wrn16_1"), "wrn40_2_wrn40_1": ("wrn40_2", "wrn40_1"),
+         "wrn40_2_wrn16_2": ("wrn40_2", "wrn16_2")}
+
+
 def cifar_config(dataset: str, arg, weights):
-  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all")
+  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all", pair="resnet34_resnet18")
+  config_lib.Choice(tuple(PAIRS), label="pair", listing="pairs").check("pair", a.pair)
   c = config_lib.base_config()
   c.dataset = dataset
   c.method, c.seed, c.stage = a.method, a.seed, a.stage
@@ -42,7 +80,30 @@ def cifar_config(dataset: str, arg, weights):
   c.generator.lr = 0.02
   c.generator.w_oh, c.generator.w_ie, c.generator.w_a = weights
   c.checkpoint_every = 2000
+  if a.pair != "resnet34_resnet18":
+    zju_pair(c, *PAIRS[a.pair])
   return c
+
+
+def zju_pair(c, teacher: str, student: str):
+  """zju-vipa/DataFree's settings for a pair (module docstring)."""
+  c.teacher.model, c.student.model = teacher, student
+  c.teacher.steps = 39200           # 200 epochs of 196 batches of 256.
+  c.teacher.batch_size = 256
+  c.teacher.weight_decay = 1e-4
+  c.teacher.boundaries = (0.6, 0.75, 0.9)  # lr / 10 at epochs 120, 150, 180.
+  c.teacher.eval_every = 1960
+  c.student.steps = 80000           # 200 epochs x 400 steps.
+  c.student.batch_size = 256
+  c.student.weight_decay = 1e-4
+  c.student.schedule = "cosine"
+  c.student.temperature = 20.0
+  c.student.eval_every = 4000
+  c.generator.latent_dim = 512
+  c.generator.lr = 1e-3
+  c.generator.b1 = 0.5
+  c.generator.w_oh, c.generator.w_a = 1.0, 0.001
+  c.generator.w_ie = 20.0 * math.log(10.0)
 
 
 def get_config(arg=None):

@@ -36,25 +36,38 @@ PyTorch names, by teacher.model:
   * hinton, hinton_half (not in the authors' code): `fc1`, `fc2`, `head`, the first layer's
     input being the image flattened in NHWC order (the same as PyTorch's NCHW order for
     1-channel images only).
+  * wrn16_1, wrn16_2, wrn40_1, wrn40_2, vgg8_bn, vgg11_bn, vgg13_bn: zju-vipa/DataFree's
+    (datafree/models/classifiers/wresnet.py, vgg.py; models.cifar_zoo): `conv1`,
+    `block{1-3}.layer.{i}.{bn1,conv1,bn2,conv2,convShortcut}`, `bn1`, `fc`; `block{0-4}.{j}`
+    (conv 3i, BN 3i + 1), `classifier`. Their resnet18 / resnet34 have the DAFL authors' names
+    (above). Their zoo's files (`checkpoints/pretrained/cifar10_wrn40_2.pth`, ...) wrap the
+    state_dict with 'epoch', 'arch', 'optimizer', ... under 'state_dict' (unwrapped below).
 Leaves: weight / bias of convs, linears and BNs, BN running_mean / running_var;
 `num_batches_tracked` is ignored, and a `module.` prefix on every key (nn.DataParallel) is
 dropped. Conv weights go from OIHW to HWIO, linear ones from (out, in) to (in, out); LeNet-5's
 fc1 also has its input reordered from PyTorch's NCHW flattening to this project's NHWC one
 (the identity on 32x32 inputs, where conv3's output is 1x1).
+
+When a state_dict does not fit teacher.model, the error names the first missing, unexpected or
+mis-shaped key and, where the file's keys are those of another supported model (`identify`:
+the same names, and the same shapes but for the input convolution and the classifier), that
+model: "... (its keys are those of teacher.model='wrn40_2')".
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from datafree_jax.models import imagenet
 from datafree_jax.errors import TeacherError
+from datafree_jax.models import classifiers, imagenet
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -206,11 +219,21 @@ def _same_module(name: str) -> str:
   return name
 
 
+def _zoo_module(name: str) -> str:
+  """A module of models.cifar_zoo -> zju-vipa/DataFree's name: '_' is their '.'."""
+  return name.replace("_", ".")
+
+
+# zju-vipa/DataFree's CIFAR models that the DAFL authors' code lacks (models/cifar_zoo.py).
+ZOO_MODELS = ("wrn16_1", "wrn16_2", "wrn40_1", "wrn40_2", "vgg8_bn", "vgg11_bn", "vgg13_bn")
+
+
 # teacher.model -> our module name -> PyTorch module name (per path element, joined by ".").
 _MODULE_NAMES: dict = {
     "resnet18": _dafl_resnet_module, "resnet34": _dafl_resnet_module,
     "lenet5": _same_module, "lenet5_half": _same_module, "lenet5_bn": _same_module,
     "lenet5_half_bn": _same_module, "hinton": _same_module, "hinton_half": _same_module,
+    **{name: _zoo_module for name in ZOO_MODELS},
 }
 _TORCHVISION = ("resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet", "mobilenet_v2")
 # Models whose first dense layer follows conv features: (dense module, conv module before it).
@@ -257,9 +280,7 @@ def to_flax(model_name: str, state_dict: Mapping, target_variables: Mapping) -> 
   `target_variables`, from a PyTorch state_dict (read_state_dict's, or tensors: anything
   np.asarray takes) under the names of the module docstring. Raises TeacherError on the first
   missing, unexpected or mis-shaped key."""
-  state = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
-  if state and all(k.startswith("module.") for k in state):  # nn.DataParallel
-    state = {k[len("module."):]: v for k, v in state.items()}
+  state = _clean(state_dict)
   leaves = _target_leaves(target_variables)
   keyed = [(torch_key(model_name, c, path), c, path, leaf) for c, path, leaf in leaves]
   flatten = _FLATTEN_AFTER_CONV.get(model_name)
@@ -278,8 +299,75 @@ def to_flax(model_name: str, state_dict: Mapping, target_variables: Mapping) -> 
         value = _nchw_to_nhwc_rows(value, conv_channels)
     return value
 
-  return _assemble(keyed, state, convert, describe=_torch_shape,
-                   what=f"state_dict (PyTorch names of {model_name!r})")
+  try:
+    return _assemble(keyed, state, convert, describe=_torch_shape,
+                     what=f"state_dict (PyTorch names of {model_name!r})")
+  except TeacherError as e:
+    raise TeacherError(f"{e}{_other_model_hint(model_name, state)}") from None
+
+
+def _clean(state_dict: Mapping) -> dict:
+  """state_dict without num_batches_tracked and without nn.DataParallel's 'module.' prefix."""
+  state = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  return state
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(model_name: str) -> tuple:
+  """((PyTorch key, shape in PyTorch's layout), ...) of `model_name` at its standard width,
+  for 10 classes of 32x32 images (3 channels; 1 for the LeNets and MLPs). Traced abstractly."""
+  channels = 1 if model_name.startswith(("lenet", "hinton")) else 3
+  model = classifiers.get_classifier(model_name, 10)
+  x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  return tuple((torch_key(model_name, c, path), _torch_shape(leaf.shape))
+               for c, path, leaf in _target_leaves(variables))
+
+
+def _marks(model_name: str) -> tuple:
+  """Keys that every state_dict of `model_name`'s family has (identify traces only the models
+  whose marks a file has: tracing all of them takes seconds)."""
+  if model_name == "mobilenet_v2":
+    return ("features.0.0.weight",)
+  if model_name in _TORCHVISION:
+    return ("fc.weight", "layer1.0.conv1.weight")
+  prefixes = {"wrn": "block1.layer.0.conv1.weight", "vgg": "block0.0.weight",
+              "resnet": "linear.weight", "lenet": "conv3.weight", "hinton": "head.weight"}
+  return tuple(k for p, k in prefixes.items() if model_name.startswith(p))
+
+
+def identify(state_dict: Mapping) -> tuple:
+  """(models, named): the teacher.model names (SUPPORTED_MODELS) whose PyTorch keys are the
+  keys of `state_dict` (num_batches_tracked and a 'module.' prefix ignored) with the same
+  shapes at the standard width, but for at most three arrays (the input convolution's kernel,
+  which depends on the image channels, and the classifier's weight and bias, which depend on
+  the classes); and those with the same key names whatever the shapes."""
+  state = _clean(state_dict)
+  models, named = [], []
+  for name in SUPPORTED_MODELS:
+    if not all(k in state for k in _marks(name)):
+      continue  # not traced: its family's keys are not in the file
+    layout = _layout(name)
+    if {k for k, _ in layout} != set(state):
+      continue
+    named.append(name)
+    if sum(tuple(np.shape(state[k])) != shape for k, shape in layout) <= 3:
+      models.append(name)
+  return models, named
+
+
+def _other_model_hint(model_name: str, state: Mapping) -> str:
+  """'; its keys are those of teacher.model=...' when a state_dict that does not fit
+  `model_name` has another supported model's keys (identify); else ''."""
+  models, named = identify(state)
+  which = lambda names: " or ".join(f"teacher.model={n!r}" for n in names)
+  if models and model_name not in models:
+    return f"; its keys are those of {which(models)}"
+  if named and model_name not in named:
+    return f"; its key names are those of {which(named)} (at another width)"
+  return ""
 
 
 def to_state_dict(model_name: str, variables: Mapping) -> dict:

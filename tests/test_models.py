@@ -12,9 +12,14 @@ from datafree_jax import models
 from datafree_jax.models import cpu_conv, generators
 
 FEATURES = {"lenet5": 120, "lenet5_half": 60, "lenet5_bn": 120, "lenet5_half_bn": 60,
-            "hinton": 1200, "hinton_half": 800, "resnet18": 32, "resnet34": 32}
+            "hinton": 1200, "hinton_half": 800, "resnet18": 32, "resnet34": 32,
+            # models/cifar_zoo.py at width 4: WRN-d-k 4 * 4k, VGG 512 * 4 / 64.
+            "wrn16_1": 16, "wrn16_2": 32, "wrn40_1": 16, "wrn40_2": 32, "vgg8_bn": 32,
+            "vgg11_bn": 32, "vgg13_bn": 32}
 BN_LAYERS = {"lenet5": 0, "lenet5_half": 0, "lenet5_bn": 3, "lenet5_half_bn": 3, "hinton": 0,
-             "hinton_half": 0, "resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3}
+             "hinton_half": 0, "resnet18": 1 + 8 * 2 + 3, "resnet34": 1 + 16 * 2 + 3,
+             "wrn16_1": 6 * 2 + 1, "wrn16_2": 6 * 2 + 1, "wrn40_1": 18 * 2 + 1,
+             "wrn40_2": 18 * 2 + 1, "vgg8_bn": 5, "vgg11_bn": 8, "vgg13_bn": 10}
 
 
 # The ImageNet models (models/imagenet.py) have their own tests: test_imagenet_models.py.

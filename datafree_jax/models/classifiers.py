@@ -9,7 +9,9 @@ the last fully connected layer (DAFL's activation loss uses them: 120-d after co
 Every classifier has a `dtype` field, the computation dtype (None by default: flax's, the dtype
 of inputs and parameters, float32 here; bfloat16 for mixed precision): its convolutions, dense
 layers and BatchNorms compute in `dtype`, while the parameters and BN running statistics stay
-float32 and logits and features are returned in float32 (or wider). `get_classifier` also builds the ImageNet models of `imagenet.py`.
+float32 and logits and features are returned in float32 (or wider). `get_classifier` also builds
+the ImageNet models of `imagenet.py` and the Wide ResNets and VGGs of zju-vipa/DataFree's CIFAR
+model zoo (`cifar_zoo.py`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from datafree_jax.errors import UnknownModelError
-from datafree_jax.models import cpu_conv, imagenet
+from datafree_jax.models import cifar_zoo, cpu_conv, imagenet
 from datafree_jax.models.layers import Conv, RecordingBatchNorm, classifier_output
 
 
@@ -135,6 +137,12 @@ CLASSIFIERS = {
     "hinton_half": lambda nc, width, dtype: MLP(nc, (800, 800), dtype=dtype),
     "resnet18": lambda nc, width, dtype: ResNet((2, 2, 2, 2), nc, width or 64, dtype=dtype),
     "resnet34": lambda nc, width, dtype: ResNet((3, 4, 6, 3), nc, width or 64, dtype=dtype),
+    # zju-vipa/DataFree's CIFAR Wide ResNets and VGGs with BN (their architectures and
+    # parameter layout, cifar_zoo.py); their resnet18/resnet34 are the two above.
+    **{f"wrn{d}_{k}": (lambda nc, width, dtype, d=d, k=k: cifar_zoo.wrn(d, k, nc, width, dtype))
+       for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))},
+    **{f"{v}_bn": (lambda nc, width, dtype, v=v: cifar_zoo.vgg_bn(v, nc, width, dtype))
+       for v in cifar_zoo.VGG_CFG},
     # ImageNet models (torchvision's architectures and parameter layout, imagenet.py).
     "resnet18_imagenet": lambda nc, width, dtype: imagenet.resnet18(nc, width, dtype),
     "resnet34_imagenet": lambda nc, width, dtype: imagenet.resnet34(nc, width, dtype),
@@ -149,8 +157,10 @@ def get_classifier(name: str, num_classes: int, width: int = 0,
   form of `platform` (platforms.py; None: XLA's own forms, what export traces). The ImageNet
   models take XLA's own forms on every platform (none of their layers has a CPU path).
 
-  `width` overrides the base width of the ResNets (0 keeps 64) and of MobileNetV2 (its stem's
-  channels, 0 keeps 32; see imagenet.py); the LeNets and MLPs ignore it.
+  `width` overrides the base width of the ResNets (0 keeps 64), of MobileNetV2 (its stem's
+  channels, 0 keeps 32; see imagenet.py), of the WRNs (their stem's channels, 0 keeps 16) and
+  of the VGGs (their first block's channels, 0 keeps 64; see cifar_zoo.py); the LeNets and MLPs
+  ignore it.
   """
   if name not in CLASSIFIERS:
     raise UnknownModelError(
