@@ -31,8 +31,8 @@ Architectures, as zju-vipa/DataFree defines them:
 
 Parameter layout: module names are zju-vipa/DataFree's module paths with "." replaced by "_"
 (`block1.layer.0.convShortcut` -> `block1_layer_0/convShortcut`, `block2.4` -> `block2_4`), and
-no module name has an underscore of its own, so `zoo_key` (teacher_import.py) is a join with "."
-and a replacement of "_" by ".". Leaves as torchvision's (imagenet.py): kernel -> weight (HWIO
+no module name has an underscore of its own, so their key is ours joined with "." with every "_"
+replaced by "." (teacher_import.torch_key). Leaves as torchvision's (imagenet.py): kernel -> weight (HWIO
 -> OIHW, (in, out) -> (out, in)), BN scale -> weight, bias -> bias, mean -> running_mean, var ->
 running_var.
 
