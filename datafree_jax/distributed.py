@@ -226,6 +226,9 @@ def plan(mode: str = "auto", coordinator_address: Optional[str] = None, num_proc
     pid, pid_name = cluster.process_id, "JOB_COMPLETION_INDEX"
   if n is not None and pid is not None and not 0 <= pid < n:
     raise DistributedError(f"{pid_name}={pid} is not in 0..{n - 1} (--num_processes={n})")
+  count = n if n is not None else cluster.num_processes
+  if mode == "auto" and count == 1:
+    return Plan(cluster, None)
   kwargs = {k: v for k, v in zip(_KEYS, (address, n, pid)) if v is not None}
   missing = [f"--{k}" for k in _KEYS if k not in kwargs]
   if not missing:  # everything explicit: JAX probes no environment
@@ -237,12 +240,7 @@ def plan(mode: str = "auto", coordinator_address: Optional[str] = None, num_proc
         f"with it): set JAX_NUM_PROCESSES (the Job's parallelism) and JAX_COORDINATOR_ADDRESS "
         f"(pod 0's HOST:PORT) in the Job, or pip install kubernetes, or --distributed=off for "
         f"one process; missing {', '.join(missing)}")
-  if mode == "on":
-    return Plan(cluster, kwargs)
-  count = n if n is not None else cluster.num_processes
-  if count == 1:
-    return Plan(cluster, None)
-  if not missing:
+  if mode == "on" or not missing:
     return Plan(cluster, kwargs)
   # JAX finds the rest: from the environment, or a service when the size is not in it.
   jax_completes = cluster.jax_finds and (

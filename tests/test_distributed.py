@@ -120,6 +120,7 @@ CASES = [
                                         "cluster_detection_method": "deactivate"}),
     ("auto", {}, dict(K8S_JOB_SIZED, JAX_NUM_PROCESSES="1", JOB_COMPLETION_INDEX="0"), "k8s",
      None),
+    ("auto", {}, dict(K8S_JOB, JAX_NUM_PROCESSES="1", JOB_COMPLETION_INDEX="0"), "k8s", None),
     ("auto", {}, K8S_POD, "k8s", None),
     ("auto", EXPLICIT, K8S_POD, "k8s", DEACTIVATED),
     # TPU worker variables on a machine that is no Cloud TPU VM: JAX detects no TPU slice.
