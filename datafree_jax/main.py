@@ -16,9 +16,10 @@
   --debug, --nodebug            full tracebacks instead of one-line errors (default: --nodebug)
   --distributed=auto|on|off     multi-process runs (one process per host, every process runs the
                                 same command): auto (default) starts jax.distributed when the
-                                flags below, their JAX_* variables, a SLURM step of several
-                                tasks or a multi-host GKE TPU slice say so; on always (Cloud
-                                TPU VM pod slices); off never
+                                flags below (or their JAX_* variables) or the cluster that JAX
+                                detects (a SLURM step, Open MPI, a Cloud TPU VM or GKE TPU
+                                slice, a Kubernetes Indexed Job) have more than one process;
+                                on always; off never
   --coordinator_address=HOST:PORT, --num_processes=N, --process_id=I
                                 an explicit multi-process run (or JAX_COORDINATOR_ADDRESS,
                                 JAX_NUM_PROCESSES, JAX_PROCESS_ID)

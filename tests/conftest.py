@@ -265,7 +265,7 @@ def prepare_tiny_mnist(tmp_path_factory, arrays: dict) -> str:
 # order within a file, and of the other files, is kept.
 LONGEST_FILES = ("test_ensemble.py", "test_reliability.py", "test_bad_input.py",
                  "test_methods.py", "test_teacher.py", "test_dafl.py", "test_units.py",
-                 "test_datasets.py", "test_cli.py",
+                 "test_datasets.py", "test_cli.py", "test_class_statistics.py",
                  # the slow set
                  "test_imagenet.py", "test_multiprocess.py", "test_imagenet_models.py",
                  "test_streaming.py", "test_export.py",

@@ -126,24 +126,9 @@ class Teacher(stage_lib.Stage):
         if stats:
           log.info(f"teacher: dataset {info.name!r} has no training split; its BN statistics "
                    "are the teacher's running averages (global, no class-conditional ones)")
-      elif isinstance(train, input_pipeline.Dataset) and jax.process_count() == 1:
-        stats = bn_stats_lib.compute(
-            model, state["params"], state["batch_stats"],
-            input_pipeline.class_examples(train, cfg.bn_stats_per_class, config.seed))
-      elif isinstance(train, input_pipeline.Dataset):  # each process's share, summed over all
-        per_process = -(-cfg.bn_stats_per_class // jax.process_count())
-        images = input_pipeline.class_examples(train, per_process, config.seed)
-        labels = np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(images)])
-        stats = bn_stats_lib.compute_streaming(
-            model, state["params"], state["batch_stats"],
-            batching.masked_batches(np.concatenate(images), labels,
-                                          evaluation.eval_local_batch()),
-            info.num_classes, mesh)
-      else:  # streamed: per-class running sums over one pass
-        stats = bn_stats_lib.compute_streaming(
-            model, state["params"], state["batch_stats"],
-            train.class_batches(evaluation.eval_local_batch(), cfg.bn_stats_per_class),
-            info.num_classes, mesh)
+      else:
+        stats = class_statistics(model, state["params"], state["batch_stats"], train,
+                                 cfg.bn_stats_per_class, info.num_classes, mesh, config.seed)
       items = {"teacher": {"params": state["params"], "batch_stats": state["batch_stats"]}}
       if stats:  # the same values on every process: replicated over the mesh, as saved
         items["bn_stats"] = parallel.replicate_host(stats, mesh)
@@ -215,6 +200,32 @@ def _build(config, info, mesh):
                                        config.seed),
                      out_shardings=(rep, rep), donate_argnums=(0,))
   return model, tx, step_jit
+
+
+def class_statistics(model, params, batch_stats, train, per_class: int, num_classes: int, mesh,
+                     seed: int) -> dict:
+  """The teacher's class-conditional BN statistics (bn_stats.py) from `per_class` training
+  examples of each class, all processes together.
+
+  One process with the split in memory: bn_stats.compute on class_examples. With P processes
+  each takes its share, ceil(per_class / P) examples of each class from its own shard (fewer
+  where its shard has fewer), and the per-class sums are reduced over devices and processes
+  (bn_stats.compute_streaming): from class_examples of its in-memory shard, or from one pass
+  over its shard of a streamed split (streaming.class_batches, which reads it in stored order).
+  So the statistics use about per_class examples of each class whatever the process count.
+  """
+  if isinstance(train, input_pipeline.Dataset) and jax.process_count() == 1:
+    return bn_stats_lib.compute(model, params, batch_stats,
+                                input_pipeline.class_examples(train, per_class, seed))
+  per_process = -(-per_class // jax.process_count())
+  if isinstance(train, input_pipeline.Dataset):
+    images = input_pipeline.class_examples(train, per_process, seed)
+    labels = np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(images)])
+    batches = batching.masked_batches(np.concatenate(images), labels,
+                                      evaluation.eval_local_batch())
+  else:  # streamed: per-class running sums over one pass of this process's shard
+    batches = train.class_batches(evaluation.eval_local_batch(), per_process)
+  return bn_stats_lib.compute_streaming(model, params, batch_stats, batches, num_classes, mesh)
 
 
 def _train_split(ctx):
