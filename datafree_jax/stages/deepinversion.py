@@ -96,6 +96,8 @@ CONFIG_SECTIONS = {"deepinversion": {
     "targets": ("random", config_lib.Choice(TARGETS)),
     "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
     "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
+    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
+    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
 }}
 
 
@@ -330,7 +332,8 @@ class Synthesis(stage_lib.Stage):
         state=state, step=step,
         evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
                                                  mesh),
-        eval_every=d.eval_every, on_eval=students.make_sample_writer(ctx, latest, self.name),
+        eval_every=d.eval_every, checkpoint_every=d.checkpoint_every or None,
+        on_eval=students.make_sample_writer(ctx, latest, self.name),
         meta={"kind": "deepinversion_pool", "dataset": info.name, "method": ctx.config.method})
 
   def programs(self, ctx):
