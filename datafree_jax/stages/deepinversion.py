@@ -51,17 +51,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import evaluation
 from datafree_jax import generator_parts
+from datafree_jax import image_pool
 from datafree_jax import log
 from datafree_jax import losses
-from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import stage as stage_lib
@@ -105,37 +105,11 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, "deepinversion")
 
 
-# --- Pixels: the pool's 8-bit form ------------------------------------------------------------
-
-def pixel_range(info):
-  """(low, high), (C,) float32 arrays: the normalised values of pixel values 0 and 1."""
-  mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
-  return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def quantize(images, info):
-  """Normalised float images -> uint8 pixels round(255 * clip(x * std + mean, 0, 1))."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  pixels = jnp.clip(images.astype(jnp.float32) * std + mean, 0.0, 1.0)
-  return jnp.round(pixels * 255.0).astype(jnp.uint8)
-
-
-def dequantize(pixels, info):
-  """uint8 pixels -> normalised float32 images (u / 255 - mean) / std."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def pool_images_fn(info):
-  """images_fn(key, n, batch, source) of students.distill_step: n images drawn uniformly, with
-  replacement, from the first source['filled'] rounds of source['pool'] (R, B, H, W, C)."""
-  def images_fn(key, n, batch, source):  # pylint: disable=unused-argument
-    pool = source["pool"]
-    rounds, per_round = pool.shape[:2]
-    flat = pool.reshape((rounds * per_round,) + pool.shape[2:])
-    index = jax.random.randint(key, (n,), 0, jnp.maximum(source["filled"], 1) * per_round)
-    return dequantize(flat[index], info)
-  return images_fn
+# The pool's 8-bit form and the draws from it (image_pool.py, shared with Fast-DFKD).
+pixel_range = image_pool.pixel_range
+quantize = image_pool.quantize
+dequantize = image_pool.dequantize
+pool_images_fn = image_pool.pool_images_fn
 
 
 # --- One synthesis round ----------------------------------------------------------------------
@@ -230,23 +204,10 @@ def competitor_round(kd_steps: int, distill, state, teacher_vars):
   """kd_steps steps of students.distill_step (`distill`: its partial up to the state) for the
   competing student on the rounds in the pool so far (state['step'] of them)."""
   first = (state["step"] - 1) * kd_steps + COMPETITOR_STEP_OFFSET
-  source = {"pool": state["pool"], "filled": state["step"]}
-  sub = {"student": state["student"], "student_opt": state["student_opt"], "step": first}
-  shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
-
-  def body(_, carry):
-    return distill(carry[0], None, teacher_vars, source)
-  sub, metrics = jax.lax.fori_loop(
-      0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
-  return (dict(state, student=sub["student"], student_opt=sub["student_opt"]),
-          {"loss_kd": metrics["loss_kd"]})
+  return image_pool.distill_on_pool(kd_steps, distill, state, teacher_vars, first, state["step"])
 
 
-def teacher_has_bn(config, info) -> bool:
-  shapes = jax.eval_shape(lambda: models.get_classifier(
-      config.teacher.model, info.num_classes, config.teacher.width).init(
-          jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-  return bool(shapes.get("batch_stats"))
+teacher_has_bn = bn_stats.teacher_has_bn
 
 
 class Synthesis(stage_lib.Stage):
@@ -288,7 +249,7 @@ class Synthesis(stage_lib.Stage):
     def init():
       _, svars, sopt = students.init_student(
           config, info, tx_s, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
-      return {"pool": jnp.zeros((d.rounds, d.batch_size) + tuple(info.image_shape), jnp.uint8),
+      return {"pool": image_pool.empty(d.rounds, d.batch_size, info),
               "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
     if abstract:
       state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
@@ -324,9 +285,7 @@ class Synthesis(stage_lib.Stage):
     n = min(ctx.config.deepinversion.batch_size, GRID_IMAGES)
 
     def latest(state):
-      r = jnp.maximum(state["step"] - 1, 0)
-      return dequantize(jax.lax.dynamic_index_in_dim(state["pool"], r, 0, keepdims=False)[:n],
-                        info)
+      return image_pool.latest_round(state, n, info)
     d = ctx.config.deepinversion
     return stage_lib.Plan(
         state=state, step=step,
