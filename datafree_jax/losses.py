@@ -17,6 +17,11 @@ DeepInversion (Yin et al. 2020) optimises images x directly:
          + w_adv * adi_competition_loss(T(x'), S(x')) + w_tv * deepinversion_tv_l1(x)
          + w_tv_l2 * deepinversion_tv_l2(x) + w_l2 * image_l2_prior(x)
 with x' a randomly jittered and flipped copy of x.
+
+Fast-DFKD (Fang et al. 2022) trains a generator G (a few steps per round, from a
+meta-learned initialisation):
+  L_G = w_bn * bn_momentum_matching(...) + w_oh * CE(T(x'), y)
+        + w_adv * decision_adversarial_loss(T(x'), S(x')),   x' = augment(G(z)).
 """
 from __future__ import annotations
 
@@ -424,3 +429,61 @@ def deepinversion_tv_l2(images):
     Scalar loss (>= 0).
   """
   return sum(_safe_l2_norm(d, axis=None) for d in _neighbour_differences(images))
+
+
+def decision_adversarial_loss(teacher_logits, student_logits):
+  """Fast-DFKD's adversarial term ("decision adversarial distillation", zju-vipa/Fast-Datafree's
+  fast_meta.py): minus the teacher-student KL divergence, over the examples on which both
+  predict the same class.
+
+    p_i = softmax(t_i),  q_i = softmax(s_i),  m_i = [argmax_k t_ik == argmax_k s_ik]
+    L = -(1/N) sum_i m_i * sum_k p_ik (log p_ik - log q_ik)
+
+  (the authors' -(kldiv(s, t, reduction='none').sum(1) * mask).mean(), at temperature 1: the
+  mean is over all N examples, not over the agreeing ones). Minimising it moves the images to
+  where the student, still agreeing with the teacher, is furthest from it; examples the
+  student already gets wrong drop out. The mask carries no gradient; the KL term passes
+  gradients into both logits (the images reach the loss through teacher and student). Terms
+  with p_ik = 0 contribute 0.
+
+  Args:
+    teacher_logits: (N, K) teacher logits.
+    student_logits: (N, K) student logits.
+
+  Returns:
+    Scalar loss (<= 0).
+  """
+  t = teacher_logits.astype(jnp.promote_types(teacher_logits.dtype, jnp.float32))
+  s = student_logits.astype(jnp.promote_types(student_logits.dtype, jnp.float32))
+  log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+  p = jnp.exp(log_p)
+  kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+  mask = jax.lax.stop_gradient(
+      (jnp.argmax(t, axis=-1) == jnp.argmax(s, axis=-1)).astype(jnp.float32))
+  return -jnp.mean(kl * mask)
+
+
+def bn_momentum_matching(batch_moments, previous_moments, target_moments, rate):
+  """Fast-DFKD's BN feature regulariser with momentum (the authors' DeepInversionHook with
+  bn_mmt): the l2 form of bn_moment_matching on moments blended with those of earlier rounds.
+
+    mu'_l = (1 - rate) * mu_l + rate * mu_l^prev,   var'_l = (1 - rate) * var_l + rate * var_l^prev
+    L = sum_l ||mu'_l - mu_l^T||_2 + ||var'_l - var_l^T||_2
+
+  mu_l, var_l: layer l's batch moments now; mu_l^prev, var_l^prev: the running average of the
+  last iteration's moments of the previous rounds (constants: no gradient flows into them);
+  mu_l^T, var_l^T: the teacher's running statistics. rate = 0 is bn_moment_matching(form='l2')
+  (the authors' first round). The blend lets one round's batch match the statistics together
+  with the earlier rounds' batches instead of alone.
+
+  Args:
+    batch_moments, previous_moments, target_moments: moments pytrees with the same layers
+      (see bn_layers).
+    rate: the momentum in [0, 1] (the authors' 0.9); a number or a scalar array.
+
+  Returns:
+    Scalar loss (>= 0).
+  """
+  previous = jax.lax.stop_gradient(previous_moments)
+  blended = jax.tree.map(lambda m, p: (1.0 - rate) * m + rate * p, batch_moments, previous)
+  return bn_moment_matching(blended, target_moments, form="l2")

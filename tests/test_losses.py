@@ -365,3 +365,39 @@ def test_deepinversion_tv_hand_values():
   assert float(losses.deepinversion_tv_l1(const)) == 0.0
   assert float(losses.deepinversion_tv_l2(const)) == 0.0
   assert np.all(np.isfinite(jax.grad(losses.deepinversion_tv_l2)(jnp.asarray(const))))
+
+
+def test_decision_adversarial_loss_hand_value():
+  # Example 1: teacher p = [0.75, 0.25], student q = [2/3, 1/3]; both say class 0 (mask 1).
+  # Example 2: teacher says class 0, student q = [0.2, 0.8] says class 1 (mask 0).
+  #   L = -(1/2) * (0.75 log(0.75 / (2/3)) + 0.25 log(0.25 / (1/3)))
+  kl1 = 0.75 * math.log(0.75 / (2 / 3)) + 0.25 * math.log(0.25 / (1 / 3))
+  t = np.array([[math.log(3.0), 0.0], [math.log(3.0), 0.0]], np.float32)
+  s = np.array([[math.log(2.0), 0.0], [0.0, math.log(4.0)]], np.float32)
+  np.testing.assert_allclose(losses.decision_adversarial_loss(t, s), -kl1 / 2, rtol=RTOL)
+  # d/ds of -KL_1 / 2 is (p - q) / 2; the disagreeing example gets no gradient.
+  g = jax.grad(lambda s: losses.decision_adversarial_loss(jnp.asarray(t), s))(jnp.asarray(s))
+  np.testing.assert_allclose(g[0], [(0.75 - 2 / 3) / 2, (0.25 - 1 / 3) / 2], rtol=1e-4)
+  np.testing.assert_array_equal(g[1], [0.0, 0.0])
+  # Equal outputs: 0; no agreeing example: 0.
+  assert float(losses.decision_adversarial_loss(t, t)) == 0.0
+  assert float(losses.decision_adversarial_loss(t[1:], s[1:])) == 0.0
+
+
+def test_bn_momentum_matching_hand_value():
+  # One layer, two channels. Batch mean [1, 2], var [3, 4]; earlier rounds' mean [3, 0],
+  # var [1, 0]; the teacher's mean [0, 0], var [1, 1].
+  layer = lambda m, v: {"bn": {"mean": jnp.asarray(m, jnp.float32),
+                               "var": jnp.asarray(v, jnp.float32)}}
+  batch, prev, target = layer([1, 2], [3, 4]), layer([3, 0], [1, 0]), layer([0, 0], [1, 1])
+  # rate 0.5: blended mean [2, 1], var [2, 2] -> ||[2, 1]|| + ||[1, 1]|| = sqrt 5 + sqrt 2.
+  np.testing.assert_allclose(losses.bn_momentum_matching(batch, prev, target, 0.5),
+                             math.sqrt(5) + math.sqrt(2), rtol=RTOL)
+  # rate 0 ignores the earlier rounds: ||[1, 2]|| + ||[2, 3]||.
+  np.testing.assert_allclose(losses.bn_momentum_matching(batch, prev, target, 0.0),
+                             math.sqrt(5) + math.sqrt(13), rtol=RTOL)
+  # No gradient flows into the earlier rounds' moments; the batch's is scaled by 1 - rate.
+  g_prev = jax.grad(lambda p: losses.bn_momentum_matching(batch, p, target, 0.5))(prev)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_prev))
+  g = jax.grad(lambda b: losses.bn_momentum_matching(b, prev, target, 0.5))(batch)
+  np.testing.assert_allclose(g["bn"]["mean"], 0.5 * np.array([2, 1]) / math.sqrt(5), rtol=1e-5)
