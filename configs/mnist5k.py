@@ -32,7 +32,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, method="ensemble", seed=0, stage="all", teacher="",
                            long=False, quick=False)
   if not a.teacher:
-    a.teacher = "lenet5_bn" if a.method in ("ensemble", "deepinversion") else "lenet5"
+    a.teacher = "lenet5_bn" if a.method in ("ensemble", "deepinversion", "fast") else "lenet5"
   c = config_lib.base_config()
   c.dataset = "mnist5k"
   c.method = a.method
@@ -82,6 +82,17 @@ def get_config(arg=None):
     d.kd_steps = 20
     d.eval_every = 5
     c.student.steps = 1500
+    c.student.temperature = 4.0
+    c.student.augment_shift = 2
+  if a.method == "fast":
+    f = c.fast
+    f.rounds, f.warmup, f.iterations, f.batch_size = 40, 2, 5, 128
+    f.latent_dim, f.width = 100, 32
+    f.lr_g, f.lr_z = 5e-3, 0.015
+    f.reset_fc_round = 0
+    f.augment_shift, f.augment_flip = 2, False   # digits are not left-right symmetric
+    f.kd_steps = 40
+    f.eval_every, f.checkpoint_every = 10, 10
     c.student.temperature = 4.0
     c.student.augment_shift = 2
   return c

@@ -11,6 +11,9 @@
     deepinversion  teacher -> deepinversion (Yin et al.'s image optimisation      distill_deepinversion
                 against the teacher, with a competing student; the images
                 kept in a pool) -> distill_deepinversion
+    fast        teacher -> fast (Fang et al.'s Fast-DFKD: a meta-learned         fast
+                generator, a few steps per round, its images kept in a pool
+                that the student is distilled on between rounds)
 
 A new method is one module with its stage(s) (stage.Stage, built on the shared parts:
 students.py, generator_parts.py, ...) and one `register_method` call with its config section;
@@ -24,6 +27,7 @@ from datafree_jax.stages import dafl
 from datafree_jax.stages import deepinversion
 from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
+from datafree_jax.stages import fast_dfkd
 from datafree_jax.stages import teacher
 
 TEACHER = teacher.STAGE
@@ -66,3 +70,9 @@ register_method(
     image_stages=(deepinversion.SYNTHESIS.name,),
     description="DeepInversion (Yin et al. 2020): images optimised against the teacher, then "
                 "distillation on them")
+
+register_method(
+    "fast", (TEACHER, fast_dfkd.STAGE), fast_dfkd.CONFIG_SECTIONS,
+    student_stage=fast_dfkd.STAGE.name, image_stages=(fast_dfkd.STAGE.name,),
+    description="Fast-DFKD (Fang et al. 2022): a meta-learned generator, a few steps per round, "
+                "and the student distilled on the rounds' images")
