@@ -5,7 +5,8 @@ teacher/student pairs of zju-vipa/DataFree's benchmark.
     python -m datafree_jax.main --config=configs/cifar10.py:pair=wrn40_2_wrn16_1 \
         --config.teacher.init_from=checkpoints/pretrained/cifar10_wrn40_2.pth
 
-Arguments: method = dafl | kd_data | kd_noise | teacher | ...; seed; stage; pair (below).
+Arguments: method = dafl | kd_data | kd_noise | teacher | ...; seed; stage; pair (below);
+g_steps (method=fast).
 Published (Chen et al. 2019): teacher 95.58, DAFL student 92.22. 240,000 steps of batch 1024:
 an accelerator job. The teacher recipe is the official script's: SGD 0.1, momentum 0.9, weight
 decay 5e-4, lr / 10 at epochs 80 and 120 of 200, random crops padded with 4 black pixels and
@@ -39,6 +40,9 @@ throughout. The other pairs take their settings from zju-vipa/DataFree's code:
 
 method=deepinversion (Yin et al. 2020, Adaptive DeepInversion, as zju-vipa/DataFree runs it):
 see deepinversion_settings below.
+
+method=fast (Fang et al. 2022, Fast-DFKD, as zju-vipa/Fast-Datafree runs it): see
+fast_settings below; g_steps = 2 | 5 | 10 (default) picks Fast-2, Fast-5 or Fast-10.
 """
 import math
 
@@ -52,8 +56,12 @@ PAIRS = {"resnet34_resnet18": ("resnet34", "resnet18"), "vgg11_resnet18": ("vgg1
 
 
 def cifar_config(dataset: str, arg, weights):
-  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all", pair="resnet34_resnet18")
+  a = config_lib.parse_arg(arg, method="dafl", seed=0, stage="all", pair="resnet34_resnet18",
+                           g_steps=10)
   config_lib.Choice(tuple(PAIRS), label="pair", listing="pairs").check("pair", a.pair)
+  if a.g_steps not in FAST_RATES:
+    raise config_lib.ConfigError(f"g_steps={a.g_steps}: Fast-DFKD's published settings are for "
+                                 f"g_steps {', '.join(map(str, FAST_RATES))}")
   c = config_lib.base_config()
   c.dataset = dataset
   c.method, c.seed, c.stage = a.method, a.seed, a.stage
@@ -87,6 +95,8 @@ def cifar_config(dataset: str, arg, weights):
     zju_pair(c, *PAIRS[a.pair])
   if a.method == "deepinversion":
     deepinversion_settings(c)
+  if a.method == "fast":
+    fast_settings(c, PAIRS[a.pair][0], a.g_steps)
   return c
 
 
@@ -129,6 +139,34 @@ def deepinversion_settings(c):
   d = c.deepinversion
   d.rounds, d.batch_size, d.iterations, d.kd_steps = 200, 256, 1000, 400
   d.eval_every, d.checkpoint_every = 10, 5
+
+
+# Fast-DFKD: g_steps -> (lr_g, lr_z); the teacher -> (w_adv, w_oh) (scripts/fast_cifar.sh).
+FAST_RATES = {2: (5e-3, 0.015), 5: (3e-3, 0.01), 10: (2e-3, 0.01)}
+FAST_WEIGHTS = {"resnet34": (1.33, 0.5), "vgg11_bn": (1.0, 0.5), "wrn40_2": (1.1, 0.4)}
+
+
+def fast_settings(c, teacher: str, g_steps: int):
+  """method=fast: zju-vipa/Fast-Datafree's CIFAR settings (scripts/fast_cifar.sh, the same for
+  CIFAR-10 and CIFAR-100; the synthesis settings not set here are config.fast's defaults, see
+  stages/fast_dfkd.py): 220 rounds, the first 20 synthesis only, g_steps inner steps on 256
+  images per round (lr_g, lr_z by g_steps), w_adv and w_oh by teacher; the student SGD 0.2,
+  momentum 0.9, weight decay 1e-4, cosine, batch 256, KD temperature 20, random crops (pad 4)
+  and flips, 400 steps per round after warmup (80,000). Published (their README, ResNet-34 ->
+  ResNet-18, Fast-2 / 5 / 10): CIFAR-10 92.62 / 93.63 / 94.05%, CIFAR-100 69.76 / 72.82 /
+  74.34%."""
+  s = c.student
+  s.steps = 80000                   # (220 - 20) rounds x 400 steps; not read by method=fast
+  s.batch_size = 256
+  s.optimizer, s.lr, s.momentum, s.weight_decay = "sgd", 0.2, 0.9, 1e-4
+  s.schedule = "cosine"
+  s.temperature = 20.0
+  s.augment_shift, s.augment_flip = 4, True
+  f = c.fast
+  f.rounds, f.warmup, f.iterations, f.batch_size, f.kd_steps = 220, 20, g_steps, 256, 400
+  f.lr_g, f.lr_z = FAST_RATES[g_steps]
+  f.w_adv, f.w_oh = FAST_WEIGHTS[teacher]
+  f.eval_every, f.checkpoint_every = 10, 10
 
 
 def get_config(arg=None):
