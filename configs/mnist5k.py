@@ -7,11 +7,12 @@ r"""mnist5k: the embedded 5,000 real MNIST digits (4,000 train / 1,000 test), of
 Arguments (`:k=v,k=v`):
   method   ensemble (default: Luo et al.'s per-class generators, the method that is robust at
            this size) | dafl (its student's accuracy swings widely with the seed here) |
-           kd_data | kd_noise | teacher
+           deepinversion | fast (Fast-DFKD: 40 rounds of 10 generator steps on 128 images, 40
+           student steps per round after 2 rounds of warmup) | kd_data | kd_noise | teacher
   seed     0
-  stage    all | teacher | train (everything after the teacher) | generators | distill
-  teacher  lenet5 (default) | lenet5_bn (the default for method=ensemble: moment matching
-           needs a teacher with BatchNorm)
+  stage    all | teacher | train (everything after the teacher) | generators | distill | fast
+  teacher  lenet5 (default) | lenet5_bn (the default for method=ensemble, deepinversion and
+           fast: their BN terms need a teacher with BatchNorm)
   quick    method=ensemble's short setting (the default before 2026-12-03): 150 generator
            steps, then 800 student steps at temperature 1 on the generated images as drawn;
            about half the time, a student about 3 points further below its teacher
@@ -86,9 +87,9 @@ def get_config(arg=None):
     c.student.augment_shift = 2
   if a.method == "fast":
     f = c.fast
-    f.rounds, f.warmup, f.iterations, f.batch_size = 40, 2, 5, 128
+    f.rounds, f.warmup, f.iterations, f.batch_size = 40, 2, 10, 128
     f.latent_dim, f.width = 100, 32
-    f.lr_g, f.lr_z = 5e-3, 0.015
+    f.lr_g, f.lr_z = 5e-3, 0.015     # Fast-2's rates: above Fast-10's here (benchmarks/RESULTS.md)
     f.reset_fc_round = 0
     f.augment_shift, f.augment_flip = 2, False   # digits are not left-right symmetric
     f.kd_steps = 40

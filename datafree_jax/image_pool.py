@@ -59,16 +59,20 @@ def pool_images_fn(info):
 def distill_on_pool(kd_steps: int, distill, state, teacher_vars, first_step, filled):
   """kd_steps steps of students.distill_step (`distill`: its partial up to the state, with
   pool_images_fn as image source) for state['student'] on the first `filled` rounds of
-  state['pool'] (a lax.fori_loop); the steps' rng is keyed by first_step, first_step + 1, ...
-  Returns (state with the new student and its optimiser, {'loss_kd': the last step's})."""
+  state['pool'] (a lax.fori_loop; one step is computed without a loop); the steps' rng is
+  keyed by first_step, first_step + 1, ... Returns (state with the new student and its
+  optimiser, {'loss_kd': the last step's})."""
   source = {"pool": state["pool"], "filled": filled}
   sub = {"student": state["student"], "student_opt": state["student_opt"], "step": first_step}
-  shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
+  if kd_steps == 1:
+    sub, metrics = distill(sub, None, teacher_vars, source)
+  else:
+    shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
 
-  def body(_, carry):
-    return distill(carry[0], None, teacher_vars, source)
-  sub, metrics = jax.lax.fori_loop(
-      0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
+    def body(_, carry):
+      return distill(carry[0], None, teacher_vars, source)
+    sub, metrics = jax.lax.fori_loop(
+        0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
   return (dict(state, student=sub["student"], student_opt=sub["student_opt"]),
           {"loss_kd": metrics["loss_kd"]})
 

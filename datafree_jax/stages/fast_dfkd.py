@@ -35,7 +35,9 @@ and its optimiser, the round) is checkpointed through the shared loop every chec
 rounds, so a stopped run resumes at its last saved round and ends where an uninterrupted run
 ends. The student's optimiser schedule runs over its (rounds - warmup) * kd_steps steps;
 student.steps is not read. Evaluation: the student's test accuracy every eval_every rounds;
-the sample grid shows the latest round's images.
+the sample grid shows the latest round's images. On the CPU (platform 'cpu', cpu_forms) the
+inner steps are unrolled and each student step is its own call, as XLA:CPU runs a step inside
+a while loop several times slower; accelerators run each part as one lax.fori_loop program.
 
 Published settings (scripts/fast_cifar.sh, the same for CIFAR-10 and CIFAR-100, Fast-N = N
 inner steps): 220 rounds, warmup 20, synthesis batch 256, latent 256, ngf 64 (width 128),
@@ -149,7 +151,7 @@ def reset_dense(key, params):
 
 
 def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_meta, data_sharding,
-                    seed: int, augment: dict, state, teacher_vars):
+                    seed: int, augment: dict, unroll: bool, state, teacher_vars):
   """Round state['step'] (steps 1-3 of the module docstring): returns (state with the round's
   images in the pool, the updated meta-generator and BN moments, step + 1; metrics of the last
   inner step, the best iterate's loss and the teacher's agreement with the targets on it)."""
@@ -200,7 +202,7 @@ def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_met
            jax.lax.with_sharding_constraint(zeros(pixels0), data_sharding), zeros(moments0),
            zeros(terms0), jnp.zeros((), jnp.float32))
   params, bs, _, _, _, meta_grad, best_loss, best, moments, terms, loss = jax.lax.fori_loop(
-      0, fcfg.iterations, body, carry)
+      0, fcfg.iterations, body, carry, unroll=True if unroll else 1)
 
   if fcfg.meta == "reptile":
     meta_grad = jax.tree.map(lambda m, p: REPTILE_SCALE * (m - p), meta_params, params)
@@ -219,11 +221,19 @@ def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_met
               meta_opt=meta_opt, bn_previous=previous, step=r + 1), metrics
 
 
-def kd_round(fcfg, distill, state, teacher_vars):
-  """kd_steps student steps on the pool after round state['step'] - 1 (step 4)."""
-  first = (state["step"] - 1 - fcfg.warmup) * fcfg.kd_steps
-  return image_pool.distill_on_pool(fcfg.kd_steps, distill, state, teacher_vars, first,
-                                    state["step"])
+def kd_round(fcfg, distill, n: int, state, teacher_vars, offset=0):
+  """Student steps offset .. offset + n - 1 of the kd_steps after round state['step'] - 1 (step
+  4): n = kd_steps in one call, or 1 per call on the CPU (cpu_forms)."""
+  first = (state["step"] - 1 - fcfg.warmup) * fcfg.kd_steps + offset
+  return image_pool.distill_on_pool(n, distill, state, teacher_vars, first, state["step"])
+
+
+def cpu_forms(config) -> bool:
+  """Whether the run takes the CPU forms of the loops: XLA:CPU runs a step inside a while loop
+  several times slower than the same step on its own (benchmarks/RESULTS.md), so there the
+  round's inner steps are unrolled and its student steps are one call each; accelerators get
+  lax.fori_loop programs."""
+  return platforms.is_cpu(platforms.of_config(config))
 
 
 class FastSynthesis(stage_lib.Stage):
@@ -292,27 +302,30 @@ class FastSynthesis(stage_lib.Stage):
       state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
     else:
       state = jax.jit(init, out_shardings=rep)()
+    cpu = cpu_forms(config)
     synth = jax.jit(functools.partial(
         synthesis_round, f, info, gen, teacher_model, student, inner, tx_meta, split,
-        config.seed, students.augmentation(f, info)),
+        config.seed, students.augmentation(f, info), cpu),
         out_shardings=(rep, rep), donate_argnums=(0,))
     distill = functools.partial(
         students.distill_step, student, tx_s, scfg.temperature, teacher_model,
         image_pool.pool_images_fn(info), split, config.seed, scfg.batch_size,
         students.augmentation(scfg, info))
-    kd = jax.jit(functools.partial(kd_round, f, distill), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+    kd = jax.jit(functools.partial(kd_round, f, distill, 1 if cpu else f.kd_steps),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, kd, mesh
 
   def plan(self, ctx):
     state, student, synth, kd, mesh = self._build(ctx)
     tvars = ctx.teacher["variables"]
     f, info = ctx.config.fast, ctx.info
+    calls = f.kd_steps if cpu_forms(ctx.config) else 1
 
     def step(state, r):
       state, metrics = synth(state, tvars)
       if r >= f.warmup:
-        state, kd_metrics = kd(state, tvars)
+        for i in range(calls):
+          state, kd_metrics = kd(state, tvars, i * (f.kd_steps // calls))
         metrics = dict(metrics, **kd_metrics)
       return state, metrics
 
@@ -331,15 +344,16 @@ class FastSynthesis(stage_lib.Stage):
     state, student, synth, kd, mesh = self._build(ctx, abstract=True)
     tvars = ctx.teacher["variables"]
     s = state["student"]
+    per_call = 1 if cpu_forms(ctx.config) else f.kd_steps
     return [
         stage_lib.Program(
             f"synthesis round: {f.iterations} generator steps on {f.batch_size} images", synth,
             (state,), {"teacher_vars": tvars}, state=state, trips=f.iterations,
             steps=f.rounds),
         stage_lib.Program(
-            f"student: {f.kd_steps} steps of batch {scfg.batch_size}", kd, (state,),
-            {"teacher_vars": tvars}, state=state, trips=f.kd_steps,
-            steps=f.rounds - f.warmup),
+            f"student: {per_call} step(s) of batch {scfg.batch_size}", kd, (state,),
+            {"teacher_vars": tvars}, state=state, trips=per_call,
+            steps=(f.rounds - f.warmup) * f.kd_steps // per_call),
         stage_lib.classifier_eval_program(
             "student", student, common.variables_of(s["params"], s["batch_stats"]), ctx.info,
             mesh),
