@@ -173,6 +173,7 @@ def _recompute(bn_teacher, before, config):
   return meta_grad, best[1], moments
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("meta", ["fomaml", "reptile"])
 def test_the_inner_steps_and_the_meta_update_match_a_recomputation(bn_teacher, meta):
   """Round 0 with two inner steps against the steps recomputed one by one: FOMAML's meta
@@ -205,8 +206,10 @@ def test_the_inner_steps_and_the_meta_update_match_a_recomputation(bn_teacher, m
                                err_msg=name)
     compared += clear.sum()
   assert compared > 0.5 * sum(x.size for x in jax.tree.leaves(meta_params))
-  np.testing.assert_array_equal(after["pool"][0], jax.device_get(
-      image_pool.quantize(image_pool.normalise(pixels, info), info)))
+  # (to a grey level: a pixel at a rounding boundary may round either way)
+  pool0 = np.asarray(after["pool"][0], int)
+  want = np.asarray(image_pool.quantize(image_pool.normalise(pixels, info), info), int)
+  assert np.abs(pool0 - want).max() <= 1 and np.mean(pool0 == want) > 0.99
   assert not np.any(after["pool"][1:]) and int(after["step"]) == 1
   for a, b in zip(jax.tree.leaves(after["bn_previous"]), jax.tree.leaves(moments)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
