@@ -31,10 +31,10 @@ normalised float32, as in-memory datasets' are.
 
 The training pipeline is one tf.data pipeline per run, not one per epoch: an endless range of
 epochs, each read in a tf.data function of its epoch number (file order and shuffle seeded
-with (seed, epoch)), the next epoch's reading started while the current one is consumed. A
-run that starts at step s (a resumed run) starts the pipeline at s's epoch and skips the
-epoch's records before s undecoded: it decodes no image before s (reading, not decoding, up to
-one epoch of this process's shard); `StreamBatches.decode_stats()` counts the decodes.
+with (seed, epoch)); decoding, batching and prefetching run on across epochs. A run that
+starts at step s (a resumed run) starts the pipeline at s's epoch and skips the epoch's
+records before s undecoded: it decodes no image before s (reading, not decoding, up to one
+epoch of this process's shard); `StreamBatches.decode_stats()` counts the decodes.
 
 Image bytes are read undecoded (`tfds.decode.SkipDecoding`) and decoded only after the
 records a batch does not use were skipped or dropped; JPEG images are decoded only inside
@@ -379,8 +379,9 @@ class StreamBatches:
   index and count, data), whatever was asked before.
 
   One tf.data pipeline serves every epoch: its epochs are elements of an endless range, each
-  read, shuffled and cut in a tf.data function of its epoch number, and the next epoch's
-  reading (its shuffle buffer) starts while the current one is consumed. Asking for the step
+  read, shuffled and cut in a tf.data function of its epoch number (flat_map), so decoding,
+  batching and prefetching run on across epochs; only the shuffle buffer fills anew at an
+  epoch's start. Asking for the step
   after the last one reads on; any other step (a resumed run, a rewind) starts a new pipeline
   at that step's epoch, skipping the records of the epoch before the step undecoded: no image
   before the step is decoded (decode_stats() counts the decodes). With host_prefetch > 0 a
@@ -453,10 +454,9 @@ class StreamBatches:
       ds = ds.skip(tf.where(tf.equal(epoch, first_epoch), tf.constant(start, tf.int64), 0))
       return ds.map(lambda position, ex: (epoch * per_epoch + position, ex[0], ex[1]))
 
-    # Two epochs open at once, one after the other: the next one's reading starts early.
-    ds = tf.data.Dataset.range(first_epoch, _ENDLESS).interleave(
-        epoch_records, cycle_length=2, block_length=per_epoch, num_parallel_calls=2,
-        deterministic=True)
+    # One epoch open at a time (a parallel interleave of epochs would open several ahead,
+    # each with a shuffle buffer of its own).
+    ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(epoch_records)
     fn = _train_example_fn(tf, self.info, _derived_seed(_CROP, self.seed, self.process_index),
                            _derived_seed(_FLIP, self.seed, self.process_index), self._counter)
     ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
