@@ -6,7 +6,10 @@ once into numpy arrays and batches are cut from a permutation that is a pure fun
 (seed, epoch). That makes the data order a function of the step number alone: a resumed run
 sees exactly the batches an uninterrupted run would have seen.
 
-Images come out as float32 NHWC, normalised with the dataset's mean/std; labels as int32.
+Images come out as float32 NHWC, normalised with the dataset's mean/std; labels as int32. The
+training batches of streamed datasets are the exception: uint8 pixels, which the training step
+normalises on the device with `normalize_images` (a no-op for float input, so a step calls it
+whatever the dataset); `train_image_dtype` says which a dataset's training batches hold.
 In a multi-process run each process loads only its shard of every split (see tfds_pipeline).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from datafree_jax import batching
@@ -123,6 +127,25 @@ def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
   mean = np.asarray(info.mean, np.float32)
   std = np.asarray(info.std, np.float32)
   return ((images01 - mean) / std).astype(np.float32)
+
+
+def normalize_images(images, info: DatasetInfo):
+  """Training images as the models take them, inside a jitted step: uint8 pixels (streamed
+  datasets' training batches) -> (x / 255 - mean) / std in float32, on the device; float
+  images (already normalised: in-memory datasets) unchanged. Decided from the dtype when the
+  step is traced."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = np.asarray(info.mean, np.float32) * 255.0
+  std = np.asarray(info.std, np.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def train_image_dtype(info: DatasetInfo):
+  """The dtype of the images in the training batches of dataset `info`: uint8 for a streamed
+  dataset (datasets.STREAMED), float32 for one held in memory. The dry run's abstract batches
+  use it, so that the program it lowers is the one that runs."""
+  return np.dtype(np.uint8 if info.name in datasets.STREAMED else np.float32)
 
 
 def _registered_split(name: str, split: str):

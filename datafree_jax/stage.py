@@ -61,9 +61,11 @@ class Program:
   kind: str = "train"
 
 
-def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
-  """A training batch (images float32, labels int32) as ShapeDtypeStructs with `sharding`."""
-  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.float32,
+def abstract_batch(batch_size: int, image_shape, sharding, image_dtype=np.float32) -> tuple:
+  """A training batch (images of image_dtype, labels int32) as ShapeDtypeStructs with
+  `sharding`. A stage's training batch: image_dtype input_pipeline.train_image_dtype(info)
+  (uint8 for streamed datasets)."""
+  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), image_dtype,
                                sharding=sharding),
           jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding))
 
