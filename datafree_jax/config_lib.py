@@ -354,6 +354,9 @@ def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):
 SCHEMA = {
     "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
+    # Streamed datasets: threads of the training pipeline's own tf.data pool (decoding);
+    # 0 = tf.data's default (all cores). The launchers set it from the host's CPU request.
+    "data_threads": (0, NON_NEGATIVE_INT),
     "image_size": (0, NON_NEGATIVE_INT),   # images resized to this; 0 = the dataset's size
     "method": ("dafl", Choice(_methods, label="method")),  # registry.METHODS
     "stage": ("all", Choice(_stages, label="stage")),  # see pipeline.py

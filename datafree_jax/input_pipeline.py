@@ -60,13 +60,15 @@ class StreamedSplit:
   Nothing is read when it is made, except the check that the dataset is prepared.
   """
 
-  def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None):
+  def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None,
+               threads: Optional[int] = None):
     tfds_pipeline.prepared_builder(name, data_dir)  # DatasetNotPreparedError, fast
     self.name, self.split, self.info, self.data_dir = name, split, info, data_dir
+    self.threads = threads  # the training pipeline's tf.data threads (None: tf.data's default)
 
   def train_batches(self, local_batch: int, seed: int):
     return streaming.train_batches(self.name, self.info, local_batch, seed, self.data_dir,
-                                   self._tfds_split())
+                                   self._tfds_split(), threads=self.threads)
 
   def eval_batches(self, local_batch: int):
     return streaming.eval_batches(self.name, self.info, local_batch, self.data_dir,
@@ -195,8 +197,8 @@ class Splits(collections.abc.Mapping):
   its evaluation split (imagenet2012: 'validation')."""
 
   def __init__(self, name: str, data_dir: Optional[str] = None,
-               info: Optional[DatasetInfo] = None):
-    self.name, self.data_dir, self._loaded = name, data_dir, {}
+               info: Optional[DatasetInfo] = None, threads: Optional[int] = None):
+    self.name, self.data_dir, self.threads, self._loaded = name, data_dir, threads, {}
     self.info = info or datasets.dataset_info(name)
 
   def __getitem__(self, split: str):
@@ -204,7 +206,8 @@ class Splits(collections.abc.Mapping):
       raise KeyError(split)
     if split not in self._loaded:
       if self.name in datasets.STREAMED:
-        self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir)
+        self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir,
+                                            self.threads)
       else:
         self._loaded[split] = load_dataset(self.name, split, self.data_dir, self.info)
     return self._loaded[split]

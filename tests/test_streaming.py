@@ -26,8 +26,10 @@ import pytest
 
 from conftest import prepare_tiny_mnist, serialized_tfds_mock
 
+from datafree_jax import config_lib
 from datafree_jax import datasets
 from datafree_jax import input_pipeline
+from datafree_jax import pipeline
 from datafree_jax import streaming
 from datafree_jax import tfds_pipeline
 
@@ -222,6 +224,24 @@ def test_a_resumed_run_decodes_no_image_before_its_step(mocked):
   assert whole_stats["decoded"] >= (resume + more) * local_batch
   assert stats["lowest_index"] == resume * local_batch
   assert stats["decoded"] >= more * local_batch
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_config_data_threads_size_the_training_pipeline(threads, mocked):
+  """--config.data_threads=N (what the launchers set) reaches the streamed training pipeline
+  as its tf.data thread pool; 0 keeps tf.data's default."""
+  config = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "imagenet.py"))
+  config.image_size, config.data_threads = SIZE, threads
+  batches = pipeline.load_data(config)["train"].train_batches(8, 0)
+  try:
+    assert batches.threads == (threads or None)
+    options = batches.dataset(0).options()
+    assert options.threading.private_threadpool_size == (threads or None)
+    images, labels = batches(0)
+    assert images.shape == (8, SIZE, SIZE, 3) and labels.shape == (8,)
+  finally:
+    batches.close()
 
 
 @pytest.mark.parametrize("name", ["imagenet2012", "cifar10"])
