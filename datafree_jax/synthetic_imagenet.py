@@ -290,7 +290,7 @@ def build(data_dir: Optional[str] = None, settings: Settings = Settings(), *,
   def progress(split, done):
     now = time.perf_counter() - start
     n = settings.examples(split)
-    if done == n or now - last["t"] >= 5.0:
+    if done == n or now - last["t"] >= 10.0:
       last["t"] = now
       say(f"{name}: {split} {done:,}/{n:,} images ({now:.0f} s)")
 
