@@ -20,8 +20,10 @@ other ran), and images/s is the timed images over the timed seconds of all round
 
 Both pipelines use tf.data's AUTOTUNE parallelism on tf.data's default thread pool (one thread
 per core the process may use: --cores pins the process to the first N cores before TensorFlow
-starts). Prints images/s, images/s per core and (b)/(a), then the host cores one accelerator
-host needs to feed its chips at a given images/s: the dry run's rate for the ImageNet teacher
+starts). Prints images/s, images/s per core, images per CPU-second (the process's CPU time: the
+cost of an image on one core, robust to other load on a shared machine) and (b)/(a), then the
+host cores one accelerator host needs to feed its chips at a given images/s (from images per
+CPU-second): the dry run's rate for the ImageNet teacher
 (its hours: FLOPs per step / (dry_run_mfu x the chip's peak bfloat16 FLOP/s); with
 --gflop_per_image, the teacher step's FLOPs per image, from the dry run's table) and a
 published-throughput rate (--gpu_images_per_s per H100).
@@ -121,7 +123,7 @@ class Pipeline:
   def __init__(self, name: str, next_batch, batch: int):
     self.name, self.next_batch, self.batch = name, next_batch, batch
     self.rates: list = []
-    self.images, self.seconds = 0, 0.0
+    self.images, self.seconds, self.cpu_seconds = 0, 0.0, 0.0
 
   def warm(self, batches: int) -> float:
     """`batches` untimed batches; their seconds."""
@@ -134,13 +136,14 @@ class Pipeline:
     """`drain` untimed batches (what the pipeline buffered while the other one ran), then
     batches for at least `seconds` (at least one): their images/s into rates."""
     self.warm(drain)
-    count, t = 0, time.perf_counter()
+    count, t, cpu = 0, time.perf_counter(), time.process_time()
     while True:
       self.next_batch()
       count += 1
       elapsed = time.perf_counter() - t
       if elapsed >= seconds:
         break
+    self.cpu_seconds += time.process_time() - cpu
     self.rates.append(count * self.batch / elapsed)
     self.images += count * self.batch
     self.seconds += elapsed
@@ -148,6 +151,10 @@ class Pipeline:
   def rate(self) -> float:
     """Images/s over every timed round together."""
     return self.images / self.seconds
+
+  def per_cpu_second(self) -> float:
+    """Images per second of this process's CPU time (all its threads) over the timed rounds."""
+    return self.images / max(self.cpu_seconds, 1e-9)
 
 
 def feeding_rows(per_core: dict, gflop_per_image: float, mfu: float, peak: dict,
@@ -237,22 +244,30 @@ def report(args, cores, command, data, build_s, pipelines, steps_per_epoch, step
   for p in pipelines:
     rows.append([p.name, f"{p.rate():,.0f}", f"{p.rate() / cores:,.0f}",
                  " - ".join(f"{x:,.0f}" for x in (min(p.rates), max(p.rates))),
-                 f"{p.rate() / floor.rate():.2f}"])
+                 f"{p.per_cpu_second():,.0f}", f"{p.rate() / floor.rate():.2f}",
+                 f"{p.per_cpu_second() / floor.per_cpu_second():.2f}"])
   for line in common.markdown_table(
-      ["pipeline", "images/s", "images/s per core", "rounds' range", "vs (a)"], rows):
+      ["pipeline", "images/s", "images/s per core", "rounds' range",
+       "images per CPU-second", "vs (a), images/s", "vs (a), per CPU-second"], rows):
     print(line)
-  print(f"\nratio (b)/(a): {ratio:.2f} (target >= 0.80)")
+  cpu_ratio = proj.per_cpu_second() / floor.per_cpu_second()
+  print(f"\nratio (b)/(a): {ratio:.2f} in images/s, {cpu_ratio:.2f} in images per CPU-second "
+        f"(target >= 0.80). Images per CPU-second (the process's CPU time, all threads) is the "
+        f"cost of an image on one core, whatever else the machine runs.")
   inputs = project.dry_run_rate_inputs()
   mfu = args.mfu or inputs["mfu"]
-  per_core = {"(a)": floor.rate() / cores, "(b)": proj.rate() / cores}
+  per_core = {"(a)": floor.per_cpu_second(), "(b)": proj.per_cpu_second()}
   print("\nHost cores to feed an accelerator host at the ImageNet teacher's rate (images/s "
-        "needed / images/s per core measured here):\n")
+        "needed / images per CPU-second measured here; assumes the pipeline scales to that many "
+        "cores):\n")
   for line in common.markdown_table(
-      ["host", "images/s needed", "basis", "cores at (a) per core", "cores at (b) per core"],
+      ["host", "images/s needed", "basis", "cores at (a)", "cores at (b)"],
       feeding_rows(per_core, args.gflop_per_image, mfu, inputs["peak"],
                    args.gpu_images_per_s)):
     print(line)
-  return {"floor": floor.rate(), "project": proj.rate(), "ratio": ratio, "cores": cores}
+  return {"floor": floor.rate(), "project": proj.rate(), "ratio": ratio, "cores": cores,
+          "floor_per_cpu_second": floor.per_cpu_second(),
+          "project_per_cpu_second": proj.per_cpu_second(), "cpu_ratio": cpu_ratio}
 
 
 if __name__ == "__main__":

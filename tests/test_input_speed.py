@@ -42,12 +42,16 @@ def test_tiny_run_times_both_pipelines(input_speed, tmp_path, capsys):  # pylint
   assert "synthetic_imagenet: writing 26 JPEGs" in out
   assert result["cores"] == 1 and result["floor"] > 0 and result["project"] > 0
   assert result["ratio"] == pytest.approx(result["project"] / result["floor"])
+  assert result["cpu_ratio"] == pytest.approx(
+      result["project_per_cpu_second"] / result["floor_per_cpu_second"])
   speeds = _table(out, "pipeline")
   assert list(speeds) == ["(a) decode floor", "(b) project pipeline"]
   (floor,), (proj,) = speeds.values()
   assert float(proj[1].replace(",", "")) == pytest.approx(result["project"], rel=0.01, abs=1)
   assert proj[1] == proj[2]  # one core: per core = all
-  assert floor[4] == "1.00"
+  assert floor[5] == floor[6] == "1.00"
+  assert float(proj[4].replace(",", "")) == pytest.approx(result["project_per_cpu_second"],
+                                                          rel=0.01, abs=1)
   hosts = _table(out, "host")
   assert [len(rows) for rows in hosts.values()] == [2, 1]  # H100 twice: dry run, published
   assert "command: python -m benchmarks.input_speed --images=24" in out
