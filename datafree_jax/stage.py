@@ -122,6 +122,9 @@ class Plan:
   meta: dict = dataclasses.field(default_factory=dict)  # saved with every checkpoint
   resume_keys: tuple = ()   # keys of `meta` an unfinished checkpoint must match to be resumed
   final_items: Optional[Callable[[Any], Mapping]] = None  # extra items of the final checkpoint
+  # The final item that holds part of the state (keyed like it): the final checkpoint then
+  # keeps the rest as its deletable 'resume' item, not a whole 'state' (checkpoints.py).
+  final_state_item: Optional[str] = None
   on_eval: Optional[Callable[[Any, int], None]] = None    # beside each evaluation (grids)
 
 
@@ -226,7 +229,10 @@ def run(stage: Stage, ctx) -> dict:
         total_steps=total, batch_fn=plan.batches, eval_fn=plan.evaluate,
         eval_every=plan.eval_every, checkpoint_every=ctx.config.checkpoint_every,
         writer=ctx.writer, meta=meta_to_save, final_extras=plan.final_items,
-        log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval)
+        log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval,
+        async_saves=ctx.config.get("checkpoint_async", True),
+        preemption_save_secs=ctx.config.get("checkpoint_preemption_secs", 25.0),
+        final_state_item=plan.final_state_item)
   finally:
     ckpt.close()
   done = Done(d, result.step, result.eval_metrics, meta_to_save, result.state)

@@ -43,7 +43,7 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  assert len(FIELDS) == 84  # (warmup_steps in the 4 optimiser sections since 2026-12-03)
+  assert len(FIELDS) == 86  # (checkpoint_async, checkpoint_preemption_secs since 2026-12-03)
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
