@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import REPO
+from datafree_jax import checkpoints
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import datasets
@@ -246,3 +247,24 @@ def accuracy_curves(run_dir: str) -> dict:
 def write_accuracy_figure(path: str, curves: dict, title: str):
   """Draws plots.accuracy_figure of `curves` ({label: [runs]}) into `path`."""
   paths.write_bytes(path, plots.accuracy_figure(curves, title))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+def stage_checkpoints(directory: str):
+  """The project's checkpoint manager of one stage directory (checkpoints.StageCheckpoints:
+  .save(step, state, meta, wait=...) -> SaveReport, .wait(), .close())."""
+  return checkpoints.StageCheckpoints(directory)
+
+
+def mnist5k_ensemble_state():
+  """The mnist5k ensemble stage's train state (configs/mnist5k.py, method=ensemble: params, BN
+  state and Adam state of its generators, stacked), built against a random LeNet-5-BN
+  teacher with random class statistics, on one device."""
+  config = load_config("mnist5k", "method=ensemble")
+  info = dataset_info(config.dataset)
+  teacher = random_teacher(config.teacher.model, info, class_stats=True)
+  ens = build_ensemble(config, teacher, info)
+  return ens.state, objective.num_generators(config, info.num_classes)

@@ -73,6 +73,16 @@ def split_final_state(state: Mapping, part: Mapping) -> dict:
   return {k: v for k, v in state.items() if k not in part}
 
 
+def checkpoint_items(state, extras: Optional[Mapping] = None,
+                     state_item: Optional[str] = None) -> dict:
+  """{item name: tree} of the arrays a checkpoint holds (StageCheckpoints.save's layout; 'meta'
+  left out): 'state', or with `state_item` 'resume' and that item, and the `extras`."""
+  extras = dict(extras or {})
+  if state_item is not None:
+    return dict({RESUME: split_final_state(state, extras[state_item])}, **extras)
+  return dict({STATE: state}, **extras)
+
+
 def stage_directory(path: str, stage: str) -> str:
   """The checkpoint directory of `stage` at `path`: `path` itself, or a workdir holding
   `stage`/ (a directory with no step directories of its own and a `stage` subdirectory)."""
@@ -147,14 +157,10 @@ class StageCheckpoints:
     'resume' the rest, instead of 'state'. Waits for a save in flight first; with `wait`, also
     for this one. The values saved are the state's at the call."""
     t0 = time.monotonic()
-    extras = dict(extras or {})
     meta = dict(meta)
+    trees = checkpoint_items(state, extras, state_item)
     if state_item is not None:
-      trees = {RESUME: split_final_state(state, extras[state_item])}
       meta["state_items"] = [state_item, RESUME]
-    else:
-      trees = {STATE: state}
-    trees.update(extras)
     items = {META: ocp.args.JsonSave(meta)}
     items.update({name: ocp.args.StandardSave(tree) for name, tree in trees.items()})
     self.wait()

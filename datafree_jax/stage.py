@@ -59,6 +59,7 @@ class Program:
   steps: int = 0             # calls over the stage (train: its steps), for hours
   note: str = ""
   kind: str = "train"
+  checkpoint: Optional[dict] = None   # restore: {'periodic'|'final': {item: abstract tree}}
 
 
 def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
@@ -93,9 +94,17 @@ def cost_flops(cost) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def restore_program(name: str, state) -> Program:
-  """Reading the stage's checkpoint: its abstract `state` materialised on the devices."""
-  return Program(f"{name} checkpoint restore", None, state=state, kind="restore")
+def restore_program(name: str, state, saved_state=None, final_items: Optional[Mapping] = None,
+                    final_state_item: Optional[str] = None) -> Program:
+  """Reading the stage's checkpoint: its abstract `state` materialised on the devices.
+  `saved_state` (default `state`) is the train state its checkpoints hold, `final_items` and
+  `final_state_item` the final checkpoint's items as in its Plan, abstract: the dry run sizes
+  the periodic and the final checkpoint (checkpoints.checkpoint_items)."""
+  saved_state = state if saved_state is None else saved_state
+  checkpoint = {"periodic": ckpt_lib.checkpoint_items(saved_state),
+                "final": ckpt_lib.checkpoint_items(saved_state, final_items, final_state_item)}
+  return Program(f"{name} checkpoint restore", None, state=state, kind="restore",
+                 checkpoint=checkpoint)
 
 
 @dataclasses.dataclass

@@ -483,7 +483,10 @@ class Generators(stage_lib.Stage):
             (ens.state, ens.consts, ctx.teacher["variables"]), trips=chunks, kind="eval"),
         stage_lib.Program(f"sample grid: {grid_n} samples of {grid_g} generators", grid,
                           (ens.state, ens.consts), kind="eval"),
-        stage_lib.restore_program("generators", member_state)]
+        stage_lib.restore_program(
+            "generators", member_state, ens.state,
+            {"generators": {"params": ens.state["params"],
+                            "batch_stats": ens.state["batch_stats"]}}, "generators")]
 
   def summarize(self, ctx, done):
     return {"generators": {"num_generators": done.meta["num_generators"],
