@@ -27,6 +27,7 @@ import urllib.request
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from benchmarks import common, project
 
@@ -78,23 +79,27 @@ def start_gcs_emulator(root: str):
   return server, url
 
 
-def time_saves(state, base: str, mode: str, repeats: int) -> tuple:
-  """(median blocked s, median complete s) of `repeats` saves of `state`, each into a new
-  stage directory under `base`; mode 'sync' or 'async'."""
-  blocked, complete = [], []
-  for i in range(repeats + 1):   # the first one warms up (orbax, tensorstore, the connection)
-    ckpt = project.stage_checkpoints(f"{base}/{mode}{i}")
-    t = time.perf_counter()
-    report = ckpt.save(1, state, {"step": 1}, wait=(mode == "sync"))
-    held = time.perf_counter() - t
-    ckpt.wait()
-    done = time.perf_counter() - t
-    ckpt.close()
-    assert report.seconds is not None
-    if i:
-      blocked.append(held)
-      complete.append(done)
-  return float(np.median(blocked)), float(np.median(complete))
+def time_saves(state, base: str, repeats: int) -> dict:
+  """{mode: (median s the call held the caller, median s to complete)} of `repeats` saves of
+  `state` per mode ('sync', 'async'), the modes alternating (a slow spell of the disk or the
+  machine hits both alike), each into a new stage directory under `base`, deleted after."""
+  times = {"sync": ([], []), "async": ([], [])}
+  for i in range(repeats + 1):   # the first round warms up (orbax, tensorstore, connections)
+    for mode in (("sync", "async") if i % 2 else ("async", "sync")):
+      d = f"{base}/{mode}{i}"
+      ckpt = project.stage_checkpoints(d)
+      t = time.perf_counter()
+      report = ckpt.save(1, state, {"step": 1}, wait=(mode == "sync"))
+      held = time.perf_counter() - t
+      ckpt.wait()
+      done = time.perf_counter() - t
+      ckpt.close()
+      assert report.seconds is not None
+      epath.Path(d).rmtree()   # (the emulator keeps its objects on the local disk)
+      if i:
+        times[mode][0].append(held)
+        times[mode][1].append(done)
+  return {mode: (float(np.median(h)), float(np.median(c))) for mode, (h, c) in times.items()}
 
 
 def main():
@@ -123,14 +128,12 @@ def main():
         base = f"gs://{BUCKET}/{len(rows)}" if place == "gcs" else os.path.join(
             local, str(len(rows)))
         where = "GCS emulator" if place == "gcs" else "local disk"
-        sync_s, _ = time_saves(state, base, "sync", args.repeats)
-        blocked, complete = time_saves(state, base, "async", args.repeats)
+        timed = time_saves(state, base, args.repeats)
+        sync_s, (blocked, complete) = timed["sync"][1], timed["async"]
         rows.append([name, f"{nbytes / 2**20:,.1f}", where, f"{sync_s:.3f}", f"{blocked:.3f}",
                      f"{complete:.3f}", f"{nbytes / 2**20 / complete:,.0f}"])
         print(f"{name}, {where}: sync {sync_s:.3f} s; async blocked {blocked:.3f} s, "
               f"complete {complete:.3f} s", flush=True)
-        if place == "local":
-          shutil.rmtree(base, ignore_errors=True)
   finally:
     if server is not None:
       server.kill()
@@ -138,7 +141,8 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
   print()
   print(common.machine_line())
-  print(f"median of {args.repeats} saves after one warm-up, each into a new stage directory")
+  print(f"median of {args.repeats} saves per cell after one warm-up round, sync and async "
+        "alternating, each into a new stage directory")
   print()
   print("\n".join(common.markdown_table(
       ["state", "MiB", "to", "sync: s (loop held)", "async: s loop held",
