@@ -10,7 +10,7 @@ step):
     final checkpoint holds that item and the item 'resume' (the rest of the state: optimiser
     state and step), no 'state'; meta['state_items'] names the two. Later stages read only the
     final item; 'resume' is needed only to continue the finished stage to more steps, and may be
-    deleted (`rm -r <stage dir>/<step>/resume`, or `gcloud storage rm -r` of it in a bucket).
+    deleted (`rm -r <stage dir>/<step>/resume`; in a bucket, every object under that prefix).
     Checkpoints written before this layout (a whole 'state' beside 'generators') still load.
   Once a final checkpoint is complete, the stage's earlier checkpoints are deleted.
 
