@@ -187,3 +187,38 @@ def test_a_preemption_save_past_its_budget_says_what_a_resume_uses(tmp_path, cap
   reader = ckpt_lib.StageCheckpoints(str(tmp_path / "s"), create=False)
   assert reader.latest_step() == 5
   reader.close()
+
+
+def test_a_finished_stage_continues_from_its_split_final_checkpoint(tmp_path):
+  """A finished stage whose config asks for more steps continues from its final checkpoint
+  ('params' item + 'resume') exactly as an uninterrupted run; without 'resume' it cannot."""
+  update = jax.jit(lambda s: {"params": s["params"] * 2.0 + s["opt"], "opt": s["opt"] + 1.0,
+                              "step": s["step"] + 1})
+
+  def step_fn(state, _):
+    new = update(state)
+    return new, {"loss": new["params"].sum()}
+
+  def init():
+    return {"params": jnp.ones(4), "opt": jnp.zeros(4), "step": jnp.zeros((), jnp.int32)}
+
+  def run(d, total):
+    ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / d))
+    try:
+      return loop.run(stage="toy", ckpt=ckpt, state=init(), step_fn=step_fn, total_steps=total,
+                      checkpoint_every=2, log_every_secs=1e9,
+                      final_extras=lambda s: {"part": {"params": s["params"]}},
+                      final_state_item="part")
+    finally:
+      ckpt.close()
+  straight = run("straight", 6)
+  run("continued", 4)
+  assert sorted(os.listdir(tmp_path / "continued")) == ["4"]
+  assert {"part", "resume"} <= set(os.listdir(tmp_path / "continued" / "4"))
+  continued = run("continued", 6)
+  assert continued.resumed_from == 4 and continued.step == 6
+  _assert_equal(continued.state, straight.state)
+  run("cut", 4)
+  shutil.rmtree(tmp_path / "cut" / "4" / "resume")
+  with pytest.raises(CheckpointError, match="holds no 'resume' item"):
+    run("cut", 6)
