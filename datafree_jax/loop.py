@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import log
@@ -95,6 +96,14 @@ class _PreemptionSync:
 
   def __exit__(self, *exc):
     pass
+
+
+def _on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a save is started by all processes or by none)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def _preemption_watch():
@@ -173,7 +182,7 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
       log.info(f"{stage}: SIGTERM at step {step} while checkpoint {pending.step} "
                f"({pending.describe()}) is being written; waiting for it first")
     report = pending if (pending is not None and pending.step == step) else None
-    if ckpt.wait(max(deadline - time.monotonic(), 0.0)) and not started:
+    if _on_every_process(ckpt.wait(max(deadline - time.monotonic(), 0.0))) and not started:
       report = save(step, done=False, wait=False)
     elif started and report is None:
       report = ckpt.last
