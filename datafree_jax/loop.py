@@ -10,7 +10,8 @@ config.checkpoint_preemption_secs): a periodic save still being written is waite
 is the preemption checkpoint when it is of the reached step), then the reached step is written.
 It logs the items written, their size and the time taken, or, when the budget runs out first,
 which complete checkpoint a resume will start from; the write goes on while the process lives,
-and the loop raises Preempted either way.
+and the loop raises Preempted either way. In a multi-process run every process reaches the same
+step (JAX's preemption service), and the reached step is saved by all of them or by none.
 
 A stage hands the loop its initial state (a pytree of placed jax arrays, used as the restore
 target), a jitted `step_fn(state, batch) -> (state, metrics)`, a `batch_fn(step)` that returns the

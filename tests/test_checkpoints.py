@@ -1,8 +1,9 @@
 """checkpoints.StageCheckpoints' asynchronous saves and the final checkpoint's layout, and the
 loop's save on SIGTERM (within its time budget, with a periodic save in flight).
 
-The states are large enough (tens to hundreds of MiB) that a save is still being written for
-many milliseconds after the call returns, while the next steps already run.
+The states are large enough (32-64 MiB) that a save is still being written for tens of
+milliseconds after the call returns, while the next steps already run (a step of the toy loops
+takes well under a millisecond).
 """
 import os
 import re
@@ -73,7 +74,7 @@ def test_async_save_keeps_the_values_at_the_call_while_the_state_changes(tmp_pat
 
 def test_a_bounded_wait_returns_while_the_write_goes_on(tmp_path):
   ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / "s"))
-  state = {"big": jnp.ones((8 * BIG,))}   # 256 MiB
+  state = {"big": jnp.ones((2 * BIG,))}   # 64 MiB
   ckpt.save(1, state, {}, wait=True)
   report = ckpt.save(2, _touch(state), {}, wait=False)
   assert not ckpt.wait(timeout=0.0)       # still being written
@@ -146,24 +147,24 @@ def _toy_state(mib):
 
 
 def test_sigterm_while_a_periodic_save_is_written_waits_for_it_then_saves(tmp_path, capsys):
-  """Checkpoint 3 is being written (256 MiB) when SIGTERM arrives in the next step: the loop
+  """Checkpoint 3 is being written (64 MiB) when SIGTERM arrives in the next step: the loop
   waits for it within the budget, then saves step 4 and stops; nothing is lost."""
   ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / "s"))
   with pytest.raises(loop.Preempted) as err:
-    loop.run(stage="toy", ckpt=ckpt, state=_toy_state(256), step_fn=_toy_step(3),
+    loop.run(stage="toy", ckpt=ckpt, state=_toy_state(64), step_fn=_toy_step(3),
              total_steps=9, checkpoint_every=3, log_every_secs=1e9, preemption_save_secs=600)
   ckpt.close()
   assert err.value.step == 4 and err.value.saved
   out = capsys.readouterr().out
-  assert "toy: SIGTERM at step 4 while checkpoint 3 (state 256.00 MiB, meta) is being " \
+  assert "toy: SIGTERM at step 4 while checkpoint 3 (state 64.00 MiB, meta) is being " \
          "written; waiting for it first" in out
   m = re.search(r"toy: preemption checkpoint of step 4 written in ([0-9.]+) s \(budget 600 s\): "
-                r"state 256\.00 MiB, meta in ", out)
+                r"state 64\.00 MiB, meta in ", out)
   assert m, out
   reader = ckpt_lib.StageCheckpoints(str(tmp_path / "s"), create=False)
   assert reader.manager.all_steps() == [3, 4]
   for step in (3, 4):
-    restored = reader.restore(step, "state", ckpt_lib.abstract_like(_toy_state(256)))
+    restored = reader.restore(step, "state", ckpt_lib.abstract_like(_toy_state(64)))
     np.testing.assert_array_equal(np.asarray(restored["w"]), 2.0 ** step)
   reader.close()
 
@@ -173,7 +174,7 @@ def test_a_preemption_save_past_its_budget_says_what_a_resume_uses(tmp_path, cap
   a resume would use, and the write still completes before the process goes on (close)."""
   ckpt = ckpt_lib.StageCheckpoints(str(tmp_path / "s"))
   with pytest.raises(loop.Preempted) as err:
-    loop.run(stage="toy", ckpt=ckpt, state=_toy_state(256), step_fn=_toy_step(4),
+    loop.run(stage="toy", ckpt=ckpt, state=_toy_state(64), step_fn=_toy_step(4),
              total_steps=9, checkpoint_every=2, log_every_secs=1e9, async_saves=False,
              preemption_save_secs=1e-6)
   assert not err.value.saved and err.value.step == 5 and err.value.resume_step == 4
