@@ -12,6 +12,7 @@ Entries:
   imagenet_sizing        the ImageNet dry runs for each student and device count
   input_speed            images/s of the streamed training input against its decode floor, on a
                          locally built ImageNet-shaped JPEG dataset; host cores per accelerator host
+  save_speed             checkpoint save times: local disk and a GCS emulator, async on and off
 Shared modules:
   common         timing, markdown tables, the machine's description, statistics
   project        the one module that imports the datafree_jax package

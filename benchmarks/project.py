@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import REPO
+from datafree_jax import checkpoints
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import datasets
@@ -297,3 +298,24 @@ def dry_run_rate_inputs() -> dict:
   kind: peak dense bfloat16 FLOP/s}} (dry_run.DEVICES)."""
   peak = {name: flops for kinds in dry_run.DEVICES.values() for name, flops, _, _ in kinds}
   return {"mfu": float(config_lib.base_config().dry_run_mfu), "peak": peak}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+def stage_checkpoints(directory: str):
+  """The project's checkpoint manager of one stage directory (checkpoints.StageCheckpoints:
+  .save(step, state, meta, wait=...) -> SaveReport, .wait(), .close())."""
+  return checkpoints.StageCheckpoints(directory)
+
+
+def mnist5k_ensemble_state():
+  """The mnist5k ensemble stage's train state (configs/mnist5k.py, method=ensemble: params, BN
+  state and Adam state of its generators, stacked), built against a random LeNet-5-BN
+  teacher with random class statistics, on one device."""
+  config = load_config("mnist5k", "method=ensemble")
+  info = dataset_info(config.dataset)
+  teacher = random_teacher(config.teacher.model, info, class_stats=True)
+  ens = build_ensemble(config, teacher, info)
+  return ens.state, objective.num_generators(config, info.num_classes)

@@ -365,6 +365,11 @@ SCHEMA = {
     "seed": (0, NON_NEGATIVE_INT),
     "log_every_secs": (10.0, NON_NEGATIVE),
     "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between checkpoints; 0 = final only
+    # Periodic checkpoints written in the background while training goes on (checkpoints.py).
+    "checkpoint_async": (True, Flag()),
+    # The time the save on SIGTERM may take (a spot VM's notice is about 30 s); past it the
+    # run says which complete checkpoint a resume will use.
+    "checkpoint_preemption_secs": (25.0, POSITIVE),
     # Computation dtype of teacher, generators and student; parameters, optimiser state, BN
     # statistics and loss reductions stay float32.
     "dtype": ("float32", Choice(DTYPES)),

@@ -43,10 +43,11 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  # (warmup_steps in the 4 optimiser sections since 2026-12-03), and the sections that
-  # methods.py registers with its methods:
+  # (warmup_steps in the 4 optimiser sections, data_threads, checkpoint_async and
+  # checkpoint_preemption_secs since 2026-12-03), and the sections that methods.py registers
+  # with its methods:
   registered = {"deepinversion"}
-  assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 85
+  assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 87
   assert len(config_lib.SCHEMA["deepinversion"]) == 24
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.

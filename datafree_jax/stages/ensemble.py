@@ -36,6 +36,11 @@ member as it is split over the devices (nothing is gathered), the real G first, 
 is stored in the checkpoint's meta. A run resumes only on a device count that gives the same
 padding; the distillation stage loads the generators on any device count.
 
+The final checkpoint holds 'generators' (params and BN state: what distillation reads) and
+'resume' (the optimiser state and step: only for continuing the stage to more steps; it may be
+deleted, checkpoints.py), not a second copy of the parameters; periodic checkpoints hold the
+whole state as 'state'.
+
 Stage 'distill_generators' (Luo et al.'s second stage; config.stage 'distill'): the student
 learns KL(T || S) on images of the frozen generators, drawn inside the jitted step: each draw is
 one generator's batch of batch_per_generator images (the BN batch it was trained with; BN in
@@ -445,6 +450,7 @@ class Generators(stage_lib.Stage):
         eval_every=e.eval_every, meta=meta, resume_keys=("padded",),
         final_items=lambda s: {"generators": {"params": s["params"],
                                               "batch_stats": s["batch_stats"]}},
+        final_state_item="generators",
         on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
 
   def programs(self, ctx):
@@ -477,7 +483,10 @@ class Generators(stage_lib.Stage):
             (ens.state, ens.consts, ctx.teacher["variables"]), trips=chunks, kind="eval"),
         stage_lib.Program(f"sample grid: {grid_n} samples of {grid_g} generators", grid,
                           (ens.state, ens.consts), kind="eval"),
-        stage_lib.restore_program("generators", member_state)]
+        stage_lib.restore_program(
+            "generators", member_state, ens.state,
+            {"generators": {"params": ens.state["params"],
+                            "batch_stats": ens.state["batch_stats"]}}, "generators")]
 
   def summarize(self, ctx, done):
     return {"generators": {"num_generators": done.meta["num_generators"],

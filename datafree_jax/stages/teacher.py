@@ -173,7 +173,10 @@ class Teacher(stage_lib.Stage):
     return [stage_lib.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
                               steps=cfg.steps),
             evaluation,
-            stage_lib.restore_program("teacher", state)]
+            stage_lib.restore_program(
+                "teacher", state, final_items=dict(
+                    {"teacher": abstract_vars},
+                    **({"bn_stats": ctx.teacher["bn_stats"]} if stats else {})))]
 
   def load(self, ctx) -> dict:
     """The frozen teacher of the finished teacher stage in ctx.workdir (or config.teacher's
