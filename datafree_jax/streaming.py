@@ -444,6 +444,11 @@ class StreamBatches:
     @tf.autograph.experimental.do_not_convert
     def epoch_records(epoch):
       """(example index, image bytes, label) of `epoch`, from `start` in the first one."""
+      # The shuffles' seeds are tensors (of the epoch). Under a TensorFlow global seed that a
+      # caller set, TF would pair it with them (failing in tfds' file shuffle, changing the
+      # order elsewhere): the traced function's graph is given none, so the order is a
+      # function of this pipeline's seed alone.
+      tf.compat.v1.get_default_graph().seed = None
       ds = _read(self._builder, self._shard, shuffle_seed=_epoch_seed(tf, file_seed, epoch))
       if shuffle > 1:
         ds = ds.shuffle(shuffle, seed=_epoch_seed(tf, example_seed, epoch),
