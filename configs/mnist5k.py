@@ -32,7 +32,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, method="ensemble", seed=0, stage="all", teacher="",
                            long=False, quick=False)
   if not a.teacher:
-    a.teacher = "lenet5_bn" if a.method == "ensemble" else "lenet5"
+    a.teacher = "lenet5_bn" if a.method in ("ensemble", "deepinversion") else "lenet5"
   c = config_lib.base_config()
   c.dataset = "mnist5k"
   c.method = a.method
@@ -70,6 +70,18 @@ def get_config(arg=None):
   if a.method == "ensemble" and not a.quick:
     c.ensemble.steps = 600
     c.student.steps = 2400
+    c.student.temperature = 4.0
+    c.student.augment_shift = 2
+  if a.method == "deepinversion":
+    d = c.deepinversion              # (the section exists once the method is registered)
+    d.rounds = 20
+    d.batch_size = 128
+    d.iterations = 200
+    d.jitter = 2                     # MNIST digits are not left-right symmetric: no flips
+    d.flip = False
+    d.kd_steps = 20
+    d.eval_every = 5
+    c.student.steps = 1500
     c.student.temperature = 4.0
     c.student.augment_shift = 2
   return c

@@ -11,6 +11,12 @@ and the student is trained with kd_loss(T(x), S(x)) on x = stop_gradient(G(z)).
 Luo et al. generator loss:
   L_G = inceptionism_loss(T(G(z)), y, G(z), w_tv, w_l2) + w_mm * bn_moment_matching(...)
 and the student is again trained with kd_loss on images from the frozen generators.
+
+DeepInversion (Yin et al. 2020) optimises images x directly:
+  L(x) = w_oh * CE(T(x'), y) + w_bn * bn_moment_matching(..., form='l2')
+         + w_adv * adi_competition_loss(T(x'), S(x')) + w_tv * deepinversion_tv_l1(x)
+         + w_tv_l2 * deepinversion_tv_l2(x) + w_l2 * image_l2_prior(x)
+with x' a randomly jittered and flipped copy of x.
 """
 from __future__ import annotations
 
@@ -341,3 +347,80 @@ def bn_moment_matching(batch_moments, target_moments, form="l2",
       d = jnp.mean(kl)
     total = total + layer_weights.get(name, 1.0) * d
   return total
+
+
+def adi_competition_loss(teacher_logits, student_logits, temperature=3.0, low=0.01, high=0.99):
+  """Adaptive DeepInversion's competition term: 1 - clip(JS, 0, 1), small where teacher and
+  student disagree, so that minimising it moves the images to where they do.
+
+  As in the authors' code (NVlabs/DeepInversion, zju-vipa/DataFree's jsdiv):
+    P = softmax(s / T), Q = softmax(t / T), M = (P + Q) / 2, each then clamped to [low, high];
+    JS = 0.5 * KL(M || P) + 0.5 * KL(M || Q),  KL(M || P) = (1/N) sum_i sum_k M_ik log(M_ik / P_ik)
+  (PyTorch's kl_div(log P, M, reduction='batchmean'): the mixture M is the first argument of
+  both KL terms, the reverse of the textbook Jensen-Shannon divergence). The clamps make the
+  gradient 0 through probabilities outside [low, high]. Gradients flow into both logits (the
+  images reach the loss through teacher and student).
+
+  Args:
+    teacher_logits: (N, K) teacher logits.
+    student_logits: (N, K) student logits.
+    temperature: softmax temperature T (the authors' 3).
+    low, high: the probability clamps (the authors' 0.01, 0.99).
+
+  Returns:
+    Scalar loss in [0, 1].
+  """
+  p = jax.nn.softmax(student_logits / temperature, axis=-1)
+  q = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+  m = jnp.clip(0.5 * (p + q), low, high)
+  p, q = jnp.clip(p, low, high), jnp.clip(q, low, high)
+  n = teacher_logits.shape[0]
+  kl_mp = jnp.sum(m * (jnp.log(m) - jnp.log(p))) / n
+  kl_mq = jnp.sum(m * (jnp.log(m) - jnp.log(q))) / n
+  return 1.0 - jnp.clip(0.5 * kl_mp + 0.5 * kl_mq, 0.0, 1.0)
+
+
+def _neighbour_differences(images):
+  """DeepInversion's four neighbour differences of NHWC images: horizontal, vertical and the
+  two diagonals (the authors' diff1..diff4)."""
+  x = jnp.asarray(images)
+  if x.ndim != 4:
+    raise ValueError(f"expected NHWC images, got shape {x.shape}")
+  return (x[:, :, :-1, :] - x[:, :, 1:, :],        # horizontal neighbours
+          x[:, :-1, :, :] - x[:, 1:, :, :],        # vertical neighbours
+          x[:, 1:, :-1, :] - x[:, :-1, 1:, :],     # anti-diagonal
+          x[:, :-1, :-1, :] - x[:, 1:, 1:, :])     # diagonal
+
+
+def deepinversion_tv_l1(images):
+  """DeepInversion's L1 total variation: the sum over the four neighbour directions
+  (horizontal, vertical, both diagonals) of the mean absolute difference of neighbours.
+
+    TV_l1(x) = sum_{d in 4 directions} mean |x[p] - x[p + d]|   (mean over batch, pixels, channels)
+
+  (the authors' get_image_prior_losses' loss_var_l1; its /255 and *255 cancel). Unlike
+  total_variation it counts the diagonals too. A direction with no pairs contributes 0.
+
+  Args:
+    images: (N, H, W, C) float array.
+
+  Returns:
+    Scalar loss (>= 0; 0 for constant images).
+  """
+  return sum((jnp.mean(jnp.abs(d)) if d.size else jnp.zeros(()))
+             for d in _neighbour_differences(images))
+
+
+def deepinversion_tv_l2(images):
+  """DeepInversion's L2 total variation: the sum over the four neighbour directions of the
+  Frobenius norm of the neighbour differences over the whole batch (the authors'
+  loss_var_l2; NVlabs' CIFAR-10 script weights it by 2.5e-5). It grows with batch and image
+  size. The norms have gradient 0, not NaN, at constant images.
+
+  Args:
+    images: (N, H, W, C) float array.
+
+  Returns:
+    Scalar loss (>= 0).
+  """
+  return sum(_safe_l2_norm(d, axis=None) for d in _neighbour_differences(images))

@@ -8,6 +8,9 @@
     kd_data     teacher -> distill_data (KD on the real training images:     distill_data
                 upper bound)
     kd_noise    teacher -> distill_noise (KD on N(0, 1) noise: lower bound)  distill_noise
+    deepinversion  teacher -> deepinversion (Yin et al.'s image optimisation      distill_deepinversion
+                against the teacher, with a competing student; the images
+                kept in a pool) -> distill_deepinversion
 
 A new method is one module with its stage(s) (stage.Stage, built on the shared parts:
 students.py, generator_parts.py, ...) and one `register_method` call with its config section;
@@ -18,6 +21,7 @@ from __future__ import annotations
 from datafree_jax import config_lib
 from datafree_jax import registry
 from datafree_jax.stages import dafl
+from datafree_jax.stages import deepinversion
 from datafree_jax.stages import distill
 from datafree_jax.stages import ensemble
 from datafree_jax.stages import teacher
@@ -55,3 +59,10 @@ BUILT_IN = (
 )
 for _method in BUILT_IN:
   registry.add(_method)
+
+register_method(
+    "deepinversion", (TEACHER, deepinversion.SYNTHESIS, deepinversion.DISTILL),
+    deepinversion.CONFIG_SECTIONS, student_stage=deepinversion.DISTILL.name,
+    image_stages=(deepinversion.SYNTHESIS.name,),
+    description="DeepInversion (Yin et al. 2020): images optimised against the teacher, then "
+                "distillation on them")

@@ -123,6 +123,7 @@ class Plan:
   resume_keys: tuple = ()   # keys of `meta` an unfinished checkpoint must match to be resumed
   final_items: Optional[Callable[[Any], Mapping]] = None  # extra items of the final checkpoint
   on_eval: Optional[Callable[[Any, int], None]] = None    # beside each evaluation (grids)
+  checkpoint_every: Optional[int] = None  # steps between checkpoints (None: the config's)
 
 
 @dataclasses.dataclass
@@ -224,7 +225,9 @@ def run(stage: Stage, ctx) -> dict:
     result = loop.run(
         stage=stage.name, ckpt=ckpt, state=plan.state, step_fn=plan.step,
         total_steps=total, batch_fn=plan.batches, eval_fn=plan.evaluate,
-        eval_every=plan.eval_every, checkpoint_every=ctx.config.checkpoint_every,
+        eval_every=plan.eval_every,
+        checkpoint_every=(ctx.config.checkpoint_every if plan.checkpoint_every is None
+                          else plan.checkpoint_every),
         writer=ctx.writer, meta=meta_to_save, final_extras=plan.final_items,
         log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval)
   finally:

@@ -43,7 +43,11 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  assert len(FIELDS) == 84  # (warmup_steps in the 4 optimiser sections since 2026-12-03)
+  # (warmup_steps in the 4 optimiser sections since 2026-12-03), and the sections that
+  # methods.py registers with its methods:
+  registered = {"deepinversion"}
+  assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 84
+  assert len(config_lib.SCHEMA["deepinversion"]) == 24
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
@@ -89,7 +93,9 @@ def test_generator_upsampling_must_fit_the_image_size(ups, ok):
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py"))
                       if not os.path.basename(p).startswith("_"))
 # (config file, argument) pairs that are refused on purpose, with the reason's text.
-REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5"}
+REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5",
+           ("mnist.py", "model=hinton,method=deepinversion"): "needs model=lenet5",
+           ("imagenet.py", "method=deepinversion"): "unknown method"}
 
 
 def _arguments(path):

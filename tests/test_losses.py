@@ -312,3 +312,56 @@ def test_kd_loss_weighted_hand_value():
   p1 = [1 / (1 + E**0.5), E**0.5 / (1 + E**0.5)]
   np.testing.assert_allclose(losses.kd_loss(LOGITS, student, 2.0, w),
                              4 * (3 * kl(p0) + kl(p1)) / 4, rtol=RTOL)
+
+
+def test_adi_competition_loss_hand_value():
+  # One example, K = 2, T = 1. Student logits [0, 0]: P = [0.5, 0.5]. Teacher logits
+  # [log 3, 0]: Q = [0.75, 0.25]. M = [0.625, 0.375]; no clamp applies.
+  #   KL(M || P) = 0.625 log(0.625/0.5) + 0.375 log(0.375/0.5)
+  #   KL(M || Q) = 0.625 log(0.625/0.75) + 0.375 log(0.375/0.25)
+  kl_mp = 0.625 * math.log(1.25) + 0.375 * math.log(0.75)
+  kl_mq = 0.625 * math.log(0.625 / 0.75) + 0.375 * math.log(1.5)
+  expected = 1.0 - (0.5 * kl_mp + 0.5 * kl_mq)
+  t = np.array([[math.log(3.0), 0.0]], np.float32)
+  s = np.zeros((1, 2), np.float32)
+  np.testing.assert_allclose(losses.adi_competition_loss(t, s, temperature=1.0), expected,
+                             rtol=RTOL)
+  # The temperature divides the logits: logits x3 at T = 3 give the same value.
+  np.testing.assert_allclose(losses.adi_competition_loss(3 * t, 3 * s, temperature=3.0),
+                             expected, rtol=RTOL)
+  # Equal outputs: JS = 0, the loss is 1.
+  np.testing.assert_allclose(losses.adi_competition_loss(t, t), 1.0, rtol=RTOL)
+
+
+def test_adi_competition_loss_clamps_probabilities():
+  # Teacher certain of class 0: Q = [1, 0], clamped to [0.99, 0.01]; student P = [0.5, 0.5];
+  # M = [0.75, 0.25] (inside the clamps).
+  kl_mp = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+  kl_mq = 0.75 * math.log(0.75 / 0.99) + 0.25 * math.log(0.25 / 0.01)
+  t = np.array([[100.0, 0.0]], np.float32)
+  np.testing.assert_allclose(losses.adi_competition_loss(t, np.zeros((1, 2)), temperature=1.0),
+                             1.0 - (0.5 * kl_mp + 0.5 * kl_mq), rtol=RTOL)
+  # Opposite certainties: P = [0.01, 0.99], Q = [0.99, 0.01], M = [0.5, 0.5]; the divergence
+  # 0.5 log(50) + 0.5 log(0.5 / 0.99) = 1.61 is clipped to 1: the loss is 0.
+  s = np.array([[0.0, 100.0]], np.float32)
+  np.testing.assert_allclose(losses.adi_competition_loss(t, s, temperature=1.0), 0.0, atol=1e-7)
+  # Minimising it pushes teacher and student apart: at P = [0.5, 0.5], Q = [0.75, 0.25] the
+  # gradient raises the student's logit 1 (away from the teacher's class 0).
+  g = jax.grad(lambda s: losses.adi_competition_loss(
+      jnp.array([[math.log(3.0), 0.0]]), s, temperature=1.0))(jnp.zeros((1, 2)))
+  assert g[0, 1] < 0 < g[0, 0]
+
+
+def test_deepinversion_tv_hand_values():
+  # One 2x2 single-channel image [[0, 1], [3, 7]].
+  #   horizontal pairs: |0-1|, |3-7| -> mean 2.5;  vertical: |0-3|, |1-7| -> mean 4.5
+  #   anti-diagonal x[1,0] - x[0,1] = 3 - 1 -> 2;  diagonal x[0,0] - x[1,1] = -7 -> 7
+  x = np.array([[0.0, 1.0], [3.0, 7.0]], np.float32).reshape(1, 2, 2, 1)
+  np.testing.assert_allclose(losses.deepinversion_tv_l1(x), 2.5 + 4.5 + 2 + 7, rtol=RTOL)
+  #   l2: sqrt(1 + 16) + sqrt(9 + 36) + 2 + 7
+  np.testing.assert_allclose(losses.deepinversion_tv_l2(x),
+                             math.sqrt(17) + math.sqrt(45) + 9, rtol=RTOL)
+  const = np.full((2, 3, 4, 2), 0.3, np.float32)
+  assert float(losses.deepinversion_tv_l1(const)) == 0.0
+  assert float(losses.deepinversion_tv_l2(const)) == 0.0
+  assert np.all(np.isfinite(jax.grad(losses.deepinversion_tv_l2)(jnp.asarray(const))))

@@ -1,0 +1,438 @@
+"""DeepInversion (Yin et al., CVPR 2020) with Adaptive DeepInversion's competition term, as
+zju-vipa/DataFree runs it for CIFAR (its `deepinv` synthesizer and datafree_kd.py), then the
+DeepInversion paper's distillation of a student on the synthesised images.
+
+Stage 'deepinversion' (checkpoints in <workdir>/deepinversion/, settings config.deepinversion):
+one loop step is one synthesis round r = 0 .. rounds - 1.
+  1. A batch x of `batch_size` images starts from N(0, 1) noise, with targets y (random
+     classes, or 'balanced': image i gets class i mod K), and takes `iterations` Adam steps on
+       L(x) = w_oh * CE(T(x'), y)
+              + w_bn * sum_l ||mu_l(x') - mu_l^T||_2 + ||var_l(x') - var_l^T||_2
+              + w_adv * (1 - JS(T(x'), S(x')))                  (losses.adi_competition_loss)
+              + w_tv * TV_l1(x) + w_tv_l2 * TV_l2(x) + w_l2 * R_l2(x)
+     T is the frozen teacher in evaluation mode; mu_l, var_l are the batch moments of the input
+     of its BN layer l, mu_l^T, var_l^T that layer's running statistics
+     (losses.bn_moment_matching, form 'l2'); S is the competing student in evaluation mode;
+     x' is x rolled by a random offset in [-jitter, jitter] pixels along each image axis and
+     flipped left-right with probability 1/2 (one draw for the whole batch per iteration: the
+     authors' jitter_and_flip); TV_l1, TV_l2 are losses.deepinversion_tv_l1 / _l2 and R_l2
+     losses.image_l2_prior, all on x. After each step x is clipped to the valid pixel range
+     ((0 - mean) / std .. (1 - mean) / std per channel). The round keeps the final x (the
+     authors' code means to keep the iterate of lowest loss, but its `best_inputs =
+     inputs.data` shares storage with the optimised tensor, so it returns the final one too).
+  2. x goes into the image pool as 8-bit pixels (the authors write PNG files): pool[r].
+  3. The competing student takes `kd_steps` distillation steps (students.distill_step: KL at
+     student.temperature, student's optimiser and random shifts/flips) on images drawn
+     uniformly, with replacement, from pool[0 .. r]; DataFree's student, which is its result.
+The state (the whole pool, the competing student and its optimiser, the round) is
+checkpointed through the shared loop, so a stopped run resumes at its last saved round and
+ends where an uninterrupted run ends. Its evaluation is the competing student's test
+accuracy; its sample grid shows the latest round's images.
+
+Stage 'distill_deepinversion' (config.stage 'distill'): students.Distill, a fresh student
+learns KL(T || S) for student.steps steps on images drawn uniformly from the finished pool,
+shifted/flipped as student.augment_* asks: the final student (export reads it).
+
+Published settings (zju-vipa/DataFree, scripts/deepinv/deepinv_cifar10_wrn402_wrn161.sh with
+datafree_kd.py and datafree/synthesis/deepinversion.py): 200 rounds ("epochs") of one batch
+of 256 images, each 1,000 Adam iterations at lr 0.1, betas (0.5, 0.99), constant; w_bn 10,
+w_oh 1, w_adv 1 (the JS at temperature 3, probabilities clamped to [0.01, 0.99]), w_tv 1e-3
+(L1, four directions), w_l2 0; jitter 1/8 of the image size (4 pixels at 32) and flips;
+random targets; 400 student steps per round, batch 256, SGD lr 0.1, momentum 0.9, weight
+decay 1e-4, cosine over the run, KD temperature 20; the pool read with the training
+augmentation (random 32x32 crops of the image padded by 4, horizontal flips). The benchmark's
+table: CIFAR-10 ResNet-34 -> ResNet-18 93.26%, CIFAR-100 61.32%. NVlabs/DeepInversion's own
+CIFAR-10 script: batch 256, 2,000 iterations at lr 0.05 (paper) or 0.1, w_bn 10, L2 total
+variation 2.5e-5 (paper) or 1e-3, jitter 2 pixels, no flips.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import common
+from datafree_jax import config_lib
+from datafree_jax import evaluation
+from datafree_jax import generator_parts
+from datafree_jax import log
+from datafree_jax import losses
+from datafree_jax import models
+from datafree_jax import parallel
+from datafree_jax import paths
+from datafree_jax import stage as stage_lib
+from datafree_jax import students
+
+STAGE_SALT = 7                  # rng of the synthesis rounds
+COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
+TARGETS = ("random", "balanced")
+GRID_IMAGES = 100               # images of the latest round in a sample grid
+
+CONFIG_SECTIONS = {"deepinversion": {
+    "rounds": (200, config_lib.POSITIVE_INT),        # synthesis rounds: batches in the pool
+    "batch_size": (256, config_lib.POSITIVE_INT),    # images per round
+    "iterations": (1000, config_lib.POSITIVE_INT),   # optimiser steps on one round's images
+    # The images' optimiser (reset every round; a schedule runs over one round's iterations).
+    "optimizer": ("adam", config_lib.Choice(config_lib.OPTIMIZERS)),
+    "lr": (0.1, config_lib.POSITIVE),
+    "schedule": ("constant", config_lib.Choice(config_lib.SCHEDULES)),
+    "warmup_steps": (0, config_lib.NON_NEGATIVE_INT),
+    "weight_decay": (0.0, config_lib.NON_NEGATIVE),
+    "b1": (0.5, config_lib.FRACTION), "b2": (0.99, config_lib.FRACTION),
+    "w_bn": (10.0, config_lib.NON_NEGATIVE),         # BN feature-distribution regulariser
+    "w_oh": (1.0, config_lib.NON_NEGATIVE),          # cross-entropy towards the targets
+    "w_adv": (1.0, config_lib.NON_NEGATIVE),         # Adaptive DeepInversion's competition
+    "adv_temperature": (3.0, config_lib.POSITIVE),
+    "w_tv": (1e-3, config_lib.NON_NEGATIVE),         # L1 total variation (four directions)
+    "w_tv_l2": (0.0, config_lib.NON_NEGATIVE),       # L2 total variation (NVlabs' CIFAR script)
+    "w_l2": (0.0, config_lib.NON_NEGATIVE),          # RMS pixel value
+    "jitter": (4, config_lib.NON_NEGATIVE_INT),      # random roll, pixels
+    "flip": (True, config_lib.Flag()),
+    "clip": (True, config_lib.Flag()),               # keep pixels in the valid range
+    "targets": ("random", config_lib.Choice(TARGETS)),
+    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
+    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
+    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
+    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+}}
+
+
+def directory(workdir: str) -> str:
+  return paths.join(workdir, "deepinversion")
+
+
+# --- Pixels: the pool's 8-bit form ------------------------------------------------------------
+
+def pixel_range(info):
+  """(low, high), (C,) float32 arrays: the normalised values of pixel values 0 and 1."""
+  mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+  return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def quantize(images, info):
+  """Normalised float images -> uint8 pixels round(255 * clip(x * std + mean, 0, 1))."""
+  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
+  pixels = jnp.clip(images.astype(jnp.float32) * std + mean, 0.0, 1.0)
+  return jnp.round(pixels * 255.0).astype(jnp.uint8)
+
+
+def dequantize(pixels, info):
+  """uint8 pixels -> normalised float32 images (u / 255 - mean) / std."""
+  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
+  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def pool_images_fn(info):
+  """images_fn(key, n, batch, source) of students.distill_step: n images drawn uniformly, with
+  replacement, from the first source['filled'] rounds of source['pool'] (R, B, H, W, C)."""
+  def images_fn(key, n, batch, source):  # pylint: disable=unused-argument
+    pool = source["pool"]
+    rounds, per_round = pool.shape[:2]
+    flat = pool.reshape((rounds * per_round,) + pool.shape[2:])
+    index = jax.random.randint(key, (n,), 0, jnp.maximum(source["filled"], 1) * per_round)
+    return dequantize(flat[index], info)
+  return images_fn
+
+
+# --- One synthesis round ----------------------------------------------------------------------
+
+def jitter_and_flip(key, images, jitter: int, flip: bool):
+  """The authors' augmentation of one iteration: the whole batch rolled (circularly) by
+  offsets drawn from [-jitter, jitter] along height and width, then flipped left-right with
+  probability 1/2."""
+  k_y, k_x, k_f = jax.random.split(key, 3)
+  if jitter:
+    dy = jax.random.randint(k_y, (), -jitter, jitter + 1)
+    dx = jax.random.randint(k_x, (), -jitter, jitter + 1)
+    images = jnp.roll(images, (dy, dx), axis=(1, 2))
+  if flip:
+    images = jnp.where(jax.random.bernoulli(k_f), images[:, :, ::-1, :], images)
+  return images
+
+
+def image_loss(dcfg, teacher_model, student_model, images, targets, key, teacher_vars,
+               student_vars):
+  """L(x) of the module docstring for images x (N, H, W, C): (loss, metrics). Pure."""
+  jittered = jitter_and_flip(key, images, dcfg.jitter, dcfg.flip)
+  logits, _, moments = generator_parts.teacher_forward(teacher_model, teacher_vars, jittered,
+                                                       moments=dcfg.w_bn > 0)
+  terms = {"ce": losses.cross_entropy(logits, targets),
+           "tv": losses.deepinversion_tv_l1(images)}
+  loss = dcfg.w_oh * terms["ce"] + dcfg.w_tv * terms["tv"]
+  if dcfg.w_bn > 0:
+    terms["bn"] = losses.bn_moment_matching(moments, teacher_vars["batch_stats"], form="l2")
+    loss = loss + dcfg.w_bn * terms["bn"]
+  if dcfg.w_adv > 0:
+    s_logits = student_model.apply(student_vars, jittered, train=False)
+    terms["adv"] = losses.adi_competition_loss(logits, s_logits, dcfg.adv_temperature)
+    loss = loss + dcfg.w_adv * terms["adv"]
+  if dcfg.w_tv_l2 > 0:
+    terms["tv_l2"] = losses.deepinversion_tv_l2(images)
+    loss = loss + dcfg.w_tv_l2 * terms["tv_l2"]
+  if dcfg.w_l2 > 0:
+    terms["l2"] = losses.image_l2_prior(images)
+    loss = loss + dcfg.w_l2 * terms["l2"]
+  return loss, terms
+
+
+def round_targets(key, n: int, num_classes: int, kind: str):
+  if kind == "balanced":
+    return jnp.arange(n, dtype=jnp.int32) % num_classes
+  return jax.random.randint(key, (n,), 0, num_classes)
+
+
+def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding, seed: int,
+                    state, teacher_vars):
+  """Round state['step']: a fresh batch optimised for dcfg.iterations steps (lax.fori_loop),
+  stored in state['pool'][round]; returns (state with step + 1, metrics of the last
+  iteration and the teacher's agreement with the targets on the final images)."""
+  r = state["step"]
+  key = common.step_key(seed, STAGE_SALT, r)
+  k_init, k_targets, k_iter = jax.random.split(key, 3)
+  n = dcfg.batch_size
+  images = jax.random.normal(k_init, (n,) + tuple(info.image_shape), jnp.float32)
+  images = jax.lax.with_sharding_constraint(images, data_sharding)
+  targets = jax.lax.with_sharding_constraint(
+      round_targets(k_targets, n, info.num_classes, dcfg.targets), data_sharding)
+  s = state["student"]
+  student_vars = common.variables_of(s["params"], s["batch_stats"])
+  low, high = pixel_range(info)
+  grad_fn = jax.value_and_grad(functools.partial(image_loss, dcfg, teacher_model,
+                                                 student_model), has_aux=True)
+
+  def body(i, carry):
+    images, opt_state, _, _ = carry
+    (loss, terms), grads = grad_fn(images, targets, jax.random.fold_in(k_iter, i),
+                                   teacher_vars, student_vars)
+    updates, opt_state = tx.update(grads, opt_state, images)
+    images = optax.apply_updates(images, updates)
+    if dcfg.clip:
+      images = jnp.clip(images, low, high)
+    images = jax.lax.with_sharding_constraint(images, data_sharding)
+    return images, opt_state, loss, terms
+
+  zero_terms = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), jax.eval_shape(
+      lambda x: image_loss(dcfg, teacher_model, student_model, x, targets, k_iter, teacher_vars,
+                           student_vars)[1], images))
+  images, _, loss, terms = jax.lax.fori_loop(
+      0, dcfg.iterations, body, (images, tx.init(images), jnp.zeros((), jnp.float32), zero_terms))
+  logits = teacher_model.apply(teacher_vars, images, train=False)
+  pool = jax.lax.dynamic_update_index_in_dim(state["pool"], quantize(images, info), r, 0)
+  metrics = dict(terms, loss=loss, agreement=losses.accuracy(logits, targets))
+  return dict(state, pool=pool, step=r + 1), metrics
+
+
+def competitor_round(kd_steps: int, distill, state, teacher_vars):
+  """kd_steps steps of students.distill_step (`distill`: its partial up to the state) for the
+  competing student on the rounds in the pool so far (state['step'] of them)."""
+  first = (state["step"] - 1) * kd_steps + COMPETITOR_STEP_OFFSET
+  source = {"pool": state["pool"], "filled": state["step"]}
+  sub = {"student": state["student"], "student_opt": state["student_opt"], "step": first}
+  shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
+
+  def body(_, carry):
+    return distill(carry[0], None, teacher_vars, source)
+  sub, metrics = jax.lax.fori_loop(
+      0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
+  return (dict(state, student=sub["student"], student_opt=sub["student_opt"]),
+          {"loss_kd": metrics["loss_kd"]})
+
+
+def teacher_has_bn(config, info) -> bool:
+  shapes = jax.eval_shape(lambda: models.get_classifier(
+      config.teacher.model, info.num_classes, config.teacher.width).init(
+          jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+  return bool(shapes.get("batch_stats"))
+
+
+class Synthesis(stage_lib.Stage):
+  """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
+  C) uint8, replicated, round r filled by step r."""
+  name = "deepinversion"
+  selector = "deepinversion"
+
+  def check(self, config, info):
+    d = config.deepinversion
+    parallel.check_global_batch(d.batch_size)
+    parallel.check_global_batch(config.student.batch_size)
+    if d.w_bn > 0 and not teacher_has_bn(config, info):
+      raise config_lib.ConfigError(
+          f"deepinversion.w_bn={d.w_bn} asks for the BN feature-distribution regulariser, but "
+          f"the teacher {config.teacher.model!r} has no BatchNorm layers; use a teacher with BN "
+          "(e.g. teacher.model='lenet5_bn') or set deepinversion.w_bn=0")
+    if d.w_adv > 0 and d.kd_steps == 0:
+      log.warn("deepinversion.w_adv > 0 with kd_steps=0: the images compete with an untrained "
+               "student")
+
+  def steps(self, config):
+    return config.deepinversion.rounds
+
+  def identity(self, ctx):
+    d = ctx.config.deepinversion
+    return dict(students.student_identity(ctx), rounds=d.rounds, batch_size=d.batch_size)
+
+  def _build(self, ctx, abstract: bool = False):
+    """(initial state or its ShapeDtypeStructs, student, synthesis jit, competitor jit or None,
+    mesh)."""
+    config, info = ctx.config, ctx.info
+    d, scfg = config.deepinversion, config.student
+    mesh = parallel.make_mesh("data")
+    rep, split = parallel.replicated(mesh), parallel.split_leading(mesh)
+    tx_s = common.make_optimizer(scfg, d.rounds * d.kd_steps)
+    student = students.make_student(config, info)
+
+    def init():
+      _, svars, sopt = students.init_student(
+          config, info, tx_s, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
+      return {"pool": jnp.zeros((d.rounds, d.batch_size) + tuple(info.image_shape), jnp.uint8),
+              "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
+    if abstract:
+      state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
+    else:
+      state = jax.jit(init, out_shardings=rep)()
+    teacher_model = ctx.teacher["model"]
+    synth = jax.jit(functools.partial(
+        synthesis_round, d, info, teacher_model, student,
+        common.make_optimizer(d, d.iterations), split, config.seed),
+        out_shardings=(rep, rep), donate_argnums=(0,))
+    compete = None
+    if d.kd_steps:
+      distill = functools.partial(
+          students.distill_step, student, tx_s, scfg.temperature, teacher_model,
+          pool_images_fn(info), split, config.seed, scfg.batch_size,
+          students.augmentation(scfg, info))
+      compete = jax.jit(functools.partial(competitor_round, d.kd_steps, distill),
+                        out_shardings=(rep, rep), donate_argnums=(0,))
+    return state, student, synth, compete, mesh
+
+  def plan(self, ctx):
+    state, student, synth, compete, mesh = self._build(ctx)
+    tvars = ctx.teacher["variables"]
+
+    def step(state, batch):  # pylint: disable=unused-argument
+      state, metrics = synth(state, tvars)
+      if compete is not None:
+        state, kd = compete(state, tvars)
+        metrics = dict(metrics, **kd)
+      return state, metrics
+
+    info = ctx.info
+    n = min(ctx.config.deepinversion.batch_size, GRID_IMAGES)
+
+    def latest(state):
+      r = jnp.maximum(state["step"] - 1, 0)
+      return dequantize(jax.lax.dynamic_index_in_dim(state["pool"], r, 0, keepdims=False)[:n],
+                        info)
+    d = ctx.config.deepinversion
+    return stage_lib.Plan(
+        state=state, step=step,
+        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
+                                                 mesh),
+        eval_every=d.eval_every, checkpoint_every=d.checkpoint_every or None,
+        on_eval=students.make_sample_writer(ctx, latest, self.name),
+        meta={"kind": "deepinversion_pool", "dataset": info.name, "method": ctx.config.method})
+
+  def programs(self, ctx):
+    d = ctx.config.deepinversion
+    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
+    tvars = ctx.teacher["variables"]
+    out = [stage_lib.Program(
+        f"synthesis round: {d.iterations} iterations on {d.batch_size} images", synth,
+        (state,), {"teacher_vars": tvars}, state=state, trips=d.iterations, steps=d.rounds)]
+    if compete is not None:
+      out.append(stage_lib.Program(
+          f"competing student: {d.kd_steps} steps of batch {ctx.config.student.batch_size}",
+          compete, (state,), {"teacher_vars": tvars}, state=state, trips=d.kd_steps,
+          steps=d.rounds))
+    s = state["student"]
+    out.append(stage_lib.classifier_eval_program(
+        "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
+        ctx.info, mesh))
+    out.append(stage_lib.restore_program(self.name, state))
+    return out
+
+  def summarize(self, ctx, done):
+    d = ctx.config.deepinversion
+    return {self.name: {"rounds": done.step, "images": done.step * d.batch_size,
+                        "eval": done.eval, "checkpoint": done.directory}}
+
+
+SYNTHESIS = Synthesis()
+
+
+def load_pool(path: str, info, mesh) -> tuple:
+  """(pool, meta) of the finished synthesis checkpoint at `path`, the pool replicated on
+  `mesh`. Raises CheckpointError when there is none, it is unfinished or made for other
+  images."""
+  d = ckpt_lib.stage_directory(path, SYNTHESIS.name)
+  hint = "run the deepinversion stage first (stage=deepinversion or stage=all)"
+  if not paths.isdir(d):
+    raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
+  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
+    meta = ckpt.restore_meta(step)
+    if meta.get("kind") != "deepinversion_pool":
+      raise ckpt_lib.CheckpointError(f"the checkpoint in {d} is not a DeepInversion image pool")
+    if not meta.get("done"):
+      raise ckpt_lib.CheckpointError(
+          f"the DeepInversion image pool in {d} is unfinished (round {step} of "
+          f"{meta.get('total_steps')}); run the deepinversion stage again to finish it")
+    if tuple(meta.get("image_shape", ())) != tuple(info.image_shape):
+      raise ckpt_lib.CheckpointError(
+          f"the DeepInversion image pool in {d} holds {tuple(meta.get('image_shape', ()))} "
+          f"images, but dataset {info.name!r} has {tuple(info.image_shape)} images")
+    target = ckpt_lib.abstract_like(ckpt.item_shapes(step, "state"), parallel.replicated(mesh))
+    pool = ckpt.restore(step, "state", target)["pool"]
+  finally:
+    ckpt.close()
+  return pool, dict(meta, directory=d)
+
+
+class DistillPool(students.Distill):
+  """A fresh student distilled on the finished pool of <workdir>/deepinversion."""
+
+  def __init__(self):
+    super().__init__(SYNTHESIS.name)
+
+  def prepare(self, ctx, finished):
+    if not finished and SYNTHESIS.name not in ctx.running:  # Load it before writing.
+      self._pool(ctx)
+
+  def _pool(self, ctx):
+    key = "deepinversion_pool"
+    if key not in ctx.outputs:
+      mesh = parallel.make_mesh("data")
+      done = ctx.outputs.get(SYNTHESIS.name)
+      if done is not None and done.state is not None:
+        ctx.outputs[key] = (done.state["pool"], dict(done.meta, directory=done.directory))
+      else:
+        ctx.outputs[key] = load_pool(directory(ctx.workdir), ctx.info, mesh)
+    return ctx.outputs[key]
+
+  def source_images(self, ctx, mesh):
+    pool, meta = self._pool(ctx)
+    if meta.get("teacher_model") != ctx.config.teacher.model:
+      log.warn(f"the image pool in {meta['directory']} was synthesised from a "
+               f"{meta.get('teacher_model')!r} teacher; distilling from a "
+               f"{ctx.config.teacher.model!r}")
+    source = {"pool": pool, "filled": parallel.put_replicated(
+        jnp.asarray(pool.shape[0], jnp.int32), mesh)}
+    return pool_images_fn(ctx.info), None, source, {
+        "pool": meta["directory"], "pool_images": int(pool.shape[0] * pool.shape[1])}
+
+  def abstract_source(self, ctx, mesh):
+    d, rep = ctx.config.deepinversion, parallel.replicated(mesh)
+    source = {"pool": jax.ShapeDtypeStruct((d.rounds, d.batch_size) + tuple(ctx.info.image_shape),
+                                           jnp.uint8, sharding=rep),
+              "filled": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+    return pool_images_fn(ctx.info), None, source
+
+
+DISTILL = DistillPool()
