@@ -61,6 +61,9 @@ def test_the_local_view_is_a_resized_crop():
   crop = np.asarray(cmi.random_resized_crop(jax.random.key(2), ramp, 0.25))
   assert crop.min() >= 0 and crop.max() <= 7 + 1e-5
   assert np.all(np.diff(crop[:, 4, :, 0], axis=1) >= -1e-5)
+  # Away from the border pixels it is linear: a crop resized by one factor.
+  steps = np.diff(crop[:, 4, :, 0], axis=1)[:, 1:-1]
+  np.testing.assert_allclose(steps, np.broadcast_to(steps[:, :1], steps.shape), atol=1e-4)
   span = crop[:, 4, -1, 0] - crop[:, 4, 0, 0]
   assert np.all(span <= 7 + 1e-5) and np.mean(span) < 6.5
   g = jax.grad(lambda x: jnp.sum(cmi.random_resized_crop(jax.random.key(3), x, 0.25)))(x)
