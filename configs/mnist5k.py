@@ -34,7 +34,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, method="ensemble", seed=0, stage="all", teacher="",
                            long=False, quick=False)
   if not a.teacher:
-    a.teacher = "lenet5_bn" if a.method in ("ensemble", "deepinversion") else "lenet5"
+    a.teacher = "lenet5_bn" if a.method in ("ensemble", "deepinversion", "cmi") else "lenet5"
   c = config_lib.base_config()
   c.dataset = "mnist5k"
   c.method = a.method
@@ -83,6 +83,24 @@ def get_config(arg=None):
     d.flip = False
     d.kd_steps = 20
     d.eval_every = 5
+    c.student.steps = 1500
+    c.student.temperature = 4.0
+    c.student.augment_shift = 2
+  if a.method == "cmi":
+    m = c.cmi                        # the authors' losses and weights, smaller rounds
+    m.rounds = 20
+    m.batch_size = 128
+    m.iterations = 100
+    m.lr = 1e-2
+    m.width = 32                     # ngf 16: an eighth of the authors' generator width
+    m.latent_dim = 64
+    m.bank_size = 2560               # every round's features
+    m.n_neg = 1024
+    m.head_dim = 64
+    m.crop_pad = 2                   # MNIST digits are not left-right symmetric: no flips
+    m.flip = False
+    m.kd_steps = 20
+    m.eval_every = 5
     c.student.steps = 1500
     c.student.temperature = 4.0
     c.student.augment_shift = 2

@@ -11,6 +11,10 @@
     deepinversion  teacher -> deepinversion (Yin et al.'s image optimisation      distill_deepinversion
                 against the teacher, with a competing student; the images
                 kept in a pool) -> distill_deepinversion
+    cmi         teacher -> cmi (Fang et al.'s contrastive model inversion: a    distill_cmi
+                generator per round against the teacher, a contrastive loss
+                over a memory bank, a competing student; images kept in a
+                pool) -> distill_cmi
 
 A new method is one module with its stage(s) (stage.Stage, built on the shared parts:
 students.py, generator_parts.py, ...) and one `register_method` call with its config section;
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 from datafree_jax import config_lib
 from datafree_jax import registry
+from datafree_jax.stages import cmi
 from datafree_jax.stages import dafl
 from datafree_jax.stages import deepinversion
 from datafree_jax.stages import distill
@@ -66,3 +71,9 @@ register_method(
     image_stages=(deepinversion.SYNTHESIS.name,),
     description="DeepInversion (Yin et al. 2020): images optimised against the teacher, then "
                 "distillation on them")
+
+register_method(
+    "cmi", (TEACHER, cmi.SYNTHESIS, cmi.DISTILL), cmi.CONFIG_SECTIONS,
+    student_stage=cmi.DISTILL.name, image_stages=(cmi.SYNTHESIS.name,),
+    description="CMI (Fang et al. 2021): generators inverted from the teacher with a "
+                "contrastive loss over a memory bank, then distillation on their images")

@@ -46,9 +46,10 @@ def test_the_schema_is_the_base_config():
   # (warmup_steps in the 4 optimiser sections, data_threads, checkpoint_async and
   # checkpoint_preemption_secs since 2026-12-03), and the sections that methods.py registers
   # with its methods:
-  registered = {"deepinversion"}
+  registered = {"deepinversion", "cmi"}
   assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 87
   assert len(config_lib.SCHEMA["deepinversion"]) == 24
+  assert len(config_lib.SCHEMA["cmi"]) == 28
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
   assert config_lib.MM_FORMS == losses.BN_MOMENT_FORMS
@@ -96,6 +97,8 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*
 # (config file, argument) pairs that are refused on purpose, with the reason's text.
 REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5",
            ("mnist.py", "model=hinton,method=deepinversion"): "needs model=lenet5",
+           ("mnist.py", "model=hinton,method=cmi"): "needs model=lenet5",
+           ("imagenet.py", "method=cmi"): "unknown method",
            ("imagenet.py", "method=deepinversion"): "unknown method"}
 
 

@@ -51,7 +51,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from datafree_jax import checkpoints as ckpt_lib
@@ -59,16 +58,15 @@ from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import evaluation
 from datafree_jax import generator_parts
+from datafree_jax import image_pool
 from datafree_jax import log
 from datafree_jax import losses
-from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 STAGE_SALT = 7                  # rng of the synthesis rounds
-COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
 TARGETS = ("random", "balanced")
 GRID_IMAGES = 100               # images of the latest round in a sample grid
 
@@ -105,37 +103,12 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, "deepinversion")
 
 
-# --- Pixels: the pool's 8-bit form ------------------------------------------------------------
-
-def pixel_range(info):
-  """(low, high), (C,) float32 arrays: the normalised values of pixel values 0 and 1."""
-  mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
-  return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def quantize(images, info):
-  """Normalised float images -> uint8 pixels round(255 * clip(x * std + mean, 0, 1))."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  pixels = jnp.clip(images.astype(jnp.float32) * std + mean, 0.0, 1.0)
-  return jnp.round(pixels * 255.0).astype(jnp.uint8)
-
-
-def dequantize(pixels, info):
-  """uint8 pixels -> normalised float32 images (u / 255 - mean) / std."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def pool_images_fn(info):
-  """images_fn(key, n, batch, source) of students.distill_step: n images drawn uniformly, with
-  replacement, from the first source['filled'] rounds of source['pool'] (R, B, H, W, C)."""
-  def images_fn(key, n, batch, source):  # pylint: disable=unused-argument
-    pool = source["pool"]
-    rounds, per_round = pool.shape[:2]
-    flat = pool.reshape((rounds * per_round,) + pool.shape[2:])
-    index = jax.random.randint(key, (n,), 0, jnp.maximum(source["filled"], 1) * per_round)
-    return dequantize(flat[index], info)
-  return images_fn
+# The pool's pixels and draws (image_pool.py), under the names this module has always had.
+pixel_range = image_pool.pixel_range
+quantize = image_pool.quantize
+dequantize = image_pool.dequantize
+pool_images_fn = image_pool.pool_images_fn
+competitor_round = image_pool.competitor_round
 
 
 # --- One synthesis round ----------------------------------------------------------------------
@@ -226,29 +199,6 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
   return dict(state, pool=pool, step=r + 1), metrics
 
 
-def competitor_round(kd_steps: int, distill, state, teacher_vars):
-  """kd_steps steps of students.distill_step (`distill`: its partial up to the state) for the
-  competing student on the rounds in the pool so far (state['step'] of them)."""
-  first = (state["step"] - 1) * kd_steps + COMPETITOR_STEP_OFFSET
-  source = {"pool": state["pool"], "filled": state["step"]}
-  sub = {"student": state["student"], "student_opt": state["student_opt"], "step": first}
-  shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
-
-  def body(_, carry):
-    return distill(carry[0], None, teacher_vars, source)
-  sub, metrics = jax.lax.fori_loop(
-      0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
-  return (dict(state, student=sub["student"], student_opt=sub["student_opt"]),
-          {"loss_kd": metrics["loss_kd"]})
-
-
-def teacher_has_bn(config, info) -> bool:
-  shapes = jax.eval_shape(lambda: models.get_classifier(
-      config.teacher.model, info.num_classes, config.teacher.width).init(
-          jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-  return bool(shapes.get("batch_stats"))
-
-
 class Synthesis(stage_lib.Stage):
   """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
   C) uint8, replicated, round r filled by step r."""
@@ -259,11 +209,7 @@ class Synthesis(stage_lib.Stage):
     d = config.deepinversion
     parallel.check_global_batch(d.batch_size)
     parallel.check_global_batch(config.student.batch_size)
-    if d.w_bn > 0 and not teacher_has_bn(config, info):
-      raise config_lib.ConfigError(
-          f"deepinversion.w_bn={d.w_bn} asks for the BN feature-distribution regulariser, but "
-          f"the teacher {config.teacher.model!r} has no BatchNorm layers; use a teacher with BN "
-          "(e.g. teacher.model='lenet5_bn') or set deepinversion.w_bn=0")
+    image_pool.check_teacher_bn(config, info, "deepinversion")
     if d.w_adv > 0 and d.kd_steps == 0:
       log.warn("deepinversion.w_adv > 0 with kd_steps=0: the images compete with an untrained "
                "student")
@@ -324,9 +270,7 @@ class Synthesis(stage_lib.Stage):
     n = min(ctx.config.deepinversion.batch_size, GRID_IMAGES)
 
     def latest(state):
-      r = jnp.maximum(state["step"] - 1, 0)
-      return dequantize(jax.lax.dynamic_index_in_dim(state["pool"], r, 0, keepdims=False)[:n],
-                        info)
+      return image_pool.latest_round(state, info, n)
     d = ctx.config.deepinversion
     return stage_lib.Plan(
         state=state, step=step,
@@ -364,75 +308,5 @@ class Synthesis(stage_lib.Stage):
 SYNTHESIS = Synthesis()
 
 
-def load_pool(path: str, info, mesh) -> tuple:
-  """(pool, meta) of the finished synthesis checkpoint at `path`, the pool replicated on
-  `mesh`. Raises CheckpointError when there is none, it is unfinished or made for other
-  images."""
-  d = ckpt_lib.stage_directory(path, SYNTHESIS.name)
-  hint = "run the deepinversion stage first (stage=deepinversion or stage=all)"
-  if not paths.isdir(d):
-    raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
-  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
-    meta = ckpt.restore_meta(step)
-    if meta.get("kind") != "deepinversion_pool":
-      raise ckpt_lib.CheckpointError(f"the checkpoint in {d} is not a DeepInversion image pool")
-    if not meta.get("done"):
-      raise ckpt_lib.CheckpointError(
-          f"the DeepInversion image pool in {d} is unfinished (round {step} of "
-          f"{meta.get('total_steps')}); run the deepinversion stage again to finish it")
-    if tuple(meta.get("image_shape", ())) != tuple(info.image_shape):
-      raise ckpt_lib.CheckpointError(
-          f"the DeepInversion image pool in {d} holds {tuple(meta.get('image_shape', ()))} "
-          f"images, but dataset {info.name!r} has {tuple(info.image_shape)} images")
-    target = ckpt_lib.abstract_like(ckpt.item_shapes(step, "state"), parallel.replicated(mesh))
-    pool = ckpt.restore(step, "state", target)["pool"]
-  finally:
-    ckpt.close()
-  return pool, dict(meta, directory=d)
-
-
-class DistillPool(students.Distill):
-  """A fresh student distilled on the finished pool of <workdir>/deepinversion."""
-
-  def __init__(self):
-    super().__init__(SYNTHESIS.name)
-
-  def prepare(self, ctx, finished):
-    if not finished and SYNTHESIS.name not in ctx.running:  # Load it before writing.
-      self._pool(ctx)
-
-  def _pool(self, ctx):
-    key = "deepinversion_pool"
-    if key not in ctx.outputs:
-      mesh = parallel.make_mesh("data")
-      done = ctx.outputs.get(SYNTHESIS.name)
-      if done is not None and done.state is not None:
-        ctx.outputs[key] = (done.state["pool"], dict(done.meta, directory=done.directory))
-      else:
-        ctx.outputs[key] = load_pool(directory(ctx.workdir), ctx.info, mesh)
-    return ctx.outputs[key]
-
-  def source_images(self, ctx, mesh):
-    pool, meta = self._pool(ctx)
-    if meta.get("teacher_model") != ctx.config.teacher.model:
-      log.warn(f"the image pool in {meta['directory']} was synthesised from a "
-               f"{meta.get('teacher_model')!r} teacher; distilling from a "
-               f"{ctx.config.teacher.model!r}")
-    source = {"pool": pool, "filled": parallel.put_replicated(
-        jnp.asarray(pool.shape[0], jnp.int32), mesh)}
-    return pool_images_fn(ctx.info), None, source, {
-        "pool": meta["directory"], "pool_images": int(pool.shape[0] * pool.shape[1])}
-
-  def abstract_source(self, ctx, mesh):
-    d, rep = ctx.config.deepinversion, parallel.replicated(mesh)
-    source = {"pool": jax.ShapeDtypeStruct((d.rounds, d.batch_size) + tuple(ctx.info.image_shape),
-                                           jnp.uint8, sharding=rep),
-              "filled": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-    return pool_images_fn(ctx.info), None, source
-
-
-DISTILL = DistillPool()
+DISTILL = image_pool.DistillPool(SYNTHESIS.name, "deepinversion", "deepinversion_pool",
+                                  "DeepInversion")
