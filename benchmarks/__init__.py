@@ -10,6 +10,9 @@ Entries:
   dafl_torch_reference   the mnist5k DAFL parity with the authors' loop: step agreement, accuracy
   dafl_cifar_torch_check the CIFAR-10 DAFL step against the authors' code, with tolerances
   imagenet_sizing        the ImageNet dry runs for each student and device count
+  input_speed            images/s of the streamed training input against its decode floor, on a
+                         locally built ImageNet-shaped JPEG dataset; host cores per accelerator host
+  save_speed             checkpoint save times: local disk and a GCS emulator, async on and off
 Shared modules:
   common         timing, markdown tables, the machine's description, statistics
   project        the one module that imports the datafree_jax package

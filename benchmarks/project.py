@@ -7,6 +7,7 @@ return).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -15,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import REPO
+from datafree_jax import checkpoints
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import datasets
+from datafree_jax import dry_run
 from datafree_jax import evaluation
 from datafree_jax import generator_parts
 from datafree_jax import input_pipeline
@@ -25,7 +28,10 @@ from datafree_jax import models
 from datafree_jax import paths
 from datafree_jax import pipeline
 from datafree_jax import plots
+from datafree_jax import streaming
 from datafree_jax import students
+from datafree_jax import synthetic_imagenet
+from datafree_jax import tfds_pipeline
 from datafree_jax.ensemble import members as members_lib
 from datafree_jax.ensemble import objective
 from datafree_jax.stages import dafl
@@ -246,3 +252,70 @@ def accuracy_curves(run_dir: str) -> dict:
 def write_accuracy_figure(path: str, curves: dict, title: str):
   """Draws plots.accuracy_figure of `curves` ({label: [runs]}) into `path`."""
   paths.write_bytes(path, plots.accuracy_figure(curves, title))
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed input pipeline on the locally built synthetic_imagenet (input_speed).
+# ---------------------------------------------------------------------------------------------
+
+def build_synthetic_imagenet(data_dir: str, train_examples: int, validation_examples: int,
+                             min_side: int, max_side: int, printer=print) -> dict:
+  """Builds (or reuses) synthetic_imagenet in data_dir: {name, dir, train_files (the train
+  split's record files), train_examples, mean_bytes (per train image, encoded)}."""
+  settings = synthetic_imagenet.Settings(train_examples=train_examples,
+                                         validation_examples=validation_examples,
+                                         min_side=min_side, max_side=max_side)
+  path = synthetic_imagenet.build(data_dir, settings, printer=printer)
+  split = tfds_pipeline.prepared_builder(synthetic_imagenet.NAME, data_dir).info.splits["train"]
+  return {"name": synthetic_imagenet.NAME, "dir": path,
+          "train_files": [os.fspath(f) for f in split.filepaths],
+          "train_examples": split.num_examples,
+          "mean_bytes": split.num_bytes / max(split.num_examples, 1)}
+
+
+def crop_parameters() -> dict:
+  """The training crop's ranges (streaming.py's Inception crop), for sample_distorted_bounding_box."""
+  return {"area_range": streaming.CROP_AREA, "aspect_ratio_range": streaming.CROP_ASPECT_RATIO,
+          "min_object_covered": streaming.CROP_MIN_OBJECT_COVERED,
+          "max_attempts": streaming.CROP_MAX_ATTEMPTS}
+
+
+def streamed_train_batches(data_dir: str, local_batch: int, image_size: int, seed: int = 0):
+  """The project's training batches of synthetic_imagenet at image_size: batches(step) ->
+  host arrays (streaming.train_batches); .close() stops its prefetch thread."""
+  info = dataclasses.replace(datasets.dataset_info(synthetic_imagenet.NAME),
+                             image_size=image_size)
+  return streaming.train_batches(synthetic_imagenet.NAME, info, local_batch, seed, data_dir)
+
+
+def import_tf():
+  """TensorFlow as the project imports it (quiet, kept off the accelerators)."""
+  return tfds_pipeline.import_tf()
+
+
+def dry_run_rate_inputs() -> dict:
+  """What the dry run's hours rest on: {mfu: the config's default dry_run_mfu, peak: {device
+  kind: peak dense bfloat16 FLOP/s}} (dry_run.DEVICES)."""
+  peak = {name: flops for kinds in dry_run.DEVICES.values() for name, flops, _, _ in kinds}
+  return {"mfu": float(config_lib.base_config().dry_run_mfu), "peak": peak}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+def stage_checkpoints(directory: str):
+  """The project's checkpoint manager of one stage directory (checkpoints.StageCheckpoints:
+  .save(step, state, meta, wait=...) -> SaveReport, .wait(), .close())."""
+  return checkpoints.StageCheckpoints(directory)
+
+
+def mnist5k_ensemble_state():
+  """The mnist5k ensemble stage's train state (configs/mnist5k.py, method=ensemble: params, BN
+  state and Adam state of its generators, stacked), built against a random LeNet-5-BN
+  teacher with random class statistics, on one device."""
+  config = load_config("mnist5k", "method=ensemble")
+  info = dataset_info(config.dataset)
+  teacher = random_teacher(config.teacher.model, info, class_stats=True)
+  ens = build_ensemble(config, teacher, info)
+  return ens.state, objective.num_generators(config, info.num_classes)

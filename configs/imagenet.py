@@ -21,7 +21,11 @@ Arguments (`:k=v,k=v`):
             the sizing tables (memory per device kind, FLOPs, hours)
   target    the platform the dry run sizes: auto (the devices' own; tpu on a CPU) | tpu | gpu
   smoke     the same pipeline at toy size (32x32 images, tiny widths, generators for 4
-            classes, a few steps of every stage), for tfds.testing.mock_data and a CPU
+            classes, a few steps of every stage) on a CPU, reading synthetic_imagenet:
+            ImageNet-shaped JPEGs (1,000 classes) built locally without downloads:
+
+    python -m datafree_jax.main make-jpeg-dataset --data_dir=/tmp/tfds
+    python -m datafree_jax.main --config=configs/imagenet.py:smoke=True --config.data_dir=/tmp/tfds
 
 Choices of this project (the paper does not publish them; each is a config field):
   - teacher recipe: the standard 90-epoch ResNet-50 one (SGD momentum 0.9, lr 0.1 x batch/256,
@@ -40,6 +44,7 @@ Choices of this project (the paper does not publish them; each is a config field
 Computation is bfloat16 (parameters, optimiser state and BN statistics float32).
 """
 from datafree_jax import config_lib
+from datafree_jax import datasets
 
 STUDENTS = {"resnet18": "resnet18_imagenet", "resnet50": "resnet50_imagenet",
             "mobilenet_v2": "mobilenet_v2"}
@@ -111,7 +116,9 @@ def get_config(arg=None):
 
 def _smoke(c):
   """Toy size: every stage a few steps on 32x32 images, tiny widths, generators for the first
-  4 of the 1,000 classes."""
+  4 of the 1,000 classes, on the locally built synthetic_imagenet (its data dir:
+  --config.data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  c.dataset = datasets.SYNTHETIC_IMAGENET
   c.image_size = 32
   c.checkpoint_every = 0
   c.teacher.width = 8

@@ -5,9 +5,10 @@ r"""DAFL on full MNIST (tfds 'mnist'), the paper's setting and official hyperpar
 
 Arguments: model = lenet5 (LeNet-5 -> LeNet-5-half, default) | hinton (HintonNet 1200-1200 ->
 800-800); method = dafl | ensemble | kd_data | kd_noise | teacher; seed; stage.
-method=ensemble (Luo et al.: BN moment matching), method=deepinversion and method=fast (their
-BN regularisers) take the LeNet-5 pair with BatchNorm (lenet5_bn -> lenet5_half_bn); HintonNet has no BatchNorm
-layers to match.
+method=ensemble (Luo et al.: BN moment matching), method=deepinversion (its BN regulariser),
+method=cmi (the same, and its features of BN inputs) and method=fast (its BN regulariser) take
+the LeNet-5 pair with BatchNorm (lenet5_bn -> lenet5_half_bn); HintonNet has no BatchNorm layers
+to match.
 Published (Chen et al. 2019): teacher 98.91 / 98.39, DAFL student 98.20 / 97.91 (LeNet / Hinton).
 24,000 DAFL steps of batch 512: an accelerator job (see benchmarks/dafl_step_speed.py).
 """
@@ -17,7 +18,7 @@ from datafree_jax import config_lib
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, model="lenet5", method="dafl", seed=0, stage="all")
   config_lib.check_choice("model", a.model, ("lenet5", "hinton"))
-  bn_method = a.method in ("ensemble", "deepinversion", "fast")
+  bn_method = a.method in ("ensemble", "deepinversion", "cmi", "fast")
   if bn_method and a.model != "lenet5":
     raise config_lib.ConfigError(
         f"method={a.method} matches the teacher's BatchNorm statistics and needs model=lenet5 "

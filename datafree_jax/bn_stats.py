@@ -18,7 +18,6 @@ import numpy as np
 
 from datafree_jax import common
 from datafree_jax import generator_parts
-from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax.models import BN_EXAMPLE_MOMENTS
 
@@ -119,11 +118,3 @@ def targets_for(stats: dict, class_ids) -> dict:
   if "class" in stats:
     return jax.tree.map(lambda x: x[class_ids], stats["class"])
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (len(class_ids),) + x.shape), stats["global"])
-
-
-def teacher_has_bn(config, info) -> bool:
-  """Whether config.teacher.model (for `info`'s images and classes) has BatchNorm layers."""
-  shapes = jax.eval_shape(lambda: models.get_classifier(
-      config.teacher.model, info.num_classes, config.teacher.width).init(
-          jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
-  return bool(shapes.get("batch_stats"))

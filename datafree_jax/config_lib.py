@@ -354,6 +354,9 @@ def _classifier_fields(role, model, steps, batch_size, lr, schedule, **extra):
 SCHEMA = {
     "dataset": ("mnist5k", Choice(_datasets, label="dataset", listing="known datasets")),
     "data_dir": ("", Text()),              # tfds data dir; '' = $TFDS_DATA_DIR or tfds' default.
+    # Streamed datasets: threads of the training pipeline's own tf.data pool (decoding);
+    # 0 = tf.data's default (all cores). The launchers set it from the host's CPU request.
+    "data_threads": (0, NON_NEGATIVE_INT),
     "image_size": (0, NON_NEGATIVE_INT),   # images resized to this; 0 = the dataset's size
     "method": ("dafl", Choice(_methods, label="method")),  # registry.METHODS
     "stage": ("all", Choice(_stages, label="stage")),  # see pipeline.py
@@ -362,6 +365,11 @@ SCHEMA = {
     "seed": (0, NON_NEGATIVE_INT),
     "log_every_secs": (10.0, NON_NEGATIVE),
     "checkpoint_every": (500, NON_NEGATIVE_INT),  # steps between checkpoints; 0 = final only
+    # Periodic checkpoints written in the background while training goes on (checkpoints.py).
+    "checkpoint_async": (True, Flag()),
+    # The time the save on SIGTERM may take (a spot VM's notice is about 30 s); past it the
+    # run says which complete checkpoint a resume will use.
+    "checkpoint_preemption_secs": (25.0, POSITIVE),
     # Computation dtype of teacher, generators and student; parameters, optimiser state, BN
     # statistics and loss reductions stay float32.
     "dtype": ("float32", Choice(DTYPES)),

@@ -27,6 +27,14 @@ DATASETS = {
 # rather than held in memory (load_dataset); register_streamed_dataset adds one.
 STREAMED = {"imagenet2012"}
 
+# ImageNet-shaped JPEGs built locally, without downloads (synthetic_imagenet.py; `python -m
+# datafree_jax.main make-jpeg-dataset`): streamed like imagenet2012, with its classes and
+# normalisation. LOCAL_BUILDS: the command that prepares such a dataset (for error messages).
+SYNTHETIC_IMAGENET = "synthetic_imagenet"
+DATASETS[SYNTHETIC_IMAGENET] = dict(DATASETS["imagenet2012"])
+STREAMED.add(SYNTHETIC_IMAGENET)
+LOCAL_BUILDS = {SYNTHETIC_IMAGENET: "python -m datafree_jax.main make-jpeg-dataset"}
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   name: str

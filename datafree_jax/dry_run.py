@@ -27,6 +27,11 @@ program that does not fit is named with its largest values. Hours come from a me
 throughput (`config.dry_run_measured`: the JSON a measuring dry run wrote on that device kind)
 or else from the stated utilisation `config.dry_run_mfu` of the chip's peak bfloat16 FLOP/s.
 
+Each stage's checkpoints are sized from the abstract state and final items (the periodic one:
+the train state; the final one: its items, checkpoints.py), with the time one host needs to
+write them at the bandwidths SAVE_BANDWIDTH assumes (local NVMe, GCS), against the preemption
+budget `config.checkpoint_preemption_secs`.
+
 `config.dry_run_measure` also runs every program a few times on the devices present, on zero
 inputs, and prints seconds per call, achieved TFLOP/s and the measured peak memory
 (`device.memory_stats()`, where the backend reports it) beside the prediction;
@@ -47,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import paths
 from datafree_jax import platforms
 from datafree_jax import stage as stage_lib
@@ -62,6 +68,12 @@ DEVICES = {
             ("H200", 989e12, 141e9 / 2**30, "H200")),
     "cpu": (),
 }
+# The write bandwidths the checkpoint save times assume, per host writing its share (orbax
+# writes each process's shards in parallel; a single host writes all): a local NVMe SSD's
+# sustained sequential write, and a host's throughput to a Cloud Storage bucket with many
+# parallel uploads (tensorstore's), bounded by the VM's network egress. Assumptions, not
+# measurements (benchmarks/save_speed.py measures this machine).
+SAVE_BANDWIDTH = (("local NVMe", 2.0e9), ("GCS", 1.0e9))   # bytes/s per host
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 JAX_GPU_MEM_FRACTION = 0.75   # JAX's default preallocation (without MEM_FRACTION_VAR)
 
@@ -83,6 +95,8 @@ class Row:
   steps: int
   note: str
   largest: list = dataclasses.field(default_factory=list)   # [(GiB, 'name dtype[dims]')]
+  checkpoint: dict = dataclasses.field(default_factory=dict)  # restore: {'periodic'|'final':
+                                                              # {item: bytes}}, all processes
   measured_s: Optional[float] = None          # dry_run_measure: seconds per call
   measured_peak_gib: Optional[float] = None   # ... and the device's peak memory
 
@@ -178,8 +192,10 @@ def analyse(stage: str, program: stage_lib.Program, target: str, measure: bool =
   state = bytes_per_device(program.state) if program.state is not None else 0
   devices = jax.device_count()
   if program.fn is None:  # a checkpoint restore: the restored state is the program's memory
+    sizes = {kind: {name: ckpt_lib.tree_bytes(tree) for name, tree in items.items()}
+             for kind, items in (program.checkpoint or {}).items()}
     return Row(stage, program.label, program.kind, devices, state / 2**30, state / 2**30, 0.0,
-               0.0, program.steps, program.note)
+               0.0, program.steps, program.note, checkpoint=sizes)
   t = time.perf_counter()
   traced = program.fn.trace(*program.args, **program.kwargs)
   if platforms.of_devices() != target:
@@ -228,7 +244,8 @@ def load_measured(path: str) -> dict:
   return out
 
 
-def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> str:
+def table(rows: list, target: str, exact: bool, mfu: float, measured: dict,
+          preemption_secs: float = 25.0) -> str:
   """The markdown tables of the rows: programs, then memory and hours per device kind."""
   where = ("compiled for these devices" if exact else
            f"the {target} program, lowered for {target}; FLOPs and memory per device from the "
@@ -290,8 +307,47 @@ def table(rows: list, target: str, exact: bool, mfu: float, measured: dict) -> s
       lines.append(f"| {r.stage} | {r.label} | {r.measured_s:.4f} | "
                    f"{r.tflop_per_step / r.measured_s:.2f} | {r.peak_gib:.2f} | {meas} | "
                    f"{ratio} |")
+  lines += checkpoint_table(rows, preemption_secs)
   notes = [f"- {r.stage}: {r.note}" for r in rows if r.note]
   return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def save_seconds(nbytes: float, hosts: int = 1) -> dict:
+  """{place: seconds} to write `nbytes` at SAVE_BANDWIDTH, `hosts` hosts writing shares."""
+  return {place: nbytes / (rate * hosts) for place, rate in SAVE_BANDWIDTH}
+
+
+def checkpoint_table(rows: list, budget: float) -> list:
+  """Lines of the checkpoint table: each stage's periodic and final checkpoint, its items and
+  bytes, and the estimated save time of one host at SAVE_BANDWIDTH, against the preemption
+  budget (config.checkpoint_preemption_secs)."""
+  sized = [r for r in rows if r.checkpoint]
+  if not sized:
+    return []
+  hosts = jax.process_count()
+  places = [p for p, _ in SAVE_BANDWIDTH]
+  lines = ["", "Checkpoints (logical bytes; meta left out), and the time to write them at "
+           + ", ".join(f"{p} {rate / 1e9:g} GB/s" for p, rate in SAVE_BANDWIDTH)
+           + f" per host ({hosts} host(s) writing their own shards; assumed bandwidths, "
+           "dry_run.SAVE_BANDWIDTH). Periodic saves are written in the background "
+           "(checkpoint_async); a save on SIGTERM has checkpoint_preemption_secs="
+           f"{budget:g} s:", "",
+           "| stage | checkpoint | items | GiB | " + " | ".join(f"s to {p}" for p in places)
+           + " |", "|---|---|---|---|" + "---|" * len(places)]
+  for r in sized:
+    for kind in ("periodic", "final"):
+      items = r.checkpoint.get(kind)
+      if not items:
+        continue
+      total = sum(items.values())
+      times = save_seconds(total, hosts)
+      cells = [(f"{t:.2f}" if t < 10 else f"{t:,.0f}") + (
+          " (over the preemption budget)" if kind == "periodic" and t > budget else "")
+               for t in times.values()]
+      lines.append(f"| {r.stage} | {kind} | " + ", ".join(
+          f"{n} {ckpt_lib.format_bytes(b)}" for n, b in items.items()) +
+                   f" | {total / 2**30:.2f} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def run(config, stages, info, teacher, emit: Callable[[str], None] = print) -> list:
@@ -321,7 +377,7 @@ def run(config, stages, info, teacher, emit: Callable[[str], None] = print) -> l
       rows.append(analyse(s.name, program, target, measure))
   emit("")
   emit(table(rows, target, exact, config.dry_run_mfu, load_measured(config.get(
-      "dry_run_measured", ""))))
+      "dry_run_measured", "")), config.get("checkpoint_preemption_secs", 25.0)))
   out = config.get("dry_run_out", "")
   if out and jax.process_index() == 0:
     kinds = {d.device_kind for d in jax.devices()}

@@ -19,6 +19,10 @@ class DatasetNotPreparedError(RuntimeError):
   """The dataset is not prepared in the data dir (nothing here downloads)."""
 
 
+class DatasetBuildError(ValueError):
+  """Settings a local dataset build cannot take, or a data dir that holds another build."""
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, unreadable or made for something else."""
 
@@ -41,4 +45,5 @@ class DistributedError(ValueError):
 
 # What the command line reports as one line `error: ...` with exit code 2.
 USER_ERRORS = (ConfigError, UnknownDatasetError, UnknownModelError, DatasetNotPreparedError,
-               CheckpointError, TeacherError, NonFiniteError, ExportError, DistributedError)
+               DatasetBuildError, CheckpointError, TeacherError, NonFiniteError, ExportError,
+               DistributedError)

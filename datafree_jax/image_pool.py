@@ -1,11 +1,11 @@
-"""The image pool of the synthesis methods (DeepInversion, Fast-DFKD): each synthesis round
-writes one batch of images into a pool kept in the stage's checkpointed state, and a student is
-distilled on images drawn from the rounds filled so far.
+"""The image pool of the synthesis methods (DeepInversion, CMI, Fast-DFKD): synthesised images
+kept as 8-bit pixels in a stage's checkpointed state, one batch per synthesis round, and what
+reads it: the uniform draw of students.distill_step, runs of distillation steps on the pool so
+far (distill_on_pool: the competing student's rounds, Fast-DFKD's student), and DistillPool, a
+students.Distill stage on a finished pool.
 
-The pool is a (rounds, batch, H, W, C) uint8 array of pixels (the authors write PNG files):
-quantize / dequantize convert between it and normalised float images. pool_images_fn is the
-image source of students.distill_step on it, distill_on_pool a run of such steps inside one
-jitted call, latest_round the images of the newest round (for sample grids).
+The pool is the state's 'pool' (rounds, batch_size, H, W, C) uint8, replicated; round r is
+filled by step r of the synthesis stage (its 'step' counts the filled rounds).
 """
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import config_lib
+from datafree_jax import log
+from datafree_jax import models
+from datafree_jax import parallel
+from datafree_jax import paths
+from datafree_jax import students
+
+COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
+
+
+# --- Pixels: the pool's 8-bit form ------------------------------------------------------------
 
 def pixel_range(info):
   """(low, high), (C,) float32 arrays: the normalised values of pixel values 0 and 1."""
@@ -20,23 +32,26 @@ def pixel_range(info):
   return (0.0 - mean) / std, (1.0 - mean) / std
 
 
-def normalise(pixels01, info):
-  """Float pixel values in [0, 1] -> normalised images (x - mean) / std."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  return (pixels01 - mean) / std
+def quantize_pixels(pixels):
+  """Pixel values in [0, 1] (clipped) -> uint8 round(255 * p)."""
+  return jnp.round(jnp.clip(pixels.astype(jnp.float32), 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 def quantize(images, info):
   """Normalised float images -> uint8 pixels round(255 * clip(x * std + mean, 0, 1))."""
   mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  pixels = jnp.clip(images.astype(jnp.float32) * std + mean, 0.0, 1.0)
-  return jnp.round(pixels * 255.0).astype(jnp.uint8)
+  return quantize_pixels(images.astype(jnp.float32) * std + mean)
+
+
+def normalize(pixels, info):
+  """Pixel values in [0, 1] -> the dataset's normalised images (p - mean) / std."""
+  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
+  return (pixels.astype(jnp.float32) - mean) / std
 
 
 def dequantize(pixels, info):
   """uint8 pixels -> normalised float32 images (u / 255 - mean) / std."""
-  mean, std = jnp.asarray(info.mean, jnp.float32), jnp.asarray(info.std, jnp.float32)
-  return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+  return normalize(pixels.astype(jnp.float32) / 255.0, info)
 
 
 def empty(rounds: int, batch_size: int, info):
@@ -55,6 +70,15 @@ def pool_images_fn(info):
     return dequantize(flat[index], info)
   return images_fn
 
+
+def latest_round(state, info, n: int):
+  """The first n normalised images of the latest filled round of state['pool'] (sample
+  grids)."""
+  r = jnp.maximum(state["step"] - 1, 0)
+  return dequantize(jax.lax.dynamic_index_in_dim(state["pool"], r, 0, keepdims=False)[:n], info)
+
+
+# --- Distillation on the pool so far -----------------------------------------------------------
 
 def distill_on_pool(kd_steps: int, distill, state, teacher_vars, first_step, filled):
   """kd_steps steps of students.distill_step (`distill`: its partial up to the state, with
@@ -77,8 +101,104 @@ def distill_on_pool(kd_steps: int, distill, state, teacher_vars, first_step, fil
           {"loss_kd": metrics["loss_kd"]})
 
 
-def latest_round(state, n: int, info):
-  """The first n images of the newest filled round of state['pool'] (state['step'] rounds
-  filled), normalised."""
-  r = jnp.maximum(state["step"] - 1, 0)
-  return dequantize(jax.lax.dynamic_index_in_dim(state["pool"], r, 0, keepdims=False)[:n], info)
+def competitor_round(kd_steps: int, distill, state, teacher_vars):
+  """kd_steps steps of students.distill_step (`distill`: its partial up to the state) for the
+  competing student state['student'] on the rounds in the pool so far (state['step'] of
+  them)."""
+  first = (state["step"] - 1) * kd_steps + COMPETITOR_STEP_OFFSET
+  return distill_on_pool(kd_steps, distill, state, teacher_vars, first, state["step"])
+
+
+def teacher_has_bn(config, info) -> bool:
+  """Whether config.teacher.model (for `info`'s images and classes) has BatchNorm layers."""
+  shapes = jax.eval_shape(lambda: models.get_classifier(
+      config.teacher.model, info.num_classes, config.teacher.width).init(
+          jax.random.key(0), jnp.zeros((1,) + tuple(info.image_shape)), train=False))
+  return bool(shapes.get("batch_stats"))
+
+
+def check_teacher_bn(config, info, section: str, weight: str = "w_bn"):
+  """ConfigError when config[section][weight] > 0 asks for BN statistics the teacher lacks."""
+  w = config[section][weight]
+  if w > 0 and not teacher_has_bn(config, info):
+    raise config_lib.ConfigError(
+        f"{section}.{weight}={w} asks for the BN feature-distribution regulariser, but "
+        f"the teacher {config.teacher.model!r} has no BatchNorm layers; use a teacher with BN "
+        f"(e.g. teacher.model='lenet5_bn') or set {section}.{weight}=0")
+
+
+# --- A finished pool and the distillation from it ----------------------------------------------
+
+def load_pool(path: str, info, mesh, stage: str, kind: str, label: str) -> tuple:
+  """(pool, meta) of the finished checkpoint of synthesis stage `stage` at `path` (its directory,
+  or a workdir holding it; its meta kind `kind`), the pool replicated on `mesh`. Raises CheckpointError when there is
+  none, it is unfinished or made for other images; `label` names the method in the messages."""
+  d = ckpt_lib.stage_directory(path, stage)
+  hint = f"run the {stage} stage first (stage={stage} or stage=all)"
+  if not paths.isdir(d):
+    raise ckpt_lib.CheckpointError(f"no {label} image pool in {d}; {hint}")
+  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise ckpt_lib.CheckpointError(f"no {label} image pool in {d}; {hint}")
+    meta = ckpt.restore_meta(step)
+    if meta.get("kind") != kind:
+      raise ckpt_lib.CheckpointError(f"the checkpoint in {d} is not a {label} image pool")
+    if not meta.get("done"):
+      raise ckpt_lib.CheckpointError(
+          f"the {label} image pool in {d} is unfinished (round {step} of "
+          f"{meta.get('total_steps')}); run the {stage} stage again to finish it")
+    if tuple(meta.get("image_shape", ())) != tuple(info.image_shape):
+      raise ckpt_lib.CheckpointError(
+          f"the {label} image pool in {d} holds {tuple(meta.get('image_shape', ()))} "
+          f"images, but dataset {info.name!r} has {tuple(info.image_shape)} images")
+    target = ckpt_lib.abstract_like(ckpt.item_shapes(step, "state"), parallel.replicated(mesh))
+    pool = ckpt.restore(step, "state", target)["pool"]
+  finally:
+    ckpt.close()
+  return pool, dict(meta, directory=d)
+
+
+class DistillPool(students.Distill):
+  """A fresh student distilled on the finished pool of synthesis stage `synthesis` (in
+  <workdir>/<synthesis>, meta kind `kind`); config[section].rounds and .batch_size give the
+  pool's shape. Checkpoints in <workdir>/distill_<synthesis>."""
+
+  def __init__(self, synthesis: str, section: str, kind: str, label: str):
+    super().__init__(synthesis)
+    self.synthesis, self.section, self.kind, self.label = synthesis, section, kind, label
+
+  def prepare(self, ctx, finished):
+    if not finished and self.synthesis not in ctx.running:  # Load it before writing.
+      self._pool(ctx)
+
+  def _pool(self, ctx):
+    key = self.kind
+    if key not in ctx.outputs:
+      mesh = parallel.make_mesh("data")
+      done = ctx.outputs.get(self.synthesis)
+      if done is not None and done.state is not None:
+        ctx.outputs[key] = (done.state["pool"], dict(done.meta, directory=done.directory))
+      else:
+        ctx.outputs[key] = load_pool(paths.join(ctx.workdir, self.synthesis), ctx.info, mesh, self.synthesis,
+                                     self.kind, self.label)
+    return ctx.outputs[key]
+
+  def source_images(self, ctx, mesh):
+    pool, meta = self._pool(ctx)
+    if meta.get("teacher_model") != ctx.config.teacher.model:
+      log.warn(f"the image pool in {meta['directory']} was synthesised from a "
+               f"{meta.get('teacher_model')!r} teacher; distilling from a "
+               f"{ctx.config.teacher.model!r}")
+    source = {"pool": pool, "filled": parallel.put_replicated(
+        jnp.asarray(pool.shape[0], jnp.int32), mesh)}
+    return pool_images_fn(ctx.info), None, source, {
+        "pool": meta["directory"], "pool_images": int(pool.shape[0] * pool.shape[1])}
+
+  def abstract_source(self, ctx, mesh):
+    d, rep = ctx.config[self.section], parallel.replicated(mesh)
+    source = {"pool": jax.ShapeDtypeStruct((d.rounds, d.batch_size) + tuple(ctx.info.image_shape),
+                                           jnp.uint8, sharding=rep),
+              "filled": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
+    return pool_images_fn(ctx.info), None, source

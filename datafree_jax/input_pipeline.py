@@ -6,7 +6,10 @@ once into numpy arrays and batches are cut from a permutation that is a pure fun
 (seed, epoch). That makes the data order a function of the step number alone: a resumed run
 sees exactly the batches an uninterrupted run would have seen.
 
-Images come out as float32 NHWC, normalised with the dataset's mean/std; labels as int32.
+Images come out as float32 NHWC, normalised with the dataset's mean/std; labels as int32. The
+training batches of streamed datasets are the exception: uint8 pixels, which the training step
+normalises on the device with `normalize_images` (a no-op for float input, so a step calls it
+whatever the dataset); `train_image_dtype` says which a dataset's training batches hold.
 In a multi-process run each process loads only its shard of every split (see tfds_pipeline).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from datafree_jax import batching
@@ -56,13 +60,15 @@ class StreamedSplit:
   Nothing is read when it is made, except the check that the dataset is prepared.
   """
 
-  def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None):
+  def __init__(self, name: str, split: str, info: DatasetInfo, data_dir: Optional[str] = None,
+               threads: Optional[int] = None):
     tfds_pipeline.prepared_builder(name, data_dir)  # DatasetNotPreparedError, fast
     self.name, self.split, self.info, self.data_dir = name, split, info, data_dir
+    self.threads = threads  # the training pipeline's tf.data threads (None: tf.data's default)
 
   def train_batches(self, local_batch: int, seed: int):
     return streaming.train_batches(self.name, self.info, local_batch, seed, self.data_dir,
-                                   self._tfds_split())
+                                   self._tfds_split(), threads=self.threads)
 
   def eval_batches(self, local_batch: int):
     return streaming.eval_batches(self.name, self.info, local_batch, self.data_dir,
@@ -125,6 +131,25 @@ def normalize(images01: np.ndarray, info: DatasetInfo) -> np.ndarray:
   return ((images01 - mean) / std).astype(np.float32)
 
 
+def normalize_images(images, info: DatasetInfo):
+  """Training images as the models take them, inside a jitted step: uint8 pixels (streamed
+  datasets' training batches) -> (x / 255 - mean) / std in float32, on the device; float
+  images (already normalised: in-memory datasets) unchanged. Decided from the dtype when the
+  step is traced."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = np.asarray(info.mean, np.float32) * 255.0
+  std = np.asarray(info.std, np.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def train_image_dtype(info: DatasetInfo):
+  """The dtype of the images in the training batches of dataset `info`: uint8 for a streamed
+  dataset (datasets.STREAMED), float32 for one held in memory. The dry run's abstract batches
+  use it, so that the program it lowers is the one that runs."""
+  return np.dtype(np.uint8 if info.name in datasets.STREAMED else np.float32)
+
+
 def _registered_split(name: str, split: str):
   """This process's part of a registered split, as ([0, 1] float images, int32 labels)."""
   if split not in datasets.REGISTERED[name]:
@@ -172,8 +197,8 @@ class Splits(collections.abc.Mapping):
   its evaluation split (imagenet2012: 'validation')."""
 
   def __init__(self, name: str, data_dir: Optional[str] = None,
-               info: Optional[DatasetInfo] = None):
-    self.name, self.data_dir, self._loaded = name, data_dir, {}
+               info: Optional[DatasetInfo] = None, threads: Optional[int] = None):
+    self.name, self.data_dir, self.threads, self._loaded = name, data_dir, threads, {}
     self.info = info or datasets.dataset_info(name)
 
   def __getitem__(self, split: str):
@@ -181,7 +206,8 @@ class Splits(collections.abc.Mapping):
       raise KeyError(split)
     if split not in self._loaded:
       if self.name in datasets.STREAMED:
-        self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir)
+        self._loaded[split] = StreamedSplit(self.name, split, self.info, self.data_dir,
+                                            self.threads)
       else:
         self._loaded[split] = load_dataset(self.name, split, self.data_dir, self.info)
     return self._loaded[split]

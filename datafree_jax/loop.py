@@ -1,6 +1,18 @@
 """The one training loop every stage runs: resume, periodic checkpoints, preemption, the
 non-finite guard, evaluation, TensorBoard scalars and a console line with steps/s and ETA.
 
+Checkpoints (checkpoints.py): periodic saves (every `checkpoint_every` steps) are asynchronous
+when `async_saves`: the loop is held only while the state is copied off the devices, and the
+next steps run while the checkpoint is written; the final save completes before the loop
+returns, and then replaces the stage's earlier checkpoints. On SIGTERM (a preemption) the loop
+saves the reached step within a time budget (`preemption_save_secs`,
+config.checkpoint_preemption_secs): a periodic save still being written is waited for first (it
+is the preemption checkpoint when it is of the reached step), then the reached step is written.
+It logs the items written, their size and the time taken, or, when the budget runs out first,
+which complete checkpoint a resume will start from; the write goes on while the process lives,
+and the loop raises Preempted either way. In a multi-process run every process reaches the same
+step (JAX's preemption service), and the reached step is saved by all of them or by none.
+
 A stage hands the loop its initial state (a pytree of placed jax arrays, used as the restore
 target), a jitted `step_fn(state, batch) -> (state, metrics)`, a `batch_fn(step)` that returns the
 host batch of that step (or None) and an `eval_fn(state) -> metrics`. Randomness inside a step is
@@ -16,6 +28,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import log
@@ -23,12 +36,25 @@ from datafree_jax.errors import NonFiniteError
 
 
 class Preempted(Exception):
-  """SIGTERM was received; a checkpoint at `step` was saved."""
+  """SIGTERM was received at `step`; `saved`: its checkpoint is complete. Otherwise the
+  preemption save outlasted its budget and a resume starts from `resume_step` (None: from the
+  start) unless the write completes before the process ends."""
 
-  def __init__(self, stage: str, step: int, directory: str):
-    super().__init__(f"{stage}: preempted (SIGTERM) at step {step}; checkpoint saved in "
-                     f"{directory}. Run the same command again to resume.")
+  def __init__(self, stage: str, step: int, directory: str, saved: bool = True,
+               resume_step: Optional[int] = None, budget: float = 0.0):
+    if saved:
+      text = (f"{stage}: preempted (SIGTERM) at step {step}; checkpoint saved in {directory}. "
+              "Run the same command again to resume.")
+    else:
+      text = (f"{stage}: preempted (SIGTERM) at step {step}; its checkpoint was not complete "
+              f"after the preemption budget of {budget:g} s (checkpoint_preemption_secs) and is "
+              "still being written: if the process is killed first, a resume starts from "
+              + (f"step {resume_step}" if resume_step is not None else "the beginning") +
+              f" (in {directory}). Run the same command again to resume.")
+    super().__init__(text)
     self.step = step
+    self.saved = saved
+    self.resume_step = step if saved else resume_step
 
 
 class _SigtermFlag:
@@ -73,6 +99,14 @@ class _PreemptionSync:
     pass
 
 
+def _on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a save is started by all processes or by none)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
 def _preemption_watch():
   """The SIGTERM watch of this run: one process, or JAX's preemption service across all."""
   if (jax.process_count() > 1 and jax.distributed.is_initialized()
@@ -97,10 +131,16 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
         checkpoint_every: int = 0, writer=None, meta: Optional[Mapping] = None,
         final_extras: Optional[Callable[[Any], Mapping]] = None, log_every_secs: float = 10.0,
         scalars_every: int = 25,
-        on_eval: Optional[Callable[[Any, int], None]] = None) -> LoopResult:
+        on_eval: Optional[Callable[[Any, int], None]] = None, async_saves: bool = True,
+        preemption_save_secs: float = 25.0,
+        final_state_item: Optional[str] = None) -> LoopResult:
   """Runs `step_fn` from the latest checkpoint (or `state`) to `total_steps`.
 
-  `final_extras(state)` returns extra items saved with the final checkpoint. `on_eval(state,
+  `final_extras(state)` returns extra items saved with the final checkpoint; with
+  `final_state_item`, the one of them that holds part of the state (keyed like the state): the
+  final checkpoint then holds the rest as 'resume' instead of a whole 'state' (checkpoints.py).
+  `async_saves`: periodic saves are written while the next steps run. `preemption_save_secs`:
+  the time budget of the save on SIGTERM. `on_eval(state,
   step)` runs beside each evaluation (sample grids). TensorBoard scalars are tagged
   `<stage>/eval/<metric>` and `<stage>/train/<metric>`: the stages of a run share one writer
   and each counts its steps from 0, so the stage name keeps their curves apart.
@@ -111,7 +151,7 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
   resumed_from = None
   if start is not None:
     saved_meta = ckpt.restore_meta(start)
-    state = ckpt.restore(start, "state", ckpt_lib.abstract_like(state))
+    state = ckpt.restore_state(start, ckpt_lib.abstract_like(state), saved_meta)
     resumed_from = start
     if saved_meta.get("done") and start >= total_steps:
       log.info(f"{stage}: finished earlier at step {start}; loaded from {ckpt.directory}")
@@ -126,11 +166,42 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
   t_rate, step_rate = time.time(), start
   steps_per_sec = float("nan")
 
-  def save(step, done):
+  def save(step, done, wait=True):
     m = dict(meta, stage=stage, step=step, total_steps=total_steps, done=done,
              eval=eval_metrics, train=last_metrics)
     extras = final_extras(state) if (done and final_extras) else None
-    ckpt.save(step, state, m, extras)
+    return ckpt.save(step, state, m, extras, wait=wait,
+                     state_item=final_state_item if (done and extras) else None)
+
+  def preemption_save(step, started):
+    """The checkpoint of `step` within the budget (`started`: a periodic save of it is in
+    flight or done); raises Preempted."""
+    t0 = time.monotonic()
+    deadline = t0 + preemption_save_secs
+    pending = ckpt.in_flight()
+    if pending is not None and pending.step != step:
+      log.info(f"{stage}: SIGTERM at step {step} while checkpoint {pending.step} "
+               f"({pending.describe()}) is being written; waiting for it first")
+    report = pending if (pending is not None and pending.step == step) else None
+    if _on_every_process(ckpt.wait(max(deadline - time.monotonic(), 0.0))) and not started:
+      report = save(step, done=False, wait=False)
+    elif started and report is None:
+      report = ckpt.last
+    complete = report is not None and report.step == step and ckpt.wait(
+        max(deadline - time.monotonic(), 0.0))
+    took = time.monotonic() - t0
+    if complete:
+      log.info(f"{stage}: preemption checkpoint of step {step} written in {took:.1f} s "
+               f"(budget {preemption_save_secs:g} s): {report.describe()} in {ckpt.directory}")
+      raise Preempted(stage, step, ckpt.directory)
+    resume = ckpt.complete_step()
+    log.warn(f"{stage}: the preemption save of step {step} did not complete within "
+             f"{preemption_save_secs:g} s (checkpoint_preemption_secs; {took:.1f} s so far); "
+             "a resume uses " + (f"checkpoint {resume}" if resume is not None else
+                                 "no checkpoint (the stage restarts)") +
+             f" in {ckpt.directory} unless the write completes before the process ends")
+    raise Preempted(stage, step, ckpt.directory, saved=False, resume_step=resume,
+                    budget=preemption_save_secs)
 
   def evaluate(step):
     nonlocal eval_metrics
@@ -193,13 +264,14 @@ def run(*, stage: str, ckpt: ckpt_lib.StageCheckpoints, state, step_fn: Callable
       if step == total_steps:
         break
       if saved:
-        save(step, done=False)
-      if preempt:  # (also while the periodic save above ran: that save is it)
-        if not saved:
-          save(step, done=False)
-        raise Preempted(stage, step, ckpt.directory)
+        save(step, done=False, wait=not async_saves)
+      if preempt:  # (also while the periodic save above runs: that save is it)
+        preemption_save(step, started=saved)
     evaluate(step)
-    save(step, done=True)
+    final = save(step, done=True)
+    ckpt.delete_others(step)  # the final checkpoint replaces them
+    log.info(f"{stage}: final checkpoint of step {step} written in {final.seconds:.1f} s: "
+             f"{final.describe()}")
     if writer is not None:
       writer.flush()
   return LoopResult(state, step, last_metrics, eval_metrics, resumed_from, time.time() - t_start)

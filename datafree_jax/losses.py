@@ -18,6 +18,12 @@ DeepInversion (Yin et al. 2020) optimises images x directly:
          + w_tv_l2 * deepinversion_tv_l2(x) + w_l2 * image_l2_prior(x)
 with x' a randomly jittered and flipped copy of x.
 
+CMI (Fang et al. 2021) optimises a generator G and latents z per round:
+  L = w_bn * bn_moment_matching(..., form='l2') + w_oh * CE(T(x_g), y)
+      + w_adv * decision_adversarial_loss(T(x_g), S(x_g))
+      + w_cr * contrastive_instance_loss(h(f(x_l), bank_l), h(f(x_g), bank_g), tau, N, valid)
+with x = G(z), x_g / x_l its global / local augmented views, f the teacher's per-image
+features, h a projection head and bank_* the features of earlier rounds' images.
 Fast-DFKD (Fang et al. 2022) trains a generator G (a few steps per round, from a
 meta-learned initialisation):
   L_G = w_bn * bn_momentum_matching(...) + w_oh * CE(T(x'), y)
@@ -432,19 +438,16 @@ def deepinversion_tv_l2(images):
 
 
 def decision_adversarial_loss(teacher_logits, student_logits):
-  """Fast-DFKD's adversarial term ("decision adversarial distillation", zju-vipa/Fast-Datafree's
-  fast_meta.py): minus the teacher-student KL divergence, over the examples on which both
-  predict the same class.
+  """CMI's and Fast-DFKD's (zju-vipa/DataFree's and Fast-Datafree's) "decision adversarial"
+  term: minus the mean over the batch of KL(softmax(t_i) || softmax(s_i)) over the examples on
+  which student and teacher predict the same class, so that minimising it moves images to where
+  the student still agrees with the teacher but matches it badly:
 
-    p_i = softmax(t_i),  q_i = softmax(s_i),  m_i = [argmax_k t_ik == argmax_k s_ik]
-    L = -(1/N) sum_i m_i * sum_k p_ik (log p_ik - log q_ik)
+    L_adv = -(1/N) sum_i [argmax_k s_ik == argmax_k t_ik] * sum_k p_ik (log p_ik - log q_ik),
+    p_i = softmax(t_i), q_i = softmax(s_i)
 
-  (the authors' -(kldiv(s, t, reduction='none').sum(1) * mask).mean(), at temperature 1: the
-  mean is over all N examples, not over the agreeing ones). Minimising it moves the images to
-  where the student, still agreeing with the teacher, is furthest from it; examples the
-  student already gets wrong drop out. The mask carries no gradient; the KL term passes
-  gradients into both logits (the images reach the loss through teacher and student). Terms
-  with p_ik = 0 contribute 0.
+  (the authors' -(kldiv(s_out, t_out, reduction='none').sum(1) * mask).mean(), temperature 1;
+  the mask is a constant). Gradients flow into both logits. Terms with p_ik = 0 add 0.
 
   Args:
     teacher_logits: (N, K) teacher logits.
@@ -458,9 +461,51 @@ def decision_adversarial_loss(teacher_logits, student_logits):
   log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
   p = jnp.exp(log_p)
   kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
-  mask = jax.lax.stop_gradient(
-      (jnp.argmax(t, axis=-1) == jnp.argmax(s, axis=-1)).astype(jnp.float32))
-  return -jnp.mean(kl * mask)
+  agree = jax.lax.stop_gradient(
+      (jnp.argmax(s, axis=-1) == jnp.argmax(t, axis=-1)).astype(kl.dtype))
+  return -jnp.mean(kl * agree)
+
+
+def contrastive_instance_loss(anchors, positives, temperature, num_current: int, valid=None):
+  """CMI's contrastive instance-discrimination loss (zju-vipa/CMI's "naive implementation").
+
+  Row i of `anchors` (the projected features of one view of image i) should pick row i of
+  `positives` (the other view of the same image) among all rows j of `positives`:
+
+    l_ij = <a_i, b_j> / tau,   CE_i = logsumexp_{j valid} l_ij - l_ii
+    L = mean_{i < n} CE_i + mean_{i >= n, i valid} CE_i
+
+  where the first n = num_current rows are the images being synthesised (always valid) and the
+  rest come from the memory bank (rows with valid_i False, unfilled slots of the bank, are
+  neither anchors nor candidates; the second mean is 0 when no bank row is valid). The two
+  means are taken apart, as the authors do, so that a large bank does not shrink the gradient
+  of the current images. `positives` are constants (the authors detach that side): gradients
+  flow into `anchors` only. The features are used as given (CMI's projection head
+  L2-normalises them).
+
+  Args:
+    anchors: (M, d) float array, M >= num_current.
+    positives: (M, d) float array.
+    temperature: tau > 0.
+    num_current: n, the number of leading rows that are the current batch.
+    valid: optional (M,) bool array; rows >= n with False are left out. None: all valid.
+
+  Returns:
+    Scalar loss (>= 0).
+  """
+  a = anchors.astype(jnp.promote_types(anchors.dtype, jnp.float32))
+  b = jax.lax.stop_gradient(positives.astype(a.dtype))
+  m = a.shape[0]
+  if valid is None:
+    valid = jnp.ones((m,), bool)
+  valid = jnp.asarray(valid, bool).at[:num_current].set(True)
+  logits = (a @ b.T) / temperature
+  masked = jnp.where(valid[None, :], logits, -jnp.inf)
+  ce = jax.nn.logsumexp(masked, axis=-1) - jnp.diagonal(logits)
+  current = jnp.mean(ce[:num_current])
+  rest = valid[num_current:].astype(ce.dtype)
+  cached = jnp.sum(jnp.where(rest > 0, ce[num_current:], 0.0)) / jnp.maximum(jnp.sum(rest), 1.0)
+  return current + cached
 
 
 def bn_momentum_matching(batch_moments, previous_moments, target_moments, rate):

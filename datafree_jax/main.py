@@ -2,6 +2,8 @@
                                             [--workdir=DIR] [--debug]
               python -m datafree_jax.main export --workdir=DIR [--format=...] [--out=DIR]
                                                 [--stage=NAME] [--debug]
+              python -m datafree_jax.main make-jpeg-dataset [--data_dir=DIR] [--classes=N]
+                                                [--train_examples=N] ... [--debug]
 
   --config=NAME|FILE.py[:args]  the config (default: mnist5k). NAME is a config installed with
                                 the package (configs/NAME.py: mnist5k, mnist, cifar10, ...),
@@ -26,7 +28,10 @@
   -h, --help                    this text
 
 `export` writes a finished run's student (or teacher) as SavedModel, TFLite, StableHLO and
-ONNX files (`python -m datafree_jax.main export --help`: its flags).
+ONNX files (`python -m datafree_jax.main export --help`: its flags). `make-jpeg-dataset`
+builds the ImageNet-shaped JPEG dataset synthetic_imagenet locally, without downloads, for
+`--config=configs/imagenet.py:smoke=True` and benchmarks/input_speed.py
+(`python -m datafree_jax.main make-jpeg-dataset --help`: its flags).
 
 --workdir may be a gs:// path (or any path etils.epath opens). --config, --config.a.b,
 --workdir and the distributed flags also take their value as the next argument
@@ -49,6 +54,7 @@ from datafree_jax import distributed
 from datafree_jax import errors
 from datafree_jax import export
 from datafree_jax import pipeline
+from datafree_jax import synthetic_imagenet
 
 DEFAULT_CONFIG = "mnist5k"
 _OPTIONS = ("(the options are --config, --config.<field>=<value>, --workdir, --debug, "
@@ -242,11 +248,96 @@ def export_main(args: list) -> int:
   return 0
 
 
+MAKE_DATASET_HELP = f"""python -m datafree_jax.main make-jpeg-dataset [--data_dir=DIR] [--FLAG=VALUE ...]
+
+Builds tfds dataset {synthetic_imagenet.NAME!r} (ImageNet-shaped JPEGs of class-dependent shapes,
+colours and stripes plus noise; 'train' and 'validation' splits) into a tfds data dir, without
+downloads; a data dir that holds the same build already is reused. Then:
+  python -m datafree_jax.main --config=configs/imagenet.py:smoke=True --config.data_dir=DIR
+
+  --data_dir=DIR          the tfds data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)
+  --classes=N             classes (default {synthetic_imagenet.Settings.classes}; another number needs
+                          --name: {synthetic_imagenet.NAME} is registered with
+                          {synthetic_imagenet.Settings.classes})
+  --train_examples=N      images in 'train' (default {synthetic_imagenet.Settings.train_examples:,})
+  --validation_examples=N images in 'validation' (default {synthetic_imagenet.Settings.validation_examples:,})
+  --min_side=PX, --max_side=PX  each image side is drawn from this range (default
+                          {synthetic_imagenet.Settings.min_side}..{synthetic_imagenet.Settings.max_side})
+  --quality=Q             JPEG quality 1..100 (default {synthetic_imagenet.Settings.quality})
+  --seed=S                the images are a function of the seed (default 0)
+  --name=NAME             the tfds name (default {synthetic_imagenet.NAME})
+  --debug                 full tracebacks instead of one-line errors
+"""
+_MAKE_DATASET_INT_FLAGS = ("classes", "train_examples", "validation_examples", "min_side",
+                           "max_side", "quality", "seed")
+
+
+def parse_make_dataset_command_line(args: list) -> dict:
+  """The arguments after `make-jpeg-dataset` as {data_dir, name, settings (a
+  synthetic_imagenet.Settings), debug, help}, read with the main command line's conventions;
+  raises CommandLineError (an unknown flag, a missing or non-integer value)."""
+  out = {"data_dir": None, "name": synthetic_imagenet.NAME, "debug": False, "help": False}
+  values = {}
+  flags_taken = ("data_dir", "name") + _MAKE_DATASET_INT_FLAGS
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    i += 1
+    name, eq, value = arg.partition("=")
+    if arg in ("-h", "--help"):
+      out["help"] = True
+    elif name == "--debug" and not eq:
+      out["debug"] = True
+    elif name.startswith("--") and name[2:] in flags_taken:
+      if not eq:
+        if i == len(args) or args[i].startswith("--"):
+          raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
+        value = args[i]
+        i += 1
+      key = name[2:]
+      if key in _MAKE_DATASET_INT_FLAGS:
+        try:
+          values[key] = int(value)
+        except ValueError:
+          raise CommandLineError(f"flag {name}: expected an integer, got {value!r}") from None
+      else:
+        out[key] = value
+    else:
+      raise CommandLineError(
+          f"unknown argument {arg!r} (make-jpeg-dataset takes "
+          + ", ".join(f"--{f}" for f in flags_taken) + " and --debug)")
+  out["settings"] = synthetic_imagenet.Settings(**values)
+  return out
+
+
+def make_dataset_main(args: list) -> int:
+  """`python -m datafree_jax.main make-jpeg-dataset ...`: builds synthetic_imagenet; returns
+  the exit code (2: bad input, one line `error: ...` on stderr)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  debug = "--debug" in args
+  try:
+    parsed = parse_make_dataset_command_line(args)
+    if parsed["help"]:
+      print(MAKE_DATASET_HELP.strip())
+      return 0
+    parsed["settings"].check(parsed["name"])
+    synthetic_imagenet.build(parsed["data_dir"], parsed["settings"], name=parsed["name"],
+                             printer=lambda line: print(line, flush=True))
+  except (CommandLineError,) + errors.USER_ERRORS as e:
+    if debug:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
 def main(argv) -> int:
   # orbax reports every checkpoint at INFO and warns about each item a restore leaves out.
   logging.set_verbosity(logging.ERROR)
   if len(argv) > 1 and argv[1] == "export":
     return export_main(list(argv[2:]))
+  if len(argv) > 1 and argv[1] == "make-jpeg-dataset":
+    return make_dataset_main(list(argv[2:]))
   try:
     args = parse_command_line(list(argv[1:]))
   except CommandLineError as e:

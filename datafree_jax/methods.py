@@ -11,6 +11,10 @@
     deepinversion  teacher -> deepinversion (Yin et al.'s image optimisation      distill_deepinversion
                 against the teacher, with a competing student; the images
                 kept in a pool) -> distill_deepinversion
+    cmi         teacher -> cmi (Fang et al.'s contrastive model inversion: a    distill_cmi
+                generator per round against the teacher, a contrastive loss
+                over a memory bank, a competing student; images kept in a
+                pool) -> distill_cmi
     fast        teacher -> fast (Fang et al.'s Fast-DFKD: a meta-learned         fast
                 generator, a few steps per round, its images kept in a pool
                 that the student is distilled on between rounds)
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from datafree_jax import config_lib
 from datafree_jax import registry
+from datafree_jax.stages import cmi
 from datafree_jax.stages import dafl
 from datafree_jax.stages import deepinversion
 from datafree_jax.stages import distill
@@ -70,6 +75,12 @@ register_method(
     image_stages=(deepinversion.SYNTHESIS.name,),
     description="DeepInversion (Yin et al. 2020): images optimised against the teacher, then "
                 "distillation on them")
+
+register_method(
+    "cmi", (TEACHER, cmi.SYNTHESIS, cmi.DISTILL), cmi.CONFIG_SECTIONS,
+    student_stage=cmi.DISTILL.name, image_stages=(cmi.SYNTHESIS.name,),
+    description="CMI (Fang et al. 2021): generators inverted from the teacher with a "
+                "contrastive loss over a memory bank, then distillation on their images")
 
 register_method(
     "fast", (TEACHER, fast_dfkd.STAGE), fast_dfkd.CONFIG_SECTIONS,

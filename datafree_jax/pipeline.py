@@ -104,7 +104,7 @@ def check_workdir(config, workdir: str):
 def load_data(config) -> input_pipeline.Splits:
   """The dataset's splits, each read on first use."""
   return input_pipeline.Splits(config.dataset, config.data_dir or None,
-                               datasets.config_info(config))
+                               datasets.config_info(config), config.data_threads or None)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

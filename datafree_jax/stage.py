@@ -59,11 +59,14 @@ class Program:
   steps: int = 0             # calls over the stage (train: its steps), for hours
   note: str = ""
   kind: str = "train"
+  checkpoint: Optional[dict] = None   # restore: {'periodic'|'final': {item: abstract tree}}
 
 
-def abstract_batch(batch_size: int, image_shape, sharding) -> tuple:
-  """A training batch (images float32, labels int32) as ShapeDtypeStructs with `sharding`."""
-  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.float32,
+def abstract_batch(batch_size: int, image_shape, sharding, image_dtype=np.float32) -> tuple:
+  """A training batch (images of image_dtype, labels int32) as ShapeDtypeStructs with
+  `sharding`. A stage's training batch: image_dtype input_pipeline.train_image_dtype(info)
+  (uint8 for streamed datasets)."""
+  return (jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), image_dtype,
                                sharding=sharding),
           jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding))
 
@@ -93,9 +96,17 @@ def cost_flops(cost) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def restore_program(name: str, state) -> Program:
-  """Reading the stage's checkpoint: its abstract `state` materialised on the devices."""
-  return Program(f"{name} checkpoint restore", None, state=state, kind="restore")
+def restore_program(name: str, state, saved_state=None, final_items: Optional[Mapping] = None,
+                    final_state_item: Optional[str] = None) -> Program:
+  """Reading the stage's checkpoint: its abstract `state` materialised on the devices.
+  `saved_state` (default `state`) is the train state its checkpoints hold, `final_items` and
+  `final_state_item` the final checkpoint's items as in its Plan, abstract: the dry run sizes
+  the periodic and the final checkpoint (checkpoints.checkpoint_items)."""
+  saved_state = state if saved_state is None else saved_state
+  checkpoint = {"periodic": ckpt_lib.checkpoint_items(saved_state),
+                "final": ckpt_lib.checkpoint_items(saved_state, final_items, final_state_item)}
+  return Program(f"{name} checkpoint restore", None, state=state, kind="restore",
+                 checkpoint=checkpoint)
 
 
 @dataclasses.dataclass
@@ -122,6 +133,9 @@ class Plan:
   meta: dict = dataclasses.field(default_factory=dict)  # saved with every checkpoint
   resume_keys: tuple = ()   # keys of `meta` an unfinished checkpoint must match to be resumed
   final_items: Optional[Callable[[Any], Mapping]] = None  # extra items of the final checkpoint
+  # The final item that holds part of the state (keyed like it): the final checkpoint then
+  # keeps the rest as its deletable 'resume' item, not a whole 'state' (checkpoints.py).
+  final_state_item: Optional[str] = None
   on_eval: Optional[Callable[[Any, int], None]] = None    # beside each evaluation (grids)
   checkpoint_every: Optional[int] = None  # steps between checkpoints (None: the config's)
 
@@ -229,7 +243,10 @@ def run(stage: Stage, ctx) -> dict:
         checkpoint_every=(ctx.config.checkpoint_every if plan.checkpoint_every is None
                           else plan.checkpoint_every),
         writer=ctx.writer, meta=meta_to_save, final_extras=plan.final_items,
-        log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval)
+        log_every_secs=ctx.config.log_every_secs, on_eval=plan.on_eval,
+        async_saves=ctx.config.get("checkpoint_async", True),
+        preemption_save_secs=ctx.config.get("checkpoint_preemption_secs", 25.0),
+        final_state_item=plan.final_state_item)
   finally:
     ckpt.close()
   done = Done(d, result.step, result.eval_metrics, meta_to_save, result.state)

@@ -21,7 +21,20 @@ local file system (data_dir may be gs://...). The caller puts a batch onto the d
     images, labels = parallel.global_batch(batches(step), mesh)
 
 which is `jax.make_array_from_process_local_data` per array: the global batch, split over the
-devices of the mesh, each process contributing the rows of its own devices.
+devices of the mesh, each process contributing the rows of its own devices
+(`parallel.PrefetchedBatches(batches, mesh)` does the same a few steps ahead).
+
+Training batches hold uint8 pixels (a quarter of float32's bytes on the way to the devices);
+the training step normalises them on the device (`input_pipeline.normalize_images`, a no-op
+for the float32 batches of in-memory datasets). Evaluation and class-statistics batches are
+normalised float32, as in-memory datasets' are.
+
+The training pipeline is one tf.data pipeline per run, not one per epoch: an endless range of
+epochs, each read in a tf.data function of its epoch number (file order and shuffle seeded
+with (seed, epoch)); decoding, batching and prefetching run on across epochs. A run that
+starts at step s (a resumed run) starts the pipeline at s's epoch and skips the epoch's
+records before s undecoded: it decodes no image before s (reading, not decoding, up to one
+epoch of this process's shard); `StreamBatches.decode_stats()` counts the decodes.
 
 Image bytes are read undecoded (`tfds.decode.SkipDecoding`) and decoded only after the
 records a batch does not use were skipped or dropped; JPEG images are decoded only inside
@@ -63,7 +76,7 @@ EVAL_RESIZE_RATIO = 256.0 / 224.0
 SHUFFLE_BUFFER = 10_000  # undecoded examples (ImageNet: ~110 kB each, ~1 GB)
 HOST_PREFETCH = 2        # batches a background thread keeps ready
 
-# Tags of the seeds derived from the training seed (_derived_seed).
+# Tags of the seeds derived from the training seed (_derived_seed, then _epoch_seed).
 _FILE_ORDER, _EXAMPLE_ORDER, _CROP, _FLIP = range(4)
 
 
@@ -209,25 +222,29 @@ def _decode_window(tf, data, window_fn, channels: int):
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def _train_example_fn(tf, info: DatasetInfo, crop_seed: int, flip_seed: int):
-  """(position, (image bytes, label)) -> (normalised S x S image, int32 label), augmented.
+def _train_example_fn(tf, info: DatasetInfo, crop_seed: int, flip_seed: int, counter=None):
+  """(example index, image bytes, label) -> (uint8 S x S image, int32 label), augmented.
 
-  The crop and the flip use stateless random ops seeded with (crop_seed or flip_seed,
-  position): an example's augmentation is a function of the seeds and its position alone.
+  The crop and the flip use stateless random ops seeded with (crop_seed or flip_seed, example
+  index): an example's augmentation is a function of the seeds and its index alone. The
+  resized image is rounded to uint8 (the step normalises it on the device). `counter`, when
+  given, is a _DecodeCounter that every call records.
   """
   size, channels = info.image_size, info.channels
 
-  def fn(position, example):
-    data, label = example
-    position = tf.cast(position, tf.int64)
-    crop = tf.stack([tf.constant(crop_seed, tf.int64), position])
-    flip = tf.stack([tf.constant(flip_seed, tf.int64), position])
+  def fn(index, data, label):
+    index = tf.cast(index, tf.int64)
+    crop = tf.stack([tf.constant(crop_seed, tf.int64), index])
+    flip = tf.stack([tf.constant(flip_seed, tf.int64), index])
+    dependencies = [] if counter is None else counter.record(tf, index)
+    with tf.control_dependencies(dependencies):
+      data = tf.identity(data)
     image = _decode_window(
         tf, data, lambda h, w: _random_window(tf, h, w, crop, size), channels)
     image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
     image = tf.image.stateless_random_flip_left_right(image, flip)
-    image = tf.ensure_shape(_normalize(tf, image, info), (size, size, channels))
-    return image, tf.cast(label, tf.int32)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(image, (size, size, channels)), tf.cast(label, tf.int32)
 
   return fn
 
@@ -312,11 +329,44 @@ class _HostPrefetch:
     self._finalizer()
 
 
+class _DecodeCounter:
+  """Diagnostics of a training pipeline: how many examples its decode function was called on,
+  and the lowest example index among them (tf.Variables the function updates)."""
+
+  def __init__(self, tf):
+    self._count = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self._lowest = tf.Variable([_NO_INDEX], dtype=tf.int64, trainable=False)
+
+  def record(self, tf, index):
+    """The ops (inside a tf.data function) that count one decode of example `index`."""
+    return [self._count.assign_add(1),
+            self._lowest.scatter_min(tf.IndexedSlices(tf.reshape(index, [1]),
+                                                      tf.constant([0])))]
+
+  def read(self) -> dict:
+    lowest = int(self._lowest.numpy()[0])
+    return {"decoded": int(self._count.numpy()),
+            "lowest_index": None if lowest == _NO_INDEX else lowest}
+
+
+_NO_INDEX = 2**62  # _DecodeCounter's lowest index before any decode
+_ENDLESS = 2**62   # epochs of the training dataset: no end
+
+
+def _epoch_seed(tf, base: int, epoch):
+  """A 31-bit seed that is a pure function of (base, epoch), epoch an int64 tensor (inside a
+  tf.data function)."""
+  return tf.random.stateless_uniform([], seed=tf.stack([tf.constant(base, tf.int64), epoch]),
+                                     minval=0, maxval=2**31 - 1, dtype=tf.int64)
+
+
 class StreamBatches:
   """Training batches of a streamed dataset, addressed by step: `batches(step)`.
 
-  `batches(step)` is (images float32 (local_batch, S, S, C) normalised with info.mean/std,
-  labels int32 (local_batch,)): this process's share of the global batch of `step`.
+  `batches(step)` is (images uint8 (local_batch, S, S, C), labels int32 (local_batch,)): this
+  process's share of the global batch of `step`. The images are the pixels (0-255) of the
+  augmented crop; the training step normalises them on the device
+  (input_pipeline.normalize_images, with info.mean/std).
 
   Epochs: each process's shard is read in an order that is a function of (seed, epoch) (the
   files in a seeded order, then a seeded shuffle buffer of SHUFFLE_BUFFER examples), of which
@@ -324,25 +374,34 @@ class StreamBatches:
   is the smallest shard's size // local_batch, the same on every process; the examples left
   over (at most local_batch - 1, plus a shard's one extra) differ from epoch to epoch.
   Augmentation (random-resized crop, flip) uses stateless random ops seeded with (seed,
-  epoch, process, position in the epoch). So the batch of a step is a pure function of (seed,
-  step, local_batch, process index and count, data), whatever was asked before.
+  process, the example's index in this process's stream: epoch * examples_per_epoch +
+  position). So the batch of a step is a pure function of (seed, step, local_batch, process
+  index and count, data), whatever was asked before.
 
-  Asking for the step after the last one reads on from the kept tf.data iterator; any other
-  step (a resumed run, a rewind) rebuilds the iterator at that step's epoch, skipping the
-  undecoded records of the epoch before it (reading, not decoding, up to one epoch of this
-  process's shard). With host_prefetch > 0 a background thread keeps that many batches
-  ready; close() stops it (as does dropping the object).
+  One tf.data pipeline serves every epoch: its epochs are elements of an endless range, each
+  read, shuffled and cut in a tf.data function of its epoch number (flat_map), so decoding,
+  batching and prefetching run on across epochs; only the shuffle buffer fills anew at an
+  epoch's start. Asking for the step
+  after the last one reads on; any other step (a resumed run, a rewind) starts a new pipeline
+  at that step's epoch, skipping the records of the epoch before the step undecoded: no image
+  before the step is decoded (decode_stats() counts the decodes). With host_prefetch > 0 a
+  background thread keeps that many batches ready; close() stops it (as does dropping the
+  object).
   """
 
   def __init__(self, name: str, info: DatasetInfo, local_batch: int, seed: int,
                data_dir: Optional[str] = None, split: str = "train", *,
-               shuffle_buffer: int = SHUFFLE_BUFFER, host_prefetch: Optional[int] = None):
+               shuffle_buffer: int = SHUFFLE_BUFFER, host_prefetch: Optional[int] = None,
+               threads: Optional[int] = None):
     if local_batch <= 0:
       raise ValueError(f"local batch size must be positive, got {local_batch}")
+    if threads is not None and threads <= 0:
+      raise ValueError(f"threads must be positive (or None: tf.data's default), got {threads}")
     self.name, self.info, self.local_batch, self.seed = name, info, int(local_batch), int(seed)
     if host_prefetch is None:
       host_prefetch = HOST_PREFETCH
     self.split, self.shuffle_buffer, self.host_prefetch = split, shuffle_buffer, host_prefetch
+    self.threads = threads
     self._builder = _builder(name, data_dir, info)
     self._shard, sizes = _process_shards(self._builder, split)
     self.process_index, self.process_count = _process()
@@ -354,50 +413,80 @@ class StreamBatches:
           f"one local batch of {local_batch}")
     self._source = None
     self._next_step = None
+    self._counter = None
 
   @property
   def examples_per_epoch(self) -> int:
     """Examples of this process's shard used per epoch."""
     return self.steps_per_epoch * self.local_batch
 
-  def _epoch_dataset(self, epoch: int, start: int):
-    """The batches of `epoch` from example position `start` (a multiple of local_batch)."""
-    tf = tfds_pipeline.import_tf()
-    ds = _read(self._builder, self._shard,
-               shuffle_seed=_derived_seed(_FILE_ORDER, self.seed, epoch))
-    if self.shuffle_buffer > 1:
-      ds = ds.shuffle(min(self.shuffle_buffer, self.num_local_examples),
-                      seed=_derived_seed(_EXAMPLE_ORDER, self.seed, epoch),
-                      reshuffle_each_iteration=False)
-    # Skipped and dropped records are never decoded.
-    ds = ds.take(self.examples_per_epoch).skip(start)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, self.examples_per_epoch), ds)
-    fn = _train_example_fn(
-        tf, self.info,
-        _derived_seed(_CROP, self.seed, epoch, self.process_index),
-        _derived_seed(_FLIP, self.seed, epoch, self.process_index))
-    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  def decode_stats(self) -> dict:
+    """Diagnostics: {'decoded': images decoded by this object's pipelines so far,
+    'lowest_index': the lowest example index (step * local_batch + row) among them, None
+    before any}. Decoding runs ahead of the batches asked for (tf.data's and the host
+    prefetch's buffers)."""
+    if self._counter is None:
+      return {"decoded": 0, "lowest_index": None}
+    return self._counter.read()
 
-  def _batches_from(self, step: int) -> Iterator:
-    """Batches step, step + 1, ... (an endless generator)."""
-    epoch, index = divmod(step, self.steps_per_epoch)
-    while True:
-      expected = self.steps_per_epoch - index
-      got = 0
-      for batch in self._epoch_dataset(epoch, index * self.local_batch).as_numpy_iterator():
-        got += 1
-        yield batch
-      if got != expected:
-        raise RuntimeError(
-            f"{self.name} {self.split}: epoch {epoch} gave {got} batches from batch {index}, "
-            f"expected {expected}: the shard has fewer examples than its metadata says "
-            f"({self.num_local_examples})")
-      epoch, index = epoch + 1, 0
+  def dataset(self, step: int):
+    """The tf.data pipeline of batches step, step + 1, ... (endless)."""
+    tf = tfds_pipeline.import_tf()
+    if self._counter is None:
+      self._counter = _DecodeCounter(tf)
+    first_epoch, index = divmod(int(step), self.steps_per_epoch)
+    per_epoch = self.examples_per_epoch
+    start = index * self.local_batch
+    file_seed = _derived_seed(_FILE_ORDER, self.seed)
+    example_seed = _derived_seed(_EXAMPLE_ORDER, self.seed)
+    shuffle = min(self.shuffle_buffer, self.num_local_examples)
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch_records(epoch):
+      """(example index, image bytes, label) of `epoch`, from `start` in the first one."""
+      # The shuffles' seeds are tensors (of the epoch). Under a TensorFlow global seed that a
+      # caller set, TF would pair it with them (failing in tfds' file shuffle, changing the
+      # order elsewhere): the traced function's graph is given none, so the order is a
+      # function of this pipeline's seed alone.
+      tf.compat.v1.get_default_graph().seed = None
+      ds = _read(self._builder, self._shard, shuffle_seed=_epoch_seed(tf, file_seed, epoch))
+      if shuffle > 1:
+        ds = ds.shuffle(shuffle, seed=_epoch_seed(tf, example_seed, epoch),
+                        reshuffle_each_iteration=False)
+      ds = ds.take(per_epoch).apply(tf.data.experimental.assert_cardinality(per_epoch))
+      ds = tf.data.Dataset.zip(tf.data.Dataset.range(per_epoch), ds)
+      # Records before the step are skipped here, undecoded.
+      ds = ds.skip(tf.where(tf.equal(epoch, first_epoch), tf.constant(start, tf.int64), 0))
+      return ds.map(lambda position, ex: (epoch * per_epoch + position, ex[0], ex[1]))
+
+    # One epoch open at a time (a parallel interleave of epochs would open several ahead,
+    # each with a shuffle buffer of its own).
+    ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(epoch_records)
+    fn = _train_example_fn(tf, self.info, _derived_seed(_CROP, self.seed, self.process_index),
+                           _derived_seed(_FLIP, self.seed, self.process_index), self._counter)
+    ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    if self.threads is not None:
+      options.threading.private_threadpool_size = self.threads
+    return ds.with_options(options)
+
+  def _batches(self, ds) -> Iterator:
+    """The numpy batches of `ds`; a shard shorter than its metadata says is an error."""
+    tf = tfds_pipeline.import_tf()
+    try:
+      yield from ds.as_numpy_iterator()
+    except tf.errors.FailedPreconditionError as e:
+      raise RuntimeError(
+          f"{self.name} {self.split}: an epoch gave fewer than {self.examples_per_epoch} "
+          f"examples: the shard has fewer examples than its metadata says "
+          f"({self.num_local_examples}): {str(e).splitlines()[0]}") from e
+    raise RuntimeError(f"{self.name} {self.split}: the training stream ended")
 
   def _restart(self, step: int):
     self.close()
-    source = self._batches_from(step)
+    source = self._batches(self.dataset(step))  # built here: tfds is called in this thread
     self._source = _HostPrefetch(source, self.host_prefetch) if self.host_prefetch > 0 else source
     self._next_step = step
 
@@ -425,7 +514,8 @@ class StreamBatches:
 def train_batches(name: str, info: DatasetInfo, local_batch: int, seed: int,
                   data_dir: Optional[str] = None, split: str = "train", *,
                   shuffle_buffer: int = SHUFFLE_BUFFER,
-                  host_prefetch: Optional[int] = None) -> StreamBatches:
+                  host_prefetch: Optional[int] = None,
+                  threads: Optional[int] = None) -> StreamBatches:
   """Augmented training batches of this process's shard of `split`, by step (StreamBatches).
 
   Args:
@@ -439,15 +529,18 @@ def train_batches(name: str, info: DatasetInfo, local_batch: int, seed: int,
     shuffle_buffer: examples (undecoded) in the shuffle buffer; <= 1: no shuffle buffer (the
       files are still read in a seeded order).
     host_prefetch: batches a background thread keeps ready (0: none; None: HOST_PREFETCH).
+    threads: the size of the pipeline's own tf.data thread pool (decoding, reading); None:
+      tf.data's default (a pool shared by the process's pipelines, one thread per core).
 
   Returns:
-    A StreamBatches: `batches(step) -> (images, labels)`.
+    A StreamBatches: `batches(step) -> (uint8 images, int32 labels)`.
 
   Raises:
     DatasetNotPreparedError: the dataset is not prepared in the data dir.
   """
   return StreamBatches(name, info, local_batch, seed, data_dir, split,
-                       shuffle_buffer=shuffle_buffer, host_prefetch=host_prefetch)
+                       shuffle_buffer=shuffle_buffer, host_prefetch=host_prefetch,
+                       threads=threads)
 
 
 # Evaluation and class-statistics batches: (images, labels, mask) of fixed shape.

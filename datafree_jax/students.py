@@ -184,7 +184,7 @@ class Distill(stage_lib.Stage):
         (state, batch), dict(teacher_vars=ctx.teacher["variables"], source=source),
         state={"student": state, "source": source}, steps=ctx.config.student.steps),
             evaluation,
-            stage_lib.restore_program(self.name, {"student": state, "source": source})]
+            stage_lib.restore_program(self.name, {"student": state, "source": source}, state)]
 
   def plan(self, ctx):
     config = ctx.config

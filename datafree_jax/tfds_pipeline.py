@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from datafree_jax import datasets
 from datafree_jax.errors import DatasetNotPreparedError
 
 SPLITS = ("train", "test")
@@ -87,6 +88,10 @@ def not_prepared_message(name: str, data_dir: str, version: str = "", other_vers
       f"TFDS dataset {name!r} is not prepared in data dir {data_dir!r} "
       f"(no dataset_info.json + features.json in {expected!r}); this program never downloads. "
   )
+  if name in datasets.LOCAL_BUILDS:
+    return msg + (f"It is built locally, without downloads: "
+                  f"`{datasets.LOCAL_BUILDS[name]} --data_dir={data_dir}`, then pass "
+                  f"--config.data_dir={data_dir} (or set TFDS_DATA_DIR).")
   if other_versions:
     msg += (f"Found version folder(s) {', '.join(other_versions)} there, but this "
             f"tensorflow-datasets reads version {version}. ")
@@ -105,10 +110,15 @@ def prepared_builder(name: str, data_dir: Optional[str] = None):
   Only looks at the local (or given remote) file system: `tfds.builder(..., try_gcs=False)`
   then `builder.is_prepared()` (dataset_info.json and features.json in data_dir/name/version).
   Neither needs TensorFlow, which tfds imports lazily, so a missing dataset fails in a second.
+  A name without builder code in tfds (a dataset built locally, such as synthetic_imagenet) is
+  read from its files alone, and is not prepared when they are missing.
   """
   resolved = resolve_data_dir(data_dir)
   tfds = import_tfds()
-  builder = tfds.builder(name, data_dir=resolved, try_gcs=False)
+  try:
+    builder = tfds.builder(name, data_dir=resolved, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DatasetNotPreparedError(not_prepared_message(name, resolved)) from None
   if not _quietly(builder.is_prepared):
     version = str(builder.version)
     raise DatasetNotPreparedError(not_prepared_message(

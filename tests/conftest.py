@@ -121,14 +121,14 @@ def free_port() -> int:
 
 
 def stage_state(directory):
-  """(step, 'state' item, meta) of the latest checkpoint of a stage directory, on 1 device."""
+  """(step, train state, meta) of the latest checkpoint of a stage directory, on 1 device."""
   import jax  # pylint: disable=g-import-not-at-top
   from datafree_jax import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   ckpt = ckpt_lib.StageCheckpoints(str(directory), create=False)
   step = ckpt.latest_step()
-  state = ckpt.restore(step, "state", ckpt_lib.abstract_like(
-      ckpt.item_shapes(step, "state"), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
   meta = ckpt.restore_meta(step)
+  state = ckpt.restore_state(step, ckpt_lib.abstract_like(
+      ckpt.state_shapes(step, meta), jax.sharding.SingleDeviceSharding(jax.devices()[0])), meta)
   ckpt.close()
   return step, state, meta
 

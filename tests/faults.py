@@ -5,13 +5,15 @@ function misbehaves at a chosen step. The production steps and losses know nothi
                            stage's loss and gradients are NaN there (the loop must stop)
   sigterm_at(stage, step)  the process sends itself SIGTERM in that step (a preemption: the loop
                            saves that step's checkpoint and raises loop.Preempted)
-  signal_at(stage, step, signum)  the same with any signal (SIGKILL: the process dies there)
+  signal_at(stage, step, signum[, once_exists])  the same with any signal (SIGKILL: the
+                           process dies there), sent once a path exists
   with_faulty_stage(method, wrapped)  registers a method like `method` with one stage replaced
                            by `wrapped` (same name, so the same checkpoint directory)
 """
 import dataclasses
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +67,17 @@ def nan_at(stage, at: int):
   return Wrapped(stage, wrap_step)
 
 
-def signal_at(stage, at: int, signum):
-  """The process sends itself `signum` in step `at` (while the state holds step at - 1)."""
+def signal_at(stage, at: int, signum, once_exists: str = ""):
+  """The process sends itself `signum` in step `at` (while the state holds step at - 1); with
+  `once_exists`, once that path exists (a checkpoint's step directory: periodic checkpoints are
+  written in the background, and the path appears when one is complete)."""
   def wrap_step(step):
     def signalled(state, batch):
       if int(state["step"]) == at - 1:
+        deadline = time.monotonic() + 300
+        while once_exists and not os.path.exists(once_exists):
+          assert time.monotonic() < deadline, f"{once_exists} did not appear"
+          time.sleep(0.01)
         os.kill(os.getpid(), signum)
       return step(state, batch)
     return signalled

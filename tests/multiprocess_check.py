@@ -12,7 +12,8 @@ point as the command line (pipeline.main_entry). N=1 is a plain single-process r
 and its class-conditional BN statistics, from each process's part of the training split).
 
 --fault injects, from outside the package (tests/faults.py), at step STEP of stage STAGE:
-  kill     the process sends itself SIGKILL (every process: all hosts lost at once)
+  kill     the process sends itself SIGKILL (every process: all hosts lost at once), once the
+           stage's last periodic checkpoint before STEP is complete (written in the background)
   sigterm  the process sends itself SIGTERM (only process PROCESS: one host preempted)
 Exits with main_entry's code (0 done, 143 preempted, 2 bad input); SIGKILL exits with -9.
 """
@@ -50,7 +51,7 @@ def _parse():
   return p.parse_args()
 
 
-def _faulty_method(spec: str, process_id: int):
+def _faulty_method(spec: str, process_id: int, workdir: str = ""):
   """The method name to run: 'ensemble', or one with a stage wrapped by the fault `spec`."""
   import faults  # pylint: disable=g-import-not-at-top
   if not spec:
@@ -65,7 +66,10 @@ def _faulty_method(spec: str, process_id: int):
   if kind == "sigterm":
     return faults.with_faulty_stage("ensemble", faults.sigterm_at(stage, at))
   if kind == "kill":
-    return faults.with_faulty_stage("ensemble", faults.signal_at(stage, at, signal.SIGKILL))
+    every = CONFIG["checkpoint_every"]
+    saved = os.path.join(workdir, stage_name, str((at - 1) // every * every))
+    return faults.with_faulty_stage("ensemble", faults.signal_at(stage, at, signal.SIGKILL,
+                                                                 once_exists=saved))
   raise ValueError(f"unknown fault {spec!r}")
 
 
@@ -81,7 +85,7 @@ def main() -> int:
   from conftest import ensemble_config  # pylint: disable=g-import-not-at-top
   from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
   config = ensemble_config(**CONFIG)
-  config.method = _faulty_method(args.fault, args.process_id)
+  config.method = _faulty_method(args.fault, args.process_id, args.workdir)
   if args.teacher_from:
     config.stage = "teacher"
     config.teacher.init_from = args.teacher_from

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT, ensemble_config, tiny_config
 
+from datafree_jax import config_lib
 from datafree_jax import datasets
 from datafree_jax import dry_run
 from datafree_jax import platforms
@@ -24,6 +25,8 @@ from datafree_jax.ensemble import members as ensemble_members
 from datafree_jax.ensemble import objective as ensemble_objective
 from datafree_jax.models import cpu_conv
 from datafree_jax.stages import ensemble
+
+IMAGENET = str(pathlib.Path(REPO_ROOT) / "configs" / "imagenet.py")
 
 # The slow set (conftest.py; the programs of every method lowered for TPU and GPU): CI runs it as a step of its own.
 pytestmark = pytest.mark.slow
@@ -185,3 +188,27 @@ def test_a_shared_jit_traces_each_platform_apart():
     generate(gen, variables, z)   # the first call fills the jit's cache
     texts[platform] = generate.lower(gen, variables, z).as_text(debug_info=True)
   assert cpu_conv.SCOPE in texts["cpu"] and cpu_conv.SCOPE not in texts["tpu"]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_streamed_training_steps_take_the_uint8_batch_they_are_fed(platform):
+  """configs/imagenet.py (a streamed dataset), method kd_data at smoke size: the teacher's
+  step and the distillation step on real images take the uint8 batch the streamed pipeline
+  delivers (stage.abstract_batch with input_pipeline.train_image_dtype) and convert it on the
+  device; the same steps of mnist5k (held in memory) take float32."""
+  config = config_lib.load_config_file(IMAGENET, "smoke=True")
+  config.method, config.platform = "kd_data", platform
+  ctx = stage_lib.Context(config=config, workdir="", data=None,
+                          info=datasets.config_info(config))
+  trains = [p for s in pipeline.stages_to_run(config) for p in s.programs(ctx)
+            if p.kind == "train"]
+  assert len(trains) == 2  # teacher, distill_data
+  for program in trains:
+    images = program.args[1][0]
+    assert images.dtype == np.uint8 and images.shape == (16, 32, 32, 3), program.label
+    text = dry_run.lower_for(program, platform).as_text()
+    assert re.search(r"tensor<16x32x32x3xui8", text), program.label
+    assert "stablehlo.convert" in text, program.label
+  memory = _programs("kd_data", platform)
+  batches = [p.args[1][0] for _, p in memory if p.kind == "train"]
+  assert len(batches) == 2 and all(b.dtype == np.float32 for b in batches)

@@ -43,11 +43,13 @@ def test_the_schema_is_the_base_config():
   flat = {f"{k}.{kk}" if isinstance(v, dict) else k
           for k, v in base.to_dict().items() for kk in (v if isinstance(v, dict) else [None])}
   assert flat == {name for name, _, _ in FIELDS}
-  # (warmup_steps in the 4 optimiser sections since 2026-12-03), and the sections that
-  # methods.py registers with its methods:
-  registered = {"deepinversion", "fast"}
-  assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 84
+  # (warmup_steps in the 4 optimiser sections, data_threads, checkpoint_async and
+  # checkpoint_preemption_secs since 2026-12-03), and the sections that methods.py registers
+  # with its methods:
+  registered = {"deepinversion", "cmi", "fast"}
+  assert len(FIELDS) - sum(len(config_lib.SCHEMA[s]) for s in registered) == 87
   assert len(config_lib.SCHEMA["deepinversion"]) == 24
+  assert len(config_lib.SCHEMA["cmi"]) == 28
   assert len(config_lib.SCHEMA["fast"]) == 22
   for name, default, domain in FIELDS:
     domain.check(name, default)  # Every default is inside its own domain.
@@ -96,8 +98,10 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*
 # (config file, argument) pairs that are refused on purpose, with the reason's text.
 REFUSED = {("mnist.py", "model=hinton,method=ensemble"): "needs model=lenet5",
            ("mnist.py", "model=hinton,method=deepinversion"): "needs model=lenet5",
-           ("imagenet.py", "method=deepinversion"): "unknown method",
+           ("mnist.py", "model=hinton,method=cmi"): "needs model=lenet5",
            ("mnist.py", "model=hinton,method=fast"): "needs model=lenet5",
+           ("imagenet.py", "method=cmi"): "unknown method",
+           ("imagenet.py", "method=deepinversion"): "unknown method",
            ("imagenet.py", "method=fast"): "unknown method"}
 
 

@@ -13,6 +13,8 @@ How each kind of command is checked (nothing is trained, nothing is downloaded):
       loaded, the --config.a.b overrides applied and the config validated (check_main_command)
   python -m datafree_jax.main export ARGS, datafree-jax export ARGS   the export flags parsed
       and the formats read (check_export_command)
+  python -m datafree_jax.main make-jpeg-dataset ARGS   its flags parsed and the settings
+      checked (check_make_dataset_command)
   pip install ...         the extras exist in setup.py's extras_require; a named package is a
                           requirement of setup.py, with the same version pin when one is given
   python -m pytest ...    the test paths (and test names after ::) exist; options are known
@@ -224,6 +226,13 @@ def check_main_command(argv):
   for key, text in args["overrides"]:
     main.apply_override(config, key, text)
   validate_config(config)
+
+
+def check_make_dataset_command(argv):
+  """python -m datafree_jax.main make-jpeg-dataset ARGV: its flags as the command line reads
+  them, the settings buildable."""
+  args = main.parse_make_dataset_command_line(list(argv))
+  args["settings"].check(args["name"])
 
 
 def check_export_command(argv):
@@ -520,6 +529,8 @@ def check_simple_command(tokens):
     if args[:2] == ["-m", "datafree_jax.main"]:
       if args[2:3] == ["export"]:
         return check_export_command(args[3:])
+      if args[2:3] == ["make-jpeg-dataset"]:
+        return check_make_dataset_command(args[3:])
       return check_main_command(args[2:])
     if args[:2] == ["-m", "pytest"]:
       return check_pytest(args[2:])
@@ -535,6 +546,8 @@ def check_simple_command(tokens):
       raise DocError(f"setup.py installs no datafree-jax for datafree_jax.main: {scripts}")
     if args[:1] == ["export"]:
       return check_export_command(args[1:])
+    if args[:1] == ["make-jpeg-dataset"]:
+      return check_make_dataset_command(args[1:])
     return check_main_command(args)
   if head == "pip":
     return check_pip(args)
@@ -666,6 +679,7 @@ def test_every_doc_has_cases_and_the_readme_opens_with_the_ci_lines():
     ("python -m datafree_jax.main --config=mnist5k:method=nope", "method"),
     ("python -m datafree_jax.main --config.student.stepz=5", "steps"),
     ("python -m datafree_jax.main export --workdir=w --format=jpeg", "jpeg"),
+    ("python -m datafree_jax.main make-jpeg-dataset --min_side=9 --max_side=8", "min_side"),
     ("pip install -e '.[nosuchextra]'", "nosuchextra"),
     ("python benchmarks/nosuch.py", "nosuch"),
     ("python benchmarks/step_speed.py --nosuchflag=1", "nosuchflag"),

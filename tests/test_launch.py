@@ -430,7 +430,7 @@ LAUNCH_ARGS = {GPU: ("--config=c.py", "--workdir=/w"),
 def _main_call(script):
   """The arguments the job's python gets from run_resumable.sh with LAUNCH_ARGS."""
   return ("-m datafree_jax.main --config=c.py --workdir=/w" +
-          (" --distributed=off" if script == GPU else ""))
+          (" --distributed=off" if script == GPU else "") + THREADS_FLAG)
 
 
 @pytest.mark.parametrize("script", [GPU, SLURM], ids=os.path.basename)
@@ -565,6 +565,11 @@ def test_shellcheck_passes_on_every_launch_script():
 
 # --- run_resumable.sh ------------------------------------------------------------------------
 
+# What run_resumable.sh adds to the job's flags: tf.data threads for the CPUs this process may
+# use (nproc), less the default reserve of 2.
+THREADS_FLAG = f" --config.data_threads={max(1, len(os.sched_getaffinity(0)) - 2)}"
+
+
 def _fake_python(tmp_path, codes):
   """A `python` that records its arguments and exits with the next of `codes`."""
   bin_dir = tmp_path / "bin"
@@ -586,7 +591,8 @@ def test_run_resumable_restarts_after_143_with_the_same_arguments(tmp_path):
   bin_dir = _fake_python(tmp_path, [143, 143, 0])
   r = _run(RESUMABLE, "--config=c.py", "--workdir=/w", "--config.note=a b", env=_env(bin_dir))
   assert r.returncode == 0, r.stderr
-  assert _calls(tmp_path) == ["-m datafree_jax.main --config=c.py --workdir=/w --config.note=a b"] * 3
+  assert _calls(tmp_path) == [
+      "-m datafree_jax.main --config=c.py --workdir=/w --config.note=a b" + THREADS_FLAG] * 3
   assert r.stderr.count("launch: preempted; restarting") == 2
 
 
@@ -604,7 +610,24 @@ def test_run_resumable_runs_datafree_python_when_set(tmp_path):
   _write_exe(bin_dir / "python", "#!/bin/sh\nexit 99\n")
   r = _run(RESUMABLE, "--config=c.py", env=_env(bin_dir, DATAFREE_PYTHON=str(bin_dir / "py311")))
   assert r.returncode == 0, r.stderr
-  assert _calls(tmp_path) == ["-m datafree_jax.main --config=c.py"]
+  assert _calls(tmp_path) == ["-m datafree_jax.main --config=c.py" + THREADS_FLAG]
+
+
+@pytest.mark.parametrize("flags, reserve, expected", [
+    ((), None, THREADS_FLAG),
+    ((), str(len(os.sched_getaffinity(0)) - 1), " --config.data_threads=1"),
+    ((), "0", f" --config.data_threads={len(os.sched_getaffinity(0))}"),
+    (("--config.data_threads=7",), None, ""),
+    (("--config.data_threads", "7"), None, "")])
+def test_run_resumable_sizes_the_input_threads_unless_given(tmp_path, flags, reserve, expected):
+  """The job gets --config.data_threads = the CPUs it may use (nproc) less DATA_RESERVE (at
+  least 1), unless its flags already set it (then they are passed on as they are)."""
+  bin_dir = _fake_python(tmp_path, [0])
+  extra = {} if reserve is None else {"DATA_RESERVE": reserve}
+  r = _run(RESUMABLE, "--config=c.py", *flags, env=_env(bin_dir, **extra))
+  assert r.returncode == 0, r.stderr
+  assert _calls(tmp_path) == [" ".join(("-m datafree_jax.main --config=c.py",) + flags) + expected]
+  assert ("launch:" in r.stderr and "data_threads" in r.stderr) == bool(expected)
 
 
 def test_run_resumable_gives_up_after_max_restarts(tmp_path):

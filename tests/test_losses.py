@@ -368,20 +368,51 @@ def test_deepinversion_tv_hand_values():
 
 
 def test_decision_adversarial_loss_hand_value():
-  # Example 1: teacher p = [0.75, 0.25], student q = [2/3, 1/3]; both say class 0 (mask 1).
-  # Example 2: teacher says class 0, student q = [0.2, 0.8] says class 1 (mask 0).
-  #   L = -(1/2) * (0.75 log(0.75 / (2/3)) + 0.25 log(0.25 / (1/3)))
-  kl1 = 0.75 * math.log(0.75 / (2 / 3)) + 0.25 * math.log(0.25 / (1 / 3))
-  t = np.array([[math.log(3.0), 0.0], [math.log(3.0), 0.0]], np.float32)
-  s = np.array([[math.log(2.0), 0.0], [0.0, math.log(4.0)]], np.float32)
+  # Example 1: t = [log 3, 0] -> p = [0.75, 0.25]; s = [0, 0] -> q = [0.5, 0.5]; both predict
+  # class 0: KL = 0.75 log 1.5 + 0.25 log 0.5. Example 2: s = [0, 1] predicts class 1, the
+  # teacher (t = [1, 0]) class 0: masked out. L = -KL_1 / 2.
+  kl1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+  t = np.array([[math.log(3.0), 0.0], [1.0, 0.0]], np.float32)
+  s = np.array([[0.0, 0.0], [0.0, 1.0]], np.float32)
   np.testing.assert_allclose(losses.decision_adversarial_loss(t, s), -kl1 / 2, rtol=RTOL)
-  # d/ds of -KL_1 / 2 is (p - q) / 2; the disagreeing example gets no gradient.
+  # Equal outputs agree and match: 0.
+  np.testing.assert_allclose(losses.decision_adversarial_loss(t, t), 0.0, atol=1e-7)
+  # The masked example gets no gradient; the kept one is pushed apart: d/ds of -KL is
+  # -(q - p) / N = -([0.5, 0.5] - [0.75, 0.25]) / 2 = [0.125, -0.125].
   g = jax.grad(lambda s: losses.decision_adversarial_loss(jnp.asarray(t), s))(jnp.asarray(s))
-  np.testing.assert_allclose(g[0], [(0.75 - 2 / 3) / 2, (0.25 - 1 / 3) / 2], rtol=1e-4)
-  np.testing.assert_array_equal(g[1], [0.0, 0.0])
-  # Equal outputs: 0; no agreeing example: 0.
-  assert float(losses.decision_adversarial_loss(t, t)) == 0.0
+  np.testing.assert_allclose(g, [[0.125, -0.125], [0.0, 0.0]], atol=1e-6)
+  # No agreeing example: 0.
   assert float(losses.decision_adversarial_loss(t[1:], s[1:])) == 0.0
+
+
+def test_contrastive_instance_loss_hand_value():
+  # Two current rows and two bank rows in 2-d, tau = 0.5: a = b = [e1, e2, e1, -e1].
+  #   logits l = a b^T / 0.5:  row 0 [2, 0, 2, -2], row 1 [0, 2, 0, 0],
+  #                            row 2 [2, 0, 2, -2], row 3 [-2, 0, -2, 2]
+  #   CE_0 = log(2e^2 + 1 + e^-2) - 2;  CE_1 = log(e^2 + 3) - 2
+  #   CE_2 = CE_0 (same row, its own column is entry 2);  CE_3 = log(2e^-2 + 1 + e^2) - 2
+  e = math.exp
+  ce0 = math.log(2 * e(2) + 1 + e(-2)) - 2
+  ce1 = math.log(e(2) + 3) - 2
+  ce3 = math.log(2 * e(-2) + 1 + e(2)) - 2
+  f = np.array([[1, 0], [0, 1], [1, 0], [-1, 0]], np.float32)
+  np.testing.assert_allclose(losses.contrastive_instance_loss(f, f, 0.5, 2),
+                             (ce0 + ce1) / 2 + (ce0 + ce3) / 2, rtol=RTOL)
+  # Bank row 3 unfilled: it is neither an anchor nor a candidate.
+  #   CE_0 = log(2e^2 + 1) - 2, CE_1 = log(e^2 + 2) - 2, CE_2 = CE_0.
+  ce0v = math.log(2 * e(2) + 1) - 2
+  ce1v = math.log(e(2) + 2) - 2
+  valid = np.array([True, True, True, False])
+  np.testing.assert_allclose(losses.contrastive_instance_loss(f, f, 0.5, 2, valid),
+                             (ce0v + ce1v) / 2 + ce0v, rtol=RTOL)
+  # No bank row valid: the mean over the current rows only (log(e^2 + 1) - 2 for both).
+  none = np.array([True, True, False, False])
+  np.testing.assert_allclose(losses.contrastive_instance_loss(f, f, 0.5, 2, none),
+                             math.log(e(2) + 1) - 2, rtol=RTOL)
+  # Gradients reach the anchors only.
+  ga, gb = jax.grad(lambda a, b: losses.contrastive_instance_loss(a, b, 0.5, 2),
+                    argnums=(0, 1))(jnp.asarray(f), jnp.asarray(f))
+  assert np.any(np.asarray(ga)) and not np.any(np.asarray(gb))
 
 
 def test_bn_momentum_matching_hand_value():

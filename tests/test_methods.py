@@ -231,4 +231,5 @@ def test_export_and_plots_know_the_built_in_methods_without_the_pipeline():
           "print(registry.student_stage('ensemble'), registry.image_stages())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        timeout=120).stdout
-  assert out.strip() == ("distill_generators ('dafl', 'generators', 'deepinversion', 'fast')")
+  assert out.strip() == ("distill_generators ('dafl', 'generators', 'deepinversion', 'cmi', "
+                         "'fast')")

@@ -219,6 +219,67 @@ def test_sigterm_on_the_command_line_exits_143(reference, tmp_path):
   assert ckpt.latest_step() == int(m.group(1)) and not ckpt.restore_meta()["done"]
 
 
+@pytest.mark.slow
+def test_sigterm_mid_save_in_the_generators_stage_then_resume_loses_nothing(prerequisites,
+                                                                          tmp_path, capsys):
+  """SIGTERM while a periodic checkpoint of the generators stage is being written (orbax's
+  temporary directory of it exists, its step directory does not yet): the run completes that
+  save, saves the reached step and exits 143; resumed, it ends bitwise where the uninterrupted
+  run ended, with a final checkpoint of 'generators' and 'resume' only."""
+  workdir = str(tmp_path / "w")
+  method, config_stage, total = _prepare(prerequisites, workdir, "generators")
+  stage_dir = os.path.join(workdir, "generators")
+  config = cli_config(method, config_stage)
+  sent, ended = [], threading.Event()
+
+  def preempt_mid_save():
+    while not ended.is_set():
+      names = os.listdir(stage_dir) if os.path.isdir(stage_dir) else []
+      for name in names:
+        step = name.split(".")[0]
+        if name.endswith(".orbax-checkpoint-tmp") and not os.path.isdir(
+            os.path.join(stage_dir, step)):
+          os.kill(os.getpid(), signal.SIGTERM)
+          sent.append(int(step))
+          return
+      time.sleep(0.0002)
+
+  late = []
+  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+  capsys.readouterr()
+  try:
+    thread = threading.Thread(target=preempt_mid_save)
+    thread.start()
+    code = pipeline.main_entry(config, workdir)
+    ended.set()
+    thread.join()
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  assert sent and not late, (sent, late)
+  assert code == 143
+  out, err = capsys.readouterr()
+  m = re.search(r"^generators: preempted \(SIGTERM\) at step (\d+); checkpoint saved in ", err,
+                re.M)
+  assert m, err
+  preempted_at = int(m.group(1))
+  assert sent[0] <= preempted_at < total
+  assert re.search(rf"^generators: preemption checkpoint of step {preempted_at} written in "
+                   r"[0-9.]+ s \(budget 25 s\): state [0-9.]+ [KM]iB, meta in ", out, re.M), out
+  reader = ckpt_lib.StageCheckpoints(stage_dir, create=False)
+  assert sent[0] in reader.manager.all_steps() and reader.latest_step() == preempted_at
+  reader.close()
+
+  assert pipeline.main_entry(config, workdir) == 0
+  assert f"generators: resuming from step {preempted_at}" in capsys.readouterr().out
+  step_a, state_a, meta_a = stage_state(os.path.join(prerequisites, "generators"))
+  step_b, state_b, meta_b = stage_state(stage_dir)
+  assert step_a == step_b == total and meta_a["done"] and meta_b["done"]
+  _assert_same(state_a, state_b)
+  assert sorted(os.listdir(stage_dir)) == [str(total)]
+  assert {"generators", "resume", "meta"} <= set(os.listdir(os.path.join(stage_dir, str(total))))
+  assert "state" not in os.listdir(os.path.join(stage_dir, str(total)))
+
+
 # The metric that turns non-finite when the stage's loss is NaN at a step.
 NAN_TERM = {"teacher": "loss", "dafl": "loss_g", "generators": "loss",
             "distill_generators": "loss_kd", "distill_data": "loss_kd", "distill_noise": "loss_kd"}

@@ -19,12 +19,17 @@ import sys
 import time
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import prepare_tiny_mnist, serialized_tfds_mock
 
+from datafree_jax import config_lib
 from datafree_jax import datasets
+from datafree_jax import input_pipeline
+from datafree_jax import pipeline
 from datafree_jax import streaming
 from datafree_jax import tfds_pipeline
 
@@ -122,17 +127,21 @@ def test_train_batches_shape_and_normalisation(name, mocked):
   finally:
     batches.close()
   for images, labels in epoch:
-    assert images.shape == (8, SIZE, SIZE, 3) and images.dtype == np.float32
+    # uint8 pixels, for the step to normalise on the device.
+    assert images.shape == (8, SIZE, SIZE, 3) and images.dtype == np.uint8
     assert labels.shape == (8,) and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < info.num_classes
-  images = np.concatenate([x for x, _ in epoch])
-  # mock_data's pixels are uniform in 0..254: per channel, (0.5 - mean) / std on average, and
-  # back in [0, 1] they span about all of it.
-  mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
-  np.testing.assert_allclose(images.mean(axis=(0, 1, 2)), (0.5 - mean) / std, atol=0.1)
-  unit = images * std + mean
-  assert unit.min() >= -1e-4 and unit.max() <= 1 + 1e-4
+  pixels = np.concatenate([x for x, _ in epoch])
+  # mock_data's pixels are uniform in 0..254: about 0.5 on average in [0, 1], spanning about
+  # all of it.
+  unit = pixels.astype(np.float32) / 255.0
+  np.testing.assert_allclose(unit.mean(axis=(0, 1, 2)), 0.5, atol=0.1)
   assert unit.min() < 0.1 and unit.max() > 0.9
+  # The step's normalisation (jitted, as in a step) is (x / 255 - mean) / std.
+  mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+  normalised = jax.jit(lambda x: input_pipeline.normalize_images(x, info))(pixels)
+  assert normalised.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(normalised), (unit - mean) / std, rtol=1e-5, atol=1e-5)
   # One epoch of 5 x 8 = every example once, in a shuffled order.
   labels = np.concatenate([y for _, y in epoch])
   stored = raw_labels(name)
@@ -144,7 +153,7 @@ def test_train_batches_are_a_function_of_seed_and_step(mocked):
   info = small_info("imagenet2012")
   steps = 12  # 5 steps per epoch: three epochs
   first = streaming.train_batches("imagenet2012", info, 8, seed=0)
-  same = streaming.train_batches("imagenet2012", info, 8, seed=0, host_prefetch=0)
+  same = streaming.train_batches("imagenet2012", info, 8, seed=0, host_prefetch=0, threads=1)
   other = streaming.train_batches("imagenet2012", info, 8, seed=1)
   try:
     sequential = [first(step) for step in range(steps)]
@@ -190,6 +199,49 @@ def test_train_batches_are_a_function_of_seed_and_step(mocked):
   np.testing.assert_array_equal(y0, y1)
   np.testing.assert_array_equal(y0, stored[:8])
   assert all(not np.allclose(a, b) for a, b in zip(x0, x1))
+
+
+def test_a_resumed_run_decodes_no_image_before_its_step(mocked):
+  """A run resumed at step 23 (inside the third epoch) yields the batches of the uninterrupted
+  run and decodes no image before step 23: the lowest example index the pipeline's decode
+  function saw is 23 * local_batch (the uninterrupted run's is 0)."""
+  info = small_info("imagenet2012")
+  local_batch, resume, more = 4, 23, 8  # 10 steps an epoch
+  whole = streaming.train_batches("imagenet2012", info, local_batch, seed=0, host_prefetch=0)
+  resumed = streaming.train_batches("imagenet2012", info, local_batch, seed=0, host_prefetch=0)
+  try:
+    assert resumed.decode_stats() == {"decoded": 0, "lowest_index": None}
+    uninterrupted = [whole(step) for step in range(resume + more)]
+    later = [resumed(step) for step in range(resume, resume + more)]
+    stats, whole_stats = resumed.decode_stats(), whole.decode_stats()
+  finally:
+    whole.close()
+    resumed.close()
+  for step, (images, labels) in zip(range(resume, resume + more), later):
+    np.testing.assert_array_equal(images, uninterrupted[step][0], err_msg=f"step {step}")
+    np.testing.assert_array_equal(labels, uninterrupted[step][1], err_msg=f"step {step}")
+  assert whole_stats["lowest_index"] == 0
+  assert whole_stats["decoded"] >= (resume + more) * local_batch
+  assert stats["lowest_index"] == resume * local_batch
+  assert stats["decoded"] >= more * local_batch
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_config_data_threads_size_the_training_pipeline(threads, mocked):
+  """--config.data_threads=N (what the launchers set) reaches the streamed training pipeline
+  as its tf.data thread pool; 0 keeps tf.data's default."""
+  config = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "imagenet.py"))
+  config.image_size, config.data_threads = SIZE, threads
+  batches = pipeline.load_data(config)["train"].train_batches(8, 0)
+  try:
+    assert batches.threads == (threads or None)
+    options = batches.dataset(0).options()
+    assert options.threading.private_threadpool_size == (threads or None)
+    images, labels = batches(0)
+    assert images.shape == (8, SIZE, SIZE, 3) and labels.shape == (8,)
+  finally:
+    batches.close()
 
 
 @pytest.mark.parametrize("name", ["imagenet2012", "cifar10"])
@@ -336,11 +388,27 @@ def _multidevice_main(metadata_dir):
   import jax  # pylint: disable=g-import-not-at-top
   from datafree_jax import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh("data")
+  info = small_info("imagenet2012")
+  local_batch = 8 // jax.process_count()  # 5 steps an epoch
+  steps = (0, 1, 2, 3, 4, 5, 6, 9, 10, 3, 4)  # on, a skip ahead, a rewind
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, data_dir=metadata_dir):
-    batches = streaming.train_batches("imagenet2012", small_info("imagenet2012"),
-                                      16 // jax.process_count(), seed=0, host_prefetch=0)
+    batches = streaming.train_batches("imagenet2012", info, 16 // jax.process_count(), seed=0,
+                                      host_prefetch=0)
     local = batches(0)
     batches.close()
+    # Device prefetch: the same global batches as placing each step's batch when asked.
+    direct = streaming.train_batches("imagenet2012", info, local_batch, seed=0)
+    ahead = parallel.PrefetchedBatches(
+        streaming.train_batches("imagenet2012", info, local_batch, seed=0), mesh)
+    expected = [parallel.global_batch(direct(step), mesh) for step in steps]
+    placed = [ahead(step) for step in steps]
+    direct.close()
+    ahead.close()
+  split = parallel.split_leading(mesh)
+  prefetch_equal = all(
+      x.sharding.is_equivalent_to(split, x.ndim) and x.dtype == e.dtype
+      and np.array_equal(np.asarray(x), np.asarray(e))
+      for got, want in zip(placed, expected) for x, e in zip(got, want))
   images, labels = parallel.global_batch(local, mesh)
   shards = sorted(images.addressable_shards, key=lambda s: s.index[0].start)
   print(json.dumps({
@@ -351,6 +419,9 @@ def _multidevice_main(metadata_dir):
       "shards_are_rows": all(np.array_equal(np.asarray(s.data), local[0][s.index[0]])
                              for s in shards),
       "label_shard_shapes": sorted({tuple(s.data.shape) for s in labels.addressable_shards}),
+      "image_dtype": str(images.dtype),
+      "prefetched_equal": prefetch_equal,
+      "prefetched_distinct": len({np.asarray(x).tobytes() for x, _ in placed}),
   }))
 
 
@@ -365,7 +436,10 @@ def test_global_batch_on_8_devices(metadata_dir):
   assert facts["global_shape"] == [16, SIZE, SIZE, 3] and facts["labels_shape"] == [16]
   assert facts["shard_shapes"] == [[2, SIZE, SIZE, 3]] and facts["shard_devices"] == 8
   assert facts["label_shard_shapes"] == [[2]]
-  assert facts["shards_are_rows"]
+  assert facts["shards_are_rows"] and facts["image_dtype"] == "uint8"
+  # parallel.PrefetchedBatches: every step's placed batch (two placed ahead) is the batch
+  # placed when asked, through consecutive steps, a skip ahead and a rewind.
+  assert facts["prefetched_equal"] and facts["prefetched_distinct"] == 9
 
 
 if __name__ == "__main__":

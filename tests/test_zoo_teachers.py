@@ -226,8 +226,8 @@ def test_pair_configs(pair):
       assert (config.teacher.model, config.student.model) == PAIRS[pair]
       assert config.dataset == dataset and config.teacher.init_from == ""
       pipeline.validate(config)
-    zju = pair != "resnet34_resnet18"  # their settings (cifar10.py), else DAFL's official ones
     config = config_lib.load_config_file(path, f"pair={pair},method=dafl")
+    zju = pair != "resnet34_resnet18"  # their settings (cifar10.py), else DAFL's official ones
     assert (config.teacher.weight_decay, config.student.temperature) == (
         (1e-4, 20.0) if zju else (5e-4, 1.0))
 

@@ -37,7 +37,8 @@ def load_generators(path: str, info, mesh: Optional[Mesh] = None, dtype=None,
   choice.
 
   Works on any device count: the restore target is built from the checkpoint's own meta and
-  item shapes. Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G, or the padded
+  item shapes. Reads only the final checkpoint's 'generators' item (its 'resume' item, the
+  optimiser state, may have been deleted; checkpoints.py). Returns {'gen', 'params', 'batch_stats' (stacked, leading axis G, or the padded
   count when sharded), 'meta', 'directory', 'layout', 'padded'}.
 
   Raises:

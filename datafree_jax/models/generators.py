@@ -11,10 +11,10 @@ Dense -> BN(eps 1e-5) -> LeakyReLU(0.2), then num_upsample blocks with widths w,
 LeakyReLU), Conv3x3(C) -> tanh -> BN(scale only, eps 0.8: their arg_scope's epsilon);
 init = s / 2^num_upsample. eps=0.8 is a quirk of both originals, kept. Their dense and conv
 layers before a BN have no bias; here they have one, which the BN cancels (the same function).
-DataFree (zju-vipa/DataFree's and Fast-Datafree's datafree/models/generator.py `Generator`,
-the generator of Fast-DFKD and CMI, whose ngf is w/2): DAFL's layers with BN eps 1e-5
-throughout, then Conv3x3(C) -> sigmoid, no output BN: pixel values in [0, 1], which the caller
-normalises (their Normalizer); its convolutions before a BN have no bias either.
+zju-vipa/DataFree's Generator (style "zju": DataFree's and Fast-Datafree's
+datafree/models/generator.py, CMI's and Fast-DFKD's; ngf = w/2): the DAFL layout with PyTorch's
+BN epsilon 1e-5 throughout, Conv3x3(C) -> sigmoid and no output BN: images are pixel values in
+[0, 1], which the caller normalises (their Normalizer).
 With num_classes > 0 the generator is conditional, as the authors' `conditioned_generator`: the
 one-hot label is concatenated to z.
 
@@ -125,7 +125,7 @@ class Generator(nn.Module):
   channels: int = 1
   width: int = 128
   num_upsample: int = 2
-  style: str = "dafl"  # "dafl", "luo" or "datafree" (pixels in [0, 1])
+  style: str = "dafl"  # "dafl", "luo" or "zju"
   num_classes: int = 0  # > 0: conditional, __call__ takes the class labels
   dtype: Any = None  # computation dtype; parameters and the output stay float32
   platform: Optional[str] = None  # platforms.py: 'cpu' takes cpu_conv's forms; None XLA's own
@@ -137,9 +137,8 @@ class Generator(nn.Module):
 
   @nn.compact
   def __call__(self, z, labels=None, train: bool = True):
-    if self.style not in ("dafl", "luo", "datafree"):
-      raise ValueError(f"unknown generator style {self.style!r}; use 'dafl', 'luo' or "
-                       "'datafree'")
+    if self.style not in ("dafl", "luo", "zju"):
+      raise ValueError(f"unknown generator style {self.style!r}; use 'dafl', 'luo' or 'zju'")
     if self.num_classes:
       if labels is None:
         raise ValueError("a conditional generator (num_classes > 0) needs the class labels")
@@ -155,14 +154,14 @@ class Generator(nn.Module):
     x = bn(1e-5, "bn0")(x)
     if self.style == "luo":
       x = nn.leaky_relu(x, 0.2)
-    block_eps = 1e-5 if self.style == "datafree" else 0.8
     for i, width in enumerate(self.block_widths()):
       x = UpsampleConv(width, self.dtype, self.platform, name=f"conv{i + 1}")(x)
-      x = nn.leaky_relu(bn(block_eps, f"bn{i + 1}")(x), 0.2)
+      x = nn.leaky_relu(bn(1e-5 if self.style == "zju" else 0.8, f"bn{i + 1}")(x), 0.2)
     x = Conv(self.channels, (3, 3), padding=1, dtype=self.dtype, platform=self.platform,
              name="conv_out")(x)
-    if self.style == "datafree":
-      return jax.nn.sigmoid(x).astype(jnp.promote_types(x.dtype, jnp.float32))
+    if self.style == "zju":
+      x = jax.nn.sigmoid(x)
+      return x.astype(jnp.promote_types(x.dtype, jnp.float32))
     x = jnp.tanh(x)
     if self.style == "dafl":
       x = bn(1e-5, "bn_out", use_scale=False, use_bias=False)(x)

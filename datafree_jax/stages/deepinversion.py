@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
@@ -68,7 +67,6 @@ from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 STAGE_SALT = 7                  # rng of the synthesis rounds
-COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
 TARGETS = ("random", "balanced")
 GRID_IMAGES = 100               # images of the latest round in a sample grid
 
@@ -105,11 +103,12 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, "deepinversion")
 
 
-# The pool's 8-bit form and the draws from it (image_pool.py, shared with Fast-DFKD).
+# The pool's pixels and draws (image_pool.py), under the names this module has always had.
 pixel_range = image_pool.pixel_range
 quantize = image_pool.quantize
 dequantize = image_pool.dequantize
 pool_images_fn = image_pool.pool_images_fn
+competitor_round = image_pool.competitor_round
 
 
 # --- One synthesis round ----------------------------------------------------------------------
@@ -200,16 +199,6 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
   return dict(state, pool=pool, step=r + 1), metrics
 
 
-def competitor_round(kd_steps: int, distill, state, teacher_vars):
-  """kd_steps steps of students.distill_step (`distill`: its partial up to the state) for the
-  competing student on the rounds in the pool so far (state['step'] of them)."""
-  first = (state["step"] - 1) * kd_steps + COMPETITOR_STEP_OFFSET
-  return image_pool.distill_on_pool(kd_steps, distill, state, teacher_vars, first, state["step"])
-
-
-teacher_has_bn = bn_stats.teacher_has_bn
-
-
 class Synthesis(stage_lib.Stage):
   """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
   C) uint8, replicated, round r filled by step r."""
@@ -220,11 +209,7 @@ class Synthesis(stage_lib.Stage):
     d = config.deepinversion
     parallel.check_global_batch(d.batch_size)
     parallel.check_global_batch(config.student.batch_size)
-    if d.w_bn > 0 and not teacher_has_bn(config, info):
-      raise config_lib.ConfigError(
-          f"deepinversion.w_bn={d.w_bn} asks for the BN feature-distribution regulariser, but "
-          f"the teacher {config.teacher.model!r} has no BatchNorm layers; use a teacher with BN "
-          "(e.g. teacher.model='lenet5_bn') or set deepinversion.w_bn=0")
+    image_pool.check_teacher_bn(config, info, "deepinversion")
     if d.w_adv > 0 and d.kd_steps == 0:
       log.warn("deepinversion.w_adv > 0 with kd_steps=0: the images compete with an untrained "
                "student")
@@ -249,7 +234,7 @@ class Synthesis(stage_lib.Stage):
     def init():
       _, svars, sopt = students.init_student(
           config, info, tx_s, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
-      return {"pool": image_pool.empty(d.rounds, d.batch_size, info),
+      return {"pool": jnp.zeros((d.rounds, d.batch_size) + tuple(info.image_shape), jnp.uint8),
               "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
     if abstract:
       state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
@@ -285,7 +270,7 @@ class Synthesis(stage_lib.Stage):
     n = min(ctx.config.deepinversion.batch_size, GRID_IMAGES)
 
     def latest(state):
-      return image_pool.latest_round(state, n, info)
+      return image_pool.latest_round(state, info, n)
     d = ctx.config.deepinversion
     return stage_lib.Plan(
         state=state, step=step,
@@ -323,75 +308,5 @@ class Synthesis(stage_lib.Stage):
 SYNTHESIS = Synthesis()
 
 
-def load_pool(path: str, info, mesh) -> tuple:
-  """(pool, meta) of the finished synthesis checkpoint at `path`, the pool replicated on
-  `mesh`. Raises CheckpointError when there is none, it is unfinished or made for other
-  images."""
-  d = ckpt_lib.stage_directory(path, SYNTHESIS.name)
-  hint = "run the deepinversion stage first (stage=deepinversion or stage=all)"
-  if not paths.isdir(d):
-    raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
-  ckpt = ckpt_lib.StageCheckpoints(d, create=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise ckpt_lib.CheckpointError(f"no DeepInversion image pool in {d}; {hint}")
-    meta = ckpt.restore_meta(step)
-    if meta.get("kind") != "deepinversion_pool":
-      raise ckpt_lib.CheckpointError(f"the checkpoint in {d} is not a DeepInversion image pool")
-    if not meta.get("done"):
-      raise ckpt_lib.CheckpointError(
-          f"the DeepInversion image pool in {d} is unfinished (round {step} of "
-          f"{meta.get('total_steps')}); run the deepinversion stage again to finish it")
-    if tuple(meta.get("image_shape", ())) != tuple(info.image_shape):
-      raise ckpt_lib.CheckpointError(
-          f"the DeepInversion image pool in {d} holds {tuple(meta.get('image_shape', ()))} "
-          f"images, but dataset {info.name!r} has {tuple(info.image_shape)} images")
-    target = ckpt_lib.abstract_like(ckpt.item_shapes(step, "state"), parallel.replicated(mesh))
-    pool = ckpt.restore(step, "state", target)["pool"]
-  finally:
-    ckpt.close()
-  return pool, dict(meta, directory=d)
-
-
-class DistillPool(students.Distill):
-  """A fresh student distilled on the finished pool of <workdir>/deepinversion."""
-
-  def __init__(self):
-    super().__init__(SYNTHESIS.name)
-
-  def prepare(self, ctx, finished):
-    if not finished and SYNTHESIS.name not in ctx.running:  # Load it before writing.
-      self._pool(ctx)
-
-  def _pool(self, ctx):
-    key = "deepinversion_pool"
-    if key not in ctx.outputs:
-      mesh = parallel.make_mesh("data")
-      done = ctx.outputs.get(SYNTHESIS.name)
-      if done is not None and done.state is not None:
-        ctx.outputs[key] = (done.state["pool"], dict(done.meta, directory=done.directory))
-      else:
-        ctx.outputs[key] = load_pool(directory(ctx.workdir), ctx.info, mesh)
-    return ctx.outputs[key]
-
-  def source_images(self, ctx, mesh):
-    pool, meta = self._pool(ctx)
-    if meta.get("teacher_model") != ctx.config.teacher.model:
-      log.warn(f"the image pool in {meta['directory']} was synthesised from a "
-               f"{meta.get('teacher_model')!r} teacher; distilling from a "
-               f"{ctx.config.teacher.model!r}")
-    source = {"pool": pool, "filled": parallel.put_replicated(
-        jnp.asarray(pool.shape[0], jnp.int32), mesh)}
-    return pool_images_fn(ctx.info), None, source, {
-        "pool": meta["directory"], "pool_images": int(pool.shape[0] * pool.shape[1])}
-
-  def abstract_source(self, ctx, mesh):
-    d, rep = ctx.config.deepinversion, parallel.replicated(mesh)
-    source = {"pool": jax.ShapeDtypeStruct((d.rounds, d.batch_size) + tuple(ctx.info.image_shape),
-                                           jnp.uint8, sharding=rep),
-              "filled": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
-    return pool_images_fn(ctx.info), None, source
-
-
-DISTILL = DistillPool()
+DISTILL = image_pool.DistillPool(SYNTHESIS.name, "deepinversion", "deepinversion_pool",
+                                  "DeepInversion")

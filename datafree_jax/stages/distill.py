@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from datafree_jax import input_pipeline
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import stage as stage_lib
@@ -22,6 +23,14 @@ def directory(workdir: str, source: str) -> str:
 def data_images(key, n, batch, source):  # pylint: disable=unused-argument
   """The real training batch (images, labels) of the step."""
   return batch[0]
+
+
+def normalized_data_images(info):
+  """data_images of a dataset whose training batches may be uint8 (streamed): the images
+  normalised on the device (input_pipeline.normalize_images)."""
+  def images_fn(key, n, batch, source):  # pylint: disable=unused-argument
+    return input_pipeline.normalize_images(batch[0], info)
+  return images_fn
 
 
 def noise_images(image_shape):
@@ -43,7 +52,8 @@ class RealOrNoise(students.Distill):
     if self.source == "data":
       batches = ctx.data["train"].train_batches(
           parallel.check_global_batch(ctx.config.student.batch_size), ctx.config.seed + 1)
-      return data_images, lambda step: parallel.global_batch(batches(step), mesh), None, {}
+      return (normalized_data_images(ctx.info), parallel.PrefetchedBatches(batches, mesh), None,
+              {})
     return noise_images(ctx.info.image_shape), None, None, {}
 
   def abstract_source(self, ctx, mesh):
@@ -51,8 +61,9 @@ class RealOrNoise(students.Distill):
     run: nothing read or loaded."""
     if self.source == "data":
       batch = stage_lib.abstract_batch(ctx.config.student.batch_size, ctx.info.image_shape,
-                                     parallel.split_leading(mesh))
-      return data_images, batch, None
+                                       parallel.split_leading(mesh),
+                                       input_pipeline.train_image_dtype(ctx.info))
+      return normalized_data_images(ctx.info), batch, None
     return noise_images(ctx.info.image_shape), None, None
 
 

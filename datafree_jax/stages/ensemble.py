@@ -36,6 +36,11 @@ member as it is split over the devices (nothing is gathered), the real G first, 
 is stored in the checkpoint's meta. A run resumes only on a device count that gives the same
 padding; the distillation stage loads the generators on any device count.
 
+The final checkpoint holds 'generators' (params and BN state: what distillation reads) and
+'resume' (the optimiser state and step: only for continuing the stage to more steps; it may be
+deleted, checkpoints.py), not a second copy of the parameters; periodic checkpoints hold the
+whole state as 'state'.
+
 Stage 'distill_generators' (Luo et al.'s second stage; config.stage 'distill'): the student
 learns KL(T || S) on images of the frozen generators, drawn inside the jitted step: each draw is
 one generator's batch of batch_per_generator images (the BN batch it was trained with; BN in
@@ -58,6 +63,7 @@ from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import generator_parts
+from datafree_jax import image_pool
 from datafree_jax import log
 from datafree_jax import models
 from datafree_jax import parallel
@@ -384,13 +390,6 @@ def generator_gflop(gen: models.Generator, batch: int, platform: str) -> float:
   return stage_lib.cost_flops(lowered.cost_analysis()) / 1e9
 
 
-def teacher_has_bn(config, info) -> bool:
-  shapes = jax.eval_shape(lambda: models.get_classifier(
-      config.teacher.model, info.num_classes, config.teacher.width).init(
-          jax.random.key(0), jnp.zeros((1,) + info.image_shape), train=False))
-  return bool(shapes.get("batch_stats"))
-
-
 class Generators(stage_lib.Stage):
   """Trains the ensemble. Its output is the 'generators' item of the final checkpoint (the
   members' params and BN state, the real G first), which stage 'distill_generators' loads. An
@@ -402,7 +401,7 @@ class Generators(stage_lib.Stage):
   def check(self, config, info):
     e = config.ensemble
     generator_parts.check_generator_fits(config, info)
-    if e.w_mm > 0 and not teacher_has_bn(config, info):
+    if e.w_mm > 0 and not image_pool.teacher_has_bn(config, info):
       raise config_lib.ConfigError(
           f"ensemble.w_mm={e.w_mm} asks for BN moment matching, but the teacher "
           f"{config.teacher.model!r} has no BatchNorm layers; use a teacher with BN (e.g. "
@@ -445,6 +444,7 @@ class Generators(stage_lib.Stage):
         eval_every=e.eval_every, meta=meta, resume_keys=("padded",),
         final_items=lambda s: {"generators": {"params": s["params"],
                                               "batch_stats": s["batch_stats"]}},
+        final_state_item="generators",
         on_eval=_grid_writer(ctx, ens, e.batch_per_generator))
 
   def programs(self, ctx):
@@ -477,7 +477,10 @@ class Generators(stage_lib.Stage):
             (ens.state, ens.consts, ctx.teacher["variables"]), trips=chunks, kind="eval"),
         stage_lib.Program(f"sample grid: {grid_n} samples of {grid_g} generators", grid,
                           (ens.state, ens.consts), kind="eval"),
-        stage_lib.restore_program("generators", member_state)]
+        stage_lib.restore_program(
+            "generators", member_state, ens.state,
+            {"generators": {"params": ens.state["params"],
+                            "batch_stats": ens.state["batch_stats"]}}, "generators")]
 
   def summarize(self, ctx, done):
     return {"generators": {"num_generators": done.meta["num_generators"],

@@ -4,7 +4,7 @@ scripts/fast_cifar.sh).
 
 Stage 'fast' (checkpoints in <workdir>/fast/, settings config.fast): one loop step is one round
 r = 0 .. rounds - 1 (the authors' "epoch"), and the stage's student is the run's student.
-  1. Synthesis from the meta-generator G_meta (models.Generator style 'datafree': pixels in
+  1. Synthesis from the meta-generator G_meta (models.Generator style 'zju': pixels in
      [0, 1], normalised before the teacher sees them). The round copies it, G = G_meta, draws
      latents z ~ N(0, I) (batch_size x latent_dim) and targets y (random classes), and takes
      `iterations` inner Adam steps (G at lr_g, z at lr_z, betas (b1, b2), fresh every round) on
@@ -57,7 +57,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from datafree_jax import bn_stats
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
@@ -82,7 +81,7 @@ CONFIG_SECTIONS = {"fast": {
     "warmup": (20, config_lib.NON_NEGATIVE_INT),     # rounds before the student learns
     "iterations": (10, config_lib.POSITIVE_INT),     # inner steps per round (Fast-10)
     "batch_size": (256, config_lib.POSITIVE_INT),    # images per round
-    # The generator (models.Generator style 'datafree'; width = 2 x the authors' ngf).
+    # The generator (models.Generator style 'zju'; width = 2 x the authors' ngf).
     "latent_dim": (256, config_lib.POSITIVE_INT),
     "width": (128, config_lib.POSITIVE_INT),
     "num_upsample": (2, config_lib.NON_NEGATIVE_INT),
@@ -107,7 +106,7 @@ CONFIG_SECTIONS = {"fast": {
 
 def make_generator(config, info):
   f = config.fast
-  return generator_parts.make_generator(f, info, style="datafree",
+  return generator_parts.make_generator(f, info, style="zju",
                                         dtype=common.compute_dtype(config),
                                         platform=platforms.of_config(config))
 
@@ -124,7 +123,7 @@ def round_loss(fcfg, info, gen, teacher_model, student_model, augment, params, z
   """L(G, z) of the module docstring: (loss, (terms, pixels in [0, 1], the generator's new
   batch_stats, the teacher's BN input moments or {})). Pure."""
   pixels, new_bs = generator_parts.generate(gen, params, batch_stats, z)
-  x = image_pool.normalise(pixels, info)
+  x = image_pool.normalize(pixels, info)
   if augment["pad"] or augment["flip"]:
     x = students.random_shift(key, x, **augment)
   logits, _, moments = generator_parts.teacher_forward(teacher_model, teacher_vars, x,
@@ -211,7 +210,7 @@ def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_met
   m = fcfg.bn_momentum
   previous = jax.tree.map(lambda p, new: jnp.where(r > 0, m * p + (1.0 - m) * new, new),
                           previous, moments)
-  images = image_pool.normalise(best, info)
+  images = image_pool.normalize(best, info)
   logits = teacher_model.apply(teacher_vars, images, train=False)
   pool = jax.lax.dynamic_update_index_in_dim(state["pool"], image_pool.quantize(images, info),
                                              r, 0)
@@ -255,11 +254,7 @@ class FastSynthesis(stage_lib.Stage):
       raise config_lib.ConfigError(
           f"fast.warmup={f.warmup} leaves none of the fast.rounds={f.rounds} rounds to the "
           "student; use warmup < rounds")
-    if f.w_bn > 0 and not bn_stats.teacher_has_bn(config, info):
-      raise config_lib.ConfigError(
-          f"fast.w_bn={f.w_bn} asks for the BN feature regulariser, but the teacher "
-          f"{config.teacher.model!r} has no BatchNorm layers; use a teacher with BN "
-          "(e.g. teacher.model='lenet5_bn') or set fast.w_bn=0")
+    image_pool.check_teacher_bn(config, info, "fast")
 
   def steps(self, config):
     return config.fast.rounds
@@ -336,7 +331,7 @@ class FastSynthesis(stage_lib.Stage):
                                                  mesh),
         eval_every=f.eval_every, checkpoint_every=f.checkpoint_every or None,
         on_eval=students.make_sample_writer(
-            ctx, lambda s: image_pool.latest_round(s, n, info), self.name),
+            ctx, lambda s: image_pool.latest_round(s, info, n), self.name),
         meta={"kind": "fast_pool", "dataset": info.name, "method": ctx.config.method})
 
   def programs(self, ctx):

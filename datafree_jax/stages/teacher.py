@@ -54,9 +54,11 @@ def supervised_loss(model, params, batch_stats, images, labels):
   return losses.cross_entropy(logits, labels), (logits, upd.get("batch_stats", {}))
 
 
-def train_step(model, tx, aug: dict, seed: int, state, batch):
-  """One supervised step on cross-entropy, images randomly shifted (and flipped)."""
+def train_step(model, tx, aug: dict, seed: int, info, state, batch):
+  """One supervised step on cross-entropy, images randomly shifted (and flipped). uint8
+  images (streamed datasets) are normalised here, on the device, with info's mean/std."""
   images, labels = batch
+  images = input_pipeline.normalize_images(images, info)
   key = common.step_key(seed, STAGE_SALT, state["step"])
   images = students.random_shift(key, images, **aug)
   (loss, (logits, new_bs)), grads = jax.value_and_grad(supervised_loss, argnums=1, has_aux=True)(
@@ -136,8 +138,7 @@ class Teacher(stage_lib.Stage):
 
     return stage_lib.Plan(
         state=state, step=step_jit,
-        batches=None if local is None else (
-            lambda step: parallel.global_batch(local(step), mesh)),
+        batches=None if local is None else parallel.PrefetchedBatches(local, mesh),
         evaluate=evaluation.make_classifier_eval(model, lambda s: s, ctx.data, mesh),
         eval_every=cfg.eval_every, meta={"dataset": info.name}, final_items=final_items)
 
@@ -155,7 +156,8 @@ class Teacher(stage_lib.Stage):
                                     "opt_state": jax.eval_shape(tx.init, params),
                                     "step": jax.ShapeDtypeStruct((), jnp.int32)}, rep)
     b = cfg.batch_size
-    batch = stage_lib.abstract_batch(b, info.image_shape, split)
+    batch = stage_lib.abstract_batch(b, info.image_shape, split,
+                                     input_pipeline.train_image_dtype(info))
     stats = {}
     if batch_stats:
       k = info.num_classes
@@ -171,7 +173,10 @@ class Teacher(stage_lib.Stage):
     return [stage_lib.Program(f"train step, batch {b}", step_jit, (state, batch), state=state,
                               steps=cfg.steps),
             evaluation,
-            stage_lib.restore_program("teacher", state)]
+            stage_lib.restore_program(
+                "teacher", state, final_items=dict(
+                    {"teacher": abstract_vars},
+                    **({"bn_stats": ctx.teacher["bn_stats"]} if stats else {})))]
 
   def load(self, ctx) -> dict:
     """The frozen teacher of the finished teacher stage in ctx.workdir (or config.teacher's
@@ -197,7 +202,7 @@ def _build(config, info, mesh):
   tx = common.make_optimizer(cfg, cfg.steps)
   rep = parallel.replicated(mesh)
   step_jit = jax.jit(functools.partial(train_step, model, tx, students.augmentation(cfg, info),
-                                       config.seed),
+                                       config.seed, info),
                      out_shardings=(rep, rep), donate_argnums=(0,))
   return model, tx, step_jit
 
