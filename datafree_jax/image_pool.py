@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from datafree_jax import checkpoints as ckpt_lib
+from datafree_jax import common
 from datafree_jax import config_lib
 from datafree_jax import log
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
+from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
@@ -202,3 +204,32 @@ class DistillPool(students.Distill):
                                            jnp.uint8, sharding=rep),
               "filled": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)}
     return pool_images_fn(ctx.info), None, source
+
+
+# --- The synthesis stages' programs and summary ------------------------------------------------
+
+def synthesis_programs(ctx, name: str, round_label: str, cfg, state, student, synth, compete,
+                       mesh) -> list:
+  """The dry run's programs of a synthesis stage `name` on a pool (cfg: its config section,
+  with rounds, iterations, kd_steps): a synthesis round (`round_label`), the competing
+  student's steps (when `compete`), its evaluation and the restore."""
+  tvars = ctx.teacher["variables"]
+  out = [stage_lib.Program(round_label, synth, (state,), {"teacher_vars": tvars}, state=state,
+                           trips=cfg.iterations, steps=cfg.rounds)]
+  if compete is not None:
+    out.append(stage_lib.Program(
+        f"competing student: {cfg.kd_steps} steps of batch {ctx.config.student.batch_size}",
+        compete, (state,), {"teacher_vars": tvars}, state=state, trips=cfg.kd_steps,
+        steps=cfg.rounds))
+  s = state["student"]
+  out.append(stage_lib.classifier_eval_program(
+      "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
+      ctx.info, mesh))
+  out.append(stage_lib.restore_program(name, state))
+  return out
+
+
+def round_summary(name: str, batch_size: int, done) -> dict:
+  """The summary entry of synthesis stage `name`: rounds, images, evaluation, checkpoint."""
+  return {name: {"rounds": done.step, "images": done.step * batch_size,
+                 "eval": done.eval, "checkpoint": done.directory}}

@@ -456,27 +456,12 @@ class Synthesis(stage_lib.Stage):
   def programs(self, ctx):
     c = ctx.config.cmi
     state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    tvars = ctx.teacher["variables"]
-    out = [stage_lib.Program(
-        f"synthesis round: {c.iterations} generator steps on {c.batch_size} images", synth,
-        (state,), {"teacher_vars": tvars}, state=state, trips=c.iterations, steps=c.rounds)]
-    if compete is not None:
-      out.append(stage_lib.Program(
-          f"competing student: {c.kd_steps} steps of batch {ctx.config.student.batch_size}",
-          compete, (state,), {"teacher_vars": tvars}, state=state, trips=c.kd_steps,
-          steps=c.rounds))
-    s = state["student"]
-    out.append(stage_lib.classifier_eval_program(
-        "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
-        ctx.info, mesh))
-    out.append(stage_lib.restore_program(self.name, state))
-    return out
+    return image_pool.synthesis_programs(
+        ctx, self.name, f"synthesis round: {c.iterations} generator steps on {c.batch_size} images", c,
+        state, student, synth, compete, mesh)
 
   def summarize(self, ctx, done):
-    c = ctx.config.cmi
-    return {self.name: {"rounds": done.step, "images": done.step * c.batch_size,
-                        "eval": done.eval, "checkpoint": done.directory}}
-
+    return image_pool.round_summary(self.name, ctx.config.cmi.batch_size, done)
 
 SYNTHESIS = Synthesis()
 DISTILL = image_pool.DistillPool(SYNTHESIS.name, "cmi", "cmi_pool", "CMI")

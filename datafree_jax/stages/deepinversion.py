@@ -283,27 +283,12 @@ class Synthesis(stage_lib.Stage):
   def programs(self, ctx):
     d = ctx.config.deepinversion
     state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    tvars = ctx.teacher["variables"]
-    out = [stage_lib.Program(
-        f"synthesis round: {d.iterations} iterations on {d.batch_size} images", synth,
-        (state,), {"teacher_vars": tvars}, state=state, trips=d.iterations, steps=d.rounds)]
-    if compete is not None:
-      out.append(stage_lib.Program(
-          f"competing student: {d.kd_steps} steps of batch {ctx.config.student.batch_size}",
-          compete, (state,), {"teacher_vars": tvars}, state=state, trips=d.kd_steps,
-          steps=d.rounds))
-    s = state["student"]
-    out.append(stage_lib.classifier_eval_program(
-        "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
-        ctx.info, mesh))
-    out.append(stage_lib.restore_program(self.name, state))
-    return out
+    return image_pool.synthesis_programs(
+        ctx, self.name, f"synthesis round: {d.iterations} iterations on {d.batch_size} images", d,
+        state, student, synth, compete, mesh)
 
   def summarize(self, ctx, done):
-    d = ctx.config.deepinversion
-    return {self.name: {"rounds": done.step, "images": done.step * d.batch_size,
-                        "eval": done.eval, "checkpoint": done.directory}}
-
+    return image_pool.round_summary(self.name, ctx.config.deepinversion.batch_size, done)
 
 SYNTHESIS = Synthesis()
 
