@@ -95,18 +95,13 @@ def _events(path: str):
     pos = end + 4
 
 
-def read_scalars(event_dir: str) -> dict:
-  """The scalars of the event files under local directory `event_dir`.
-
-  Returns {stage: {'eval/<metric>' or 'train/<metric>': (steps, values)}}, each curve sorted by
-  step as int64 / float64 arrays. clu's SummaryWriter writes scalars as 0-d tensors (no
-  `simple_value`); both forms are read. Raises OSError when `event_dir` is no directory,
-  ValueError for a corrupt event file.
-  """
+def _points(event_dir: str) -> dict:
+  """{(stage, 'eval/<metric>' or 'train/<metric>'): [(wall_time, order, step, value)]} of the
+  scalar events under local directory `event_dir`, `order` counting them as written."""
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(event_dir):
     raise NotADirectoryError(f"no event directory {event_dir}")
-  points: dict = {}   # (stage, key) -> [(wall_time, order, step, value)]
+  points: dict = {}
   order = 0
   for path in _event_files(event_dir):
     for event in _events(path):
@@ -128,13 +123,36 @@ def read_scalars(event_dir: str) -> dict:
         order += 1
         key = (m["stage"], f"{m['kind']}/{m['metric']}")
         points.setdefault(key, []).append((event.wall_time, order, int(event.step), x))
+  return points
+
+
+def read_scalars(event_dir: str) -> dict:
+  """The scalars of the event files under local directory `event_dir`.
+
+  Returns {stage: {'eval/<metric>' or 'train/<metric>': (steps, values)}}, each curve sorted by
+  step as int64 / float64 arrays. clu's SummaryWriter writes scalars as 0-d tensors (no
+  `simple_value`); both forms are read. Raises OSError when `event_dir` is no directory,
+  ValueError for a corrupt event file.
+  """
   out: dict = {}
-  for (stage, key), pts in points.items():
+  for (stage, key), pts in _points(event_dir).items():
     by_step = {}
     for _, _, step, x in sorted(pts):   # in writing order: a rewritten step keeps its last value
       by_step[step] = x
     steps = np.array(sorted(by_step), np.int64)
     out.setdefault(stage, {})[key] = (steps, np.array([by_step[s] for s in steps], np.float64))
+  return out
+
+
+def scalar_events(event_dir: str, key: str = "eval/accuracy") -> dict:
+  """{stage: [(wall_time, step, value)]}: every event of scalar `key` ('eval/<metric>' or
+  'train/<metric>') under local directory `event_dir`, in the order written, with the Unix time
+  at which it was written (what read_scalars leaves out; a resumed stage's rewritten steps are
+  all kept). Raises as read_scalars."""
+  out: dict = {}
+  for (stage, k), pts in _points(event_dir).items():
+    if k == key:
+      out[stage] = [(t, step, x) for t, _, step, x in sorted(pts)]
   return out
 
 

@@ -114,6 +114,32 @@ def test_stage_tags_resume_and_old_tags(tmp_path):
   assert plots.accuracy_curves(plots.read_scalars(str(cut)))["teacher"][0].tolist() == [10, 20]
 
 
+def test_scalar_events_keep_wall_times_and_rewritten_steps(tmp_path):
+  """scalar_events: every event of one tag per stage, in writing order, with the time it was
+  written (between the clock readings around the write), a resumed step kept twice."""
+  import time  # pylint: disable=g-import-not-at-top
+  from datafree_jax import log, plots  # pylint: disable=g-import-not-at-top
+  logdir = str(tmp_path / "tb")
+  w = log.LazyWriter(logdir)
+  t0 = time.time()
+  w.write_scalars(10, {"teacher/eval/accuracy": 0.5, "distill/train/loss": 2.0})
+  w.flush()
+  time.sleep(0.05)
+  t1 = time.time()
+  w.write_scalars(20, {"distill/eval/accuracy": 0.9})
+  w.write_scalars(20, {"distill/eval/accuracy": 0.95})     # resumed at step 20
+  w.close()
+  t2 = time.time()
+  events = plots.scalar_events(logdir)
+  assert set(events) == {"teacher", "distill"}
+  ((wall, step, acc),) = events["teacher"]
+  assert (step, acc) == (10, 0.5) and t0 - 1e-3 <= wall <= t1
+  assert [(s, round(a, 6)) for _, s, a in events["distill"]] == [(20, 0.9), (20, 0.95)]
+  assert all(t1 - 1e-3 <= t <= t2 for t, _, _ in events["distill"])
+  ((wall, step, loss),) = plots.scalar_events(logdir, "train/loss")["distill"]
+  assert (step, loss) == (10, 2.0) and t0 - 1e-3 <= wall <= t1
+
+
 def test_remote_workdir(tmp_path, monkeypatch):
   """A remote workdir: the writer stages events locally (local_dir) and copies them; the plots
   read them back through the path layer and write through it (a fake:// store here)."""
