@@ -7,6 +7,8 @@ Entries:
   dafl_step_speed        s/step of the DAFL step (mnist5k and paper sizes), the project's only
   ensemble_step_speed    the ensemble step's lowerings side by side
   mnist5k_table          the accuracy tables of the README's Results (seeds, methods, wall time)
+  methods_table          every method on mnist5k on one wall-clock budget: final accuracy over
+                         seeds, time to 90% and 95%
   dafl_torch_reference   the mnist5k DAFL parity with the authors' loop: step agreement, accuracy
   dafl_cifar_torch_check the CIFAR-10 DAFL step against the authors' code, with tolerances
   imagenet_sizing        the ImageNet dry runs for each student and device count

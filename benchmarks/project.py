@@ -249,6 +249,12 @@ def accuracy_curves(run_dir: str) -> dict:
   return plots.accuracy_curves(plots.read_workdir_scalars(run_dir))
 
 
+def scalar_events(event_dir: str, key: str = "eval/accuracy") -> dict:
+  """{stage: [(wall_time, step, value)]} of scalar `key` in a local event directory, in the
+  order written (plots.scalar_events)."""
+  return plots.scalar_events(event_dir, key)
+
+
 def write_accuracy_figure(path: str, curves: dict, title: str):
   """Draws plots.accuracy_figure of `curves` ({label: [runs]}) into `path`."""
   paths.write_bytes(path, plots.accuracy_figure(curves, title))

@@ -197,3 +197,102 @@ def test_accelerator_script_runs_the_chosen_steps(tmp_path):
   assert len(runs) == 1 and runs[0].startswith("-m datafree_jax.main"), calls
   assert "## Step 3: " in text and "## Step 1: " not in text
   assert "step 1: DAFL steps: mnist5k, paper MNIST, CIFAR-10 at batch 1024: skipped" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks.methods_table: every method on one wall-clock budget.
+
+
+def test_methods_table_covers_every_registered_method():
+  """Every method the package registers (the teacher alone is no method to compare) is in the
+  table, with its run's command line; the synthesis stages that train a student inside them
+  are evaluated every 2 rounds."""
+  from benchmarks import methods_table  # pylint: disable=import-outside-toplevel
+  from datafree_jax import registry  # pylint: disable=import-outside-toplevel
+  assert set(methods_table.METHODS) == set(registry.names()) - {"teacher"}
+  assert set(methods_table.LABELS) == set(methods_table.METHODS)
+  for m in methods_table.METHODS:
+    flags = methods_table.run_flags(m, 2, "/w/x", ["student.steps=7"])
+    assert flags[:3] == [f"--config=mnist5k:method={m},seed=2,teacher=lenet5_bn",
+                         "--workdir=/w/x", "--config.student.eval_every=100"]
+    assert flags[-1] == "--config.student.steps=7"
+    assert (f"--config.{m}.eval_every=2" in flags) == (m in ("deepinversion", "cmi", "fast"))
+
+
+def test_methods_table_measures_a_run_from_its_evaluations():
+  """measure: the teacher's evaluations and those after the budget do not count; the time to
+  a threshold is from the process's start to the first evaluation at or above it; a finished
+  run's final accuracy is its final student's, a stopped run's its last evaluation."""
+  from benchmarks import methods_table  # pylint: disable=import-outside-toplevel
+  start = 1000.0
+  events = {"teacher": [(1001.0, 10, 0.99)],
+            "deepinversion": [(1010.0, 2, 0.50), (1030.0, 4, 0.91)],
+            "distill_deepinversion": [(1040.0, 100, 0.89), (1050.0, 200, 0.96),
+                                      (1070.0, 300, 0.97)]}
+  evs = methods_table.student_evaluations(events)
+  assert [e[1] for e in evs] == ["deepinversion"] * 2 + ["distill_deepinversion"] * 3
+  stopped = methods_table.measure(evs, start, deadline=1060.0)
+  assert stopped == {"final": 0.96, "reached": {"0.9": 30.0, "0.95": 50.0}, "evaluations": 4}
+  early = methods_table.measure(evs, start, deadline=1020.0)
+  assert early == {"final": 0.5, "reached": {"0.9": None, "0.95": None}, "evaluations": 1}
+  done = methods_table.measure(evs, start, deadline=1100.0, finished_accuracy=0.975)
+  assert done["final"] == 0.975 and done["reached"]["0.95"] == 50.0
+  assert methods_table.measure([], start, 1100.0)["final"] is None
+
+
+def test_methods_table_rows():
+  """table: mean +- std of the final accuracies, stopped runs marked, the mean time to a
+  threshold over the runs that reached it with their count."""
+  from benchmarks import methods_table  # pylint: disable=import-outside-toplevel
+
+  def rec(method, final, finished, t90, wall):
+    return {"method": method, "final": final, "finished": finished, "wall": wall,
+            "exit": wall + 1.0, "cpu": 1.5 * (wall + 1.0), "reached": {"0.9": t90, "0.95": None}}
+
+  lines = methods_table.table([rec("fast", 0.9, True, 100.0, 200.0),
+                               rec("fast", 0.8, False, None, 600.0),
+                               rec("cmi", None, False, None, 600.0)], ["fast", "cmi", "dafl"])
+  assert len(lines) == 4   # header, rule, two methods (dafl has no runs)
+  cells = [c.strip() for c in lines[2].strip("|").split("|")]
+  assert cells == ["Fast-DFKD", "85.00 +- 5.00", "90.00, 80.00*", "100 s (1/2)",
+                   "not reached (0/2)", "400 s", "1.50", "1/2"]
+  cells = [c.strip() for c in lines[3].strip("|").split("|")]
+  assert cells[:3] == ["CMI", "no evaluation", "-"] and cells[-1] == "0/1"
+
+
+@pytest.mark.slow  # a teacher and two command-line runs
+def test_methods_table_runs_and_stops_at_the_budget(tmp_path):
+  """The benchmark end to end at a tiny size: a run that ends within its budget reports its
+  final student, one that does not is stopped (SIGTERM, a preemption checkpoint) and reports
+  its last evaluation before the budget; a second call reuses both records."""
+  import json  # pylint: disable=import-outside-toplevel
+  work = str(tmp_path / "mt")
+  cmd = [sys.executable, "-m", "benchmarks.methods_table", "--methods=kd_data,kd_noise",
+         "--seeds=0", "--budget=45", f"--workdir={work}", "--set", "teacher.steps=60",
+         "--set", "student.steps=200"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO_ROOT)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  rows = json.load(open(os.path.join(work, "methods_table.json"), encoding="utf-8"))["records"]
+  assert [r["method"] for r in rows] == ["kd_data", "kd_noise"]
+  for r in rows:
+    assert r["finished"] and not r["stopped"] and r["returncode"] == 0, r
+    assert r["evaluations"] >= 2 and 0 < r["wall"] < 45
+  assert rows[0]["final"] > 0.5
+  assert "| KD with data (upper bound) |" in out.stdout and "avx2" in out.stdout
+  # Too short a budget for the same runs: stopped, SIGTERM's exit code, nothing after it counts.
+  stopped = subprocess.run(cmd[:5] + ["--budget=20"] + cmd[6:] + ["--set",
+                                                                   "student.steps=100000"],
+                           capture_output=True, text=True, timeout=400, cwd=REPO_ROOT)
+  assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+  rows = json.load(open(os.path.join(work, "methods_table.json"), encoding="utf-8"))["records"]
+  for r in rows:
+    assert r["stopped"] and not r["finished"] and r["returncode"] == 143 and r["wall"] == 20
+    assert all(t <= 20 for t, *_ in r["curve"][:r["evaluations"]])
+  assert "preempted (SIGTERM)" in open(os.path.join(work, "seed0", "kd_noise", "run.log"),
+                                       encoding="utf-8").read()
+  again = subprocess.run(cmd[:5] + ["--budget=20"] + cmd[6:] + ["--set",
+                                                                "student.steps=100000"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+  assert again.returncode == 0 and "at most 20 s" in again.stdout
+  assert json.load(open(os.path.join(work, "methods_table.json"),
+                        encoding="utf-8"))["records"] == rows
