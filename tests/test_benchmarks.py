@@ -354,8 +354,9 @@ def test_method_table_hours_are_calls_times_measured_seconds(tmp_path, method_ta
 
 
 def test_method_table_reads_a_runs_accuracy(tmp_path, method_table):
-  """The final accuracy from results.json; else the student stage's last eval/accuracy event,
-  or a competing student's before the student stage evaluated; seconds from the run's start."""
+  """The final accuracy from results.json; else the student stage's last eval/accuracy event
+  (whatever other stages wrote later), or before the student stage evaluated a competing
+  student's, never the teacher's; seconds from the run's start."""
   from datafree_jax import log  # pylint: disable=import-outside-toplevel
   done, cut, early, none = (tmp_path / n for n in ("done", "cut", "early", "none"))
   done.mkdir()
@@ -364,12 +365,12 @@ def test_method_table_reads_a_runs_accuracy(tmp_path, method_table):
   start = time.time() - 100
   w = log.LazyWriter(str(cut / "tensorboard"))
   w.write_scalars(10, {"teacher/eval/accuracy": 0.95, "distill_cmi/eval/accuracy": 0.5})
-  w.write_scalars(20, {"cmi/eval/accuracy": 0.7})
   w.write_scalars(30, {"distill_cmi/eval/accuracy": 0.6})
+  w.write_scalars(20, {"cmi/eval/accuracy": 0.7})    # written later, not the student stage's
   w.close()
   w = log.LazyWriter(str(early / "tensorboard"))
-  w.write_scalars(5, {"teacher/eval/accuracy": 0.95})
   w.write_scalars(400, {"cmi/eval/accuracy": 0.3})
+  w.write_scalars(5, {"teacher/eval/accuracy": 0.95})   # written later, but the teacher's
   w.close()
   none.mkdir()
   tsv = tmp_path / "runs.tsv"
