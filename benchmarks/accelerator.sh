@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Step speed (this project's JAX steps beside their PyTorch references) and the ImageNet sizing
-# dry run on a GPU or TPU host, into one results file.
+# Step speed (this project's JAX steps beside their PyTorch references), the ImageNet sizing
+# dry run and every method's measured CIFAR-10 dry run (and, given the data, a time-limited run
+# of each) on a GPU or TPU host, into one results file.
 #
 #   bash benchmarks/accelerator.sh [OUT_FILE]     # default benchmarks/accelerator_results.md
 #   STEP_SPEED_ARGS="--rounds=1 --reps=1" bash benchmarks/accelerator.sh /tmp/quick.md
@@ -73,7 +74,8 @@ python=${PYTHON:-python}
 read -r -a extra <<< "${STEP_SPEED_ARGS:-}"
 read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3 4 5}"
 dry_run_json=${DRY_RUN_JSON:-benchmarks/accelerator_dry_run.json}
-read -r -a cifar10_methods <<< "${CIFAR10_METHODS:-dafl ensemble deepinversion cmi fast kd_data kd_noise}"
+cifar10_default="dafl ensemble deepinversion cmi fast kd_data kd_noise"
+read -r -a cifar10_methods <<< "${CIFAR10_METHODS:-$cifar10_default}"
 cifar10_json=${CIFAR10_DRY_RUN_JSON:-benchmarks/accelerator_cifar10_\{method\}.json}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

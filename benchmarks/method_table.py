@@ -48,13 +48,14 @@ def teacher_stage(method: str) -> str:
 
 
 def dry_run_row(method: str, data) -> list:
-  """[method, programs, measured s / call, hours] of one method's dry run JSON (None: failed)."""
+  """[method, programs, measured s / call, hours] of one method's dry run JSON (None: failed):
+  the programs of the method's own stages (the teacher's apart, restores left out)."""
   if data is None:
     return [method, "no rows: the dry run failed (its output is above)", "-", "-"]
-  rows = data.get("rows", [])
+  rows = [r for r in data.get("rows", []) if r["stage"] != teacher_stage(method)]
   compiled = [r for r in rows if r.get("kind") != "restore"]
-  own = [r for r in rows if r["stage"] != teacher_stage(method) and r.get("kind") == "train"]
-  programs = f"{len(compiled)} ({len(own)} train: " + "; ".join(
+  own = [r for r in compiled if r.get("kind") == "train"]
+  programs = f"{len(compiled)} (train: " + "; ".join(
       f"{r['stage']}: {r['label']}, {r['steps']:,} calls" for r in own) + ")"
   if not own or any(r.get("measured_s") is None for r in own):
     return [method, programs, "not measured", "-"]
