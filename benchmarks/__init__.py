@@ -14,6 +14,8 @@ Entries:
   imagenet_sizing        the ImageNet dry runs for each student and device count
   input_speed            images/s of the streamed training input against its decode floor, on a
                          locally built ImageNet-shaped JPEG dataset; host cores per accelerator host
+  accelerator_methods    accelerator.sh step 5's tables: every method's CIFAR-10 programs (measured
+                         s/call, hours of the published schedule) and its time-limited runs
   save_speed             checkpoint save times: local disk and a GCS emulator, async on and off
 Shared modules:
   common         timing, markdown tables, the machine's description, statistics

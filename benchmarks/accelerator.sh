@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Step speed (this project's JAX steps beside their PyTorch references) and the ImageNet sizing
-# dry run on a GPU or TPU host, into one results file.
+# Step speed (this project's JAX steps beside their PyTorch references), the ImageNet sizing
+# dry run and every method's measured CIFAR-10 dry run (and, given the data, a time-limited run
+# of each) on a GPU or TPU host, into one results file.
 #
 #   bash benchmarks/accelerator.sh [OUT_FILE]     # default benchmarks/accelerator_results.md
 #   STEP_SPEED_ARGS="--rounds=1 --reps=1" bash benchmarks/accelerator.sh /tmp/quick.md
@@ -32,9 +33,33 @@
 #        python -m datafree_jax.main --config=configs/imagenet.py:dry_run=True \
 #          --config.dry_run_measure=True --config.dry_run_out=JSON --config.teacher.batch_size=128 \
 #          --config.student.batch_size=128 --config.ensemble.num_generators=8 --workdir=TMP
+#   5. every method on CIFAR-10 ResNet-34 -> ResNet-18 (configs/cifar10.py, its published
+#      settings per method; CIFAR10_METHODS, default "dafl ensemble deepinversion cmi fast
+#      kd_data kd_noise"):
+#      a. per method the measuring dry run on these devices (no data, no teacher; the JSON in
+#         benchmarks/accelerator_cifar10_METHOD.json, CIFAR10_DRY_RUN_JSON with {method}):
+#           python -m datafree_jax.main --config=configs/cifar10.py:method=METHOD \
+#             --config.dry_run=True --config.dry_run_measure=True --config.dry_run_out=JSON \
+#             --workdir=TMP
+#         then one table, "method | programs | measured s / call | hours for the published
+#         schedule" (calls x measured seconds), and the teacher's hours once:
+#           python -m benchmarks.accelerator_methods --methods=M1,M2,.. --dry_runs=JSON --out=OUT_FILE
+#      b. with CIFAR10_DATA_DIR (a tfds data_dir holding cifar10) only: the teacher once
+#         (trained, at most TEACHER_BUDGET_S s, default 7200; or read from CIFAR10_TEACHER, a
+#         teacher file for --config.teacher.init_from) and copied into each method's workdir,
+#         then each method for at most METHOD_BUDGET_S s (default 1800), each run's last
+#         student test accuracy and wall time in a table (the workdirs in CIFAR10_RUNS_DIR,
+#         default a temporary directory removed at the end; each method's is started anew):
+#           python -m datafree_jax.main --config=configs/cifar10.py:stage=teacher \
+#             --config.data_dir=DIR [--config.teacher.init_from=FILE] --workdir=RUNS/teacher_run
+#           timeout METHOD_BUDGET_S python -m datafree_jax.main \
+#             --config=configs/cifar10.py:method=METHOD --config.data_dir=DIR --workdir=RUNS/METHOD
+#           python -m benchmarks.accelerator_methods --methods=M1,M2,.. --runs=RUNS/runs.tsv --out=OUT_FILE
+#      A method that fails (or whose run fails; reaching the time limit is no failure) is
+#      recorded and the others run; step 5 then fails.
 # STEP_SPEED_ARGS (words) are appended to the step_speed command lines (a later option wins:
 # STEP_SPEED_ARGS="--rounds=1 --reps=1" for a quick pass). ACCELERATOR_STEPS picks the steps
-# (default "1 2 3 4"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
+# (default "1 2 3 4 5"). PYTHON is the interpreter (default: python). On an NVIDIA host steps 1 and
 # 2 see one GPU (CUDA_VISIBLE_DEVICES, default 0), PyTorch's: both implementations on one
 # device. A failed step is recorded ("step N failed, rc=..") and the next one runs; the exit
 # status is 1 when any failed.
@@ -47,8 +72,11 @@ fi
 out=${1:-benchmarks/accelerator_results.md}
 python=${PYTHON:-python}
 read -r -a extra <<< "${STEP_SPEED_ARGS:-}"
-read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3 4}"
+read -r -a steps <<< "${ACCELERATOR_STEPS:-1 2 3 4 5}"
 dry_run_json=${DRY_RUN_JSON:-benchmarks/accelerator_dry_run.json}
+cifar10_default="dafl ensemble deepinversion cmi fast kd_data kd_noise"
+read -r -a cifar10_methods <<< "${CIFAR10_METHODS:-$cifar10_default}"
+cifar10_json=${CIFAR10_DRY_RUN_JSON:-benchmarks/accelerator_cifar10_\{method\}.json}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 log="$work/step.log"
@@ -92,6 +120,101 @@ step() {
   fi
 }
 
+# show CMD...: prints CMD as it runs (the '+ ' lines of the steps' output).
+show() {
+  echo "+ $*"
+}
+
+# cifar10_all_methods: step 5 (see the header); its tables go into the results file, a failed
+# method is recorded and the next one runs; returns 1 when any failed.
+cifar10_all_methods() {
+  local m json rc dir start end list data budget teacher_budget runs
+  local bad=() teacher_args=()
+  list=$(IFS=,; echo "${cifar10_methods[*]}")
+  echo "-- 5a. measured dry run of each method: ${cifar10_methods[*]}"
+  for m in "${cifar10_methods[@]}"; do
+    json=${cifar10_json//\{method\}/$m}
+    rm -f "$json"   # a failed dry run leaves no earlier run's rows behind
+    show "$python" -m datafree_jax.main "--config=configs/cifar10.py:method=$m" \
+      --config.dry_run=True --config.dry_run_measure=True "--config.dry_run_out=$json" \
+      "--workdir=$work/cifar10_dry_run_$m"
+    rc=0
+    "$python" -m datafree_jax.main "--config=configs/cifar10.py:method=$m" \
+      --config.dry_run=True --config.dry_run_measure=True "--config.dry_run_out=$json" \
+      "--workdir=$work/cifar10_dry_run_$m" || rc=$?
+    if ((rc != 0)); then
+      echo "cifar10 $m: dry run failed, rc=$rc"
+      bad+=("$m dry run (rc=$rc)")
+    fi
+  done
+  show "$python" -m benchmarks.accelerator_methods "--methods=$list" "--dry_runs=$cifar10_json" \
+    "--out=$out"
+  "$python" -m benchmarks.accelerator_methods "--methods=$list" "--dry_runs=$cifar10_json" \
+    "--out=$out" || bad+=("the dry runs' table (rc=$?)")
+
+  data=${CIFAR10_DATA_DIR:-}
+  budget=${METHOD_BUDGET_S:-1800}
+  teacher_budget=${TEACHER_BUDGET_S:-7200}
+  if [[ -z $data ]]; then
+    echo "-- 5b. time-limited runs: skipped; CIFAR10_DATA_DIR=DIR (a tfds data_dir with" \
+      "cifar10) runs each method for METHOD_BUDGET_S=$budget s (CIFAR10_TEACHER=FILE: the" \
+      "teacher read from FILE, else trained first for at most TEACHER_BUDGET_S=$teacher_budget s)" \
+      | tee -a "$out"
+  else
+    runs=${CIFAR10_RUNS_DIR:-$work/cifar10_runs}
+    mkdir -p "$runs"
+    : > "$runs/runs.tsv"
+    if [[ -n ${CIFAR10_TEACHER:-} ]]; then
+      teacher_args=("--config.teacher.init_from=$CIFAR10_TEACHER")
+    fi
+    echo "-- 5b. time-limited runs, $budget s per method, in $runs"
+    show timeout --kill-after=300 "$teacher_budget" "$python" -m datafree_jax.main \
+      --config=configs/cifar10.py:stage=teacher "--config.data_dir=$data" \
+      ${teacher_args[@]+"${teacher_args[@]}"} "--workdir=$runs/teacher_run"
+    rc=0
+    timeout --kill-after=300 "$teacher_budget" "$python" -m datafree_jax.main \
+      --config=configs/cifar10.py:stage=teacher "--config.data_dir=$data" \
+      ${teacher_args[@]+"${teacher_args[@]}"} "--workdir=$runs/teacher_run" || rc=$?
+    if ((rc != 0)) || [[ ! -d $runs/teacher_run/teacher ]]; then
+      echo "cifar10 teacher: failed or not finished in TEACHER_BUDGET_S=$teacher_budget s" \
+        "(rc=$rc): the time-limited runs skipped" | tee -a "$out"
+      bad+=("the teacher (rc=$rc)")
+    else
+      for m in "${cifar10_methods[@]}"; do
+        dir=$runs/$m
+        rm -rf "$dir"
+        if ! { mkdir -p "$dir" && cp -r "$runs/teacher_run/teacher" "$dir/"; }; then
+          echo "cifar10 $m: could not copy the teacher into $dir"
+          bad+=("$m teacher copy")
+          continue
+        fi
+        show timeout --kill-after=300 "$budget" "$python" -m datafree_jax.main \
+          "--config=configs/cifar10.py:method=$m" "--config.data_dir=$data" "--workdir=$dir"
+        start=$(date +%s)
+        rc=0
+        timeout --kill-after=300 "$budget" "$python" -m datafree_jax.main \
+          "--config=configs/cifar10.py:method=$m" "--config.data_dir=$data" \
+          "--workdir=$dir" || rc=$?
+        end=$(date +%s)
+        printf '%s\t%s\t%s\t%s\t%s\n' "$m" "$rc" "$start" "$end" "$dir" >> "$runs/runs.tsv"
+        case $rc in
+          0) echo "cifar10 $m: finished in $((end - start)) s" ;;
+          124 | 137) echo "cifar10 $m: stopped at the time limit, $budget s" ;;
+          *) echo "cifar10 $m: run failed, rc=$rc"; bad+=("$m run (rc=$rc)") ;;
+        esac
+      done
+      show "$python" -m benchmarks.accelerator_methods "--methods=$list" "--runs=$runs/runs.tsv" \
+        "--out=$out"
+      "$python" -m benchmarks.accelerator_methods "--methods=$list" "--runs=$runs/runs.tsv" \
+        "--out=$out" || bad+=("the runs' table (rc=$?)")
+    fi
+  fi
+  if ((${#bad[@]})); then
+    printf '\nstep 5: failed: %s\n' "$(IFS=';'; echo "${bad[*]}")" | tee -a "$out"
+    return 1
+  fi
+}
+
 echo "== writing to $out"
 {
   printf '\n# Accelerator run, %s\n\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -125,6 +248,8 @@ step 4 "dry run predictions against the device (measured programs)" \
   --config.dry_run_measure=True "--config.dry_run_out=$dry_run_json" \
   --config.teacher.batch_size=128 --config.student.batch_size=128 \
   --config.ensemble.num_generators=8 "--workdir=$work/imagenet_measure"
+step 5 "every method on CIFAR-10 (ResNet-34 -> ResNet-18): measured dry runs, time-limited runs" \
+  cifar10_all_methods
 
 if ((${#failed[@]})); then
   printf '\nstep(s) %s failed\n' "${failed[*]}" >> "$out"

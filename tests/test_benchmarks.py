@@ -1,17 +1,26 @@
 """`python -m benchmarks.step_speed` at a tiny size on the CPU (the project's steps beside their
 PyTorch references when PyTorch is installed, the project's alone with --no_torch or without
-it), and benchmarks/accelerator.sh: shellcheck, and its steps run with a fake `python` (the
-commands, the results file, a failed step recorded and the next one run)."""
+it), benchmarks/accelerator.sh: shellcheck, and its steps run with a fake `python` (the
+commands, the results file, a failed step recorded and the next one run; step 5's commands for
+every method, a failed method recorded and the others run), and `python -m
+benchmarks.accelerator_methods` on dry run JSON and run workdirs written here."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO_ROOT, find_shellcheck
 
+from datafree_jax import methods  # pylint: disable=unused-import (registers the methods)
+from datafree_jax import registry
+
 ACCELERATOR = os.path.join(REPO_ROOT, "benchmarks", "accelerator.sh")
+# Step 5's methods: every registered method that ends in a student (the teacher alone does not).
+CIFAR10_METHODS = [m for m in registry.names() if registry.student_stage(m)]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 # Tiny sizes: LeNet-5 DAFL at batch 8 and generator width 4, one round of one timed step;
 # one PyTorch thread (the tests share two cores).
@@ -140,24 +149,37 @@ def test_shellcheck_passes_on_accelerator_script():
   assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
 
 
-def _fake_python(tmp_path, fail_on: str):
-  """A `python` that records its arguments, prints a line and fails when they contain
-  `fail_on`."""
+def _fake_python(tmp_path, fail_on: str, sleep_on: str = "nothing-sleeps"):
+  """A `python` that records its arguments, prints a line, fails when they contain `fail_on`,
+  sleeps 30 s when they contain `sleep_on` and, as a teacher run (stage=teacher), leaves a
+  file in <workdir>/teacher."""
   path = tmp_path / "python"
   path.write_text(f"""#!/bin/sh
 echo "$*" >> {tmp_path}/calls
 echo "fake python ran: $*"
-case "$*" in *{fail_on}*) echo "fake failure" >&2; exit 3 ;; esac
+case "$*" in *"{fail_on}"*) echo "fake failure" >&2; exit 3 ;; esac
+case "$*" in *"{sleep_on}"*) exec sleep 30 ;; esac
+for a in "$@"; do case $a in --workdir=*) workdir=${{a#--workdir=}} ;; esac; done
+case "$*" in
+  *stage=teacher*) mkdir -p "$workdir/teacher" && echo made > "$workdir/teacher/ckpt" ;;
+esac
 exit 0
 """)
   path.chmod(0o755)
   return str(path)
 
 
-def _accelerator(tmp_path, fail_on, **env):
+def _accelerator(tmp_path, fail_on, sleep_on="nothing-sleeps", **env):
   out = tmp_path / "results.md"
-  full_env = dict(os.environ, PYTHON=_fake_python(tmp_path, fail_on), **env)
+  full_env = dict(os.environ, PYTHON=_fake_python(tmp_path, fail_on, sleep_on),
+                  CIFAR10_DRY_RUN_JSON=str(tmp_path / "cifar10_{method}.json"), **env)
   full_env.pop("CUDA_VISIBLE_DEVICES", None)
+  if "CIFAR10_DATA_DIR" not in env:
+    full_env.pop("CIFAR10_DATA_DIR", None)
+  for name in ("CIFAR10_METHODS", "CIFAR10_TEACHER", "CIFAR10_RUNS_DIR", "METHOD_BUDGET_S",
+               "TEACHER_BUDGET_S"):
+    if name not in env:
+      full_env.pop(name, None)
   r = subprocess.run(["bash", ACCELERATOR, str(out)], capture_output=True, text=True,
                      timeout=60, cwd=REPO_ROOT, env=full_env)
   calls = (tmp_path / "calls").read_text().splitlines()
@@ -169,7 +191,7 @@ def test_accelerator_script_records_a_failed_step_and_goes_on(tmp_path):
                                 STEP_SPEED_ARGS="--rounds=1 --reps=1")
   assert r.returncode == 1, r.stdout + r.stderr
   runs = [c for c in calls if not c.startswith("-c ")]   # the device / torch lines first
-  assert len(runs) == 4, calls
+  assert len(runs) == 4 + len(CIFAR10_METHODS) + 1, calls   # step 5: the dry runs, the table
   assert runs[0] == (f"-m benchmarks.step_speed --settings=mnist5k,paper_mnist,cifar10 "
                      f"--cifar_batch=1024 --rounds=3 --reps=5 --out={tmp_path}/results.md "
                      "--rounds=1 --reps=1")
@@ -182,7 +204,7 @@ def test_accelerator_script_records_a_failed_step_and_goes_on(tmp_path):
                             "--config.dry_run_measure=True --config.dry_run_out=benchmarks/"
                             "accelerator_dry_run.json --config.teacher.batch_size=128 ")
   assert "# Accelerator run, " in text
-  for n in (1, 2, 3, 4):
+  for n in (1, 2, 3, 4, 5):
     assert f"## Step {n}: " in text
     assert f"<details><summary>step {n}: stdout and stderr</summary>" in text
   assert "fake python ran: -m datafree_jax.main" in text   # step 3's output, after the failure
@@ -300,3 +322,171 @@ def test_methods_table_runs_and_stops_at_the_budget(tmp_path):
   assert again.returncode == 0 and "at most 20 s" in again.stdout
   assert json.load(open(os.path.join(work, "methods_table.json"),
                         encoding="utf-8"))["records"] == rows
+@pytest.fixture(name="method_table")
+def fixture_method_table(monkeypatch):
+  """benchmarks.accelerator_methods, imported from the repository root."""
+  monkeypatch.syspath_prepend(REPO_ROOT)
+  from benchmarks import accelerator_methods as method_table  # pylint: disable=import-outside-toplevel
+  return method_table
+
+
+def _cifar10_dry_run(method, json_path):
+  return (f"-m datafree_jax.main --config=configs/cifar10.py:method={method} "
+          "--config.dry_run=True --config.dry_run_measure=True "
+          f"--config.dry_run_out={json_path} --workdir=")
+
+
+def test_accelerator_step5_dry_runs_every_method_and_records_a_failed_one(tmp_path):
+  """Without CIFAR10_DATA_DIR: a measuring dry run per method (each registered method that
+  ends in a student), one failing and the others still run, then the table; the time-limited
+  runs skipped with how to enable them."""
+  r, text, calls = _accelerator(tmp_path, "cifar10.py:method=cmi ", ACCELERATOR_STEPS="5")
+  assert r.returncode == 1, r.stdout + r.stderr
+  runs = [c for c in calls if not c.startswith("-c ")]
+  dry_runs = [c for c in runs if "--config.dry_run=True" in c]
+  methods_run = [c.split("method=")[1].split()[0] for c in dry_runs]
+  assert sorted(methods_run) == sorted(CIFAR10_METHODS)
+  assert len(methods_run) == len(set(methods_run))
+  for method, call in zip(methods_run, dry_runs):
+    json_path = tmp_path / f"cifar10_{method}.json"
+    assert call.startswith(_cifar10_dry_run(method, json_path)), call
+    assert call.split("--workdir=")[1].endswith(f"/cifar10_dry_run_{method}")
+  assert runs[len(dry_runs):] == [
+      f"-m benchmarks.accelerator_methods --methods={','.join(methods_run)} "
+      f"--dry_runs={tmp_path}/cifar10_{{method}}.json --out={tmp_path}/results.md"]
+  assert "## Step 5: every method on CIFAR-10" in text
+  assert "cifar10 cmi: dry run failed, rc=3" in text        # in the step's output
+  assert "step 5: failed: cmi dry run (rc=3)" in text and "step 5 failed, rc=1" in text
+  assert "step(s) 5 failed" in r.stderr
+  skipped = "5b. time-limited runs: skipped; CIFAR10_DATA_DIR=DIR (a tfds data_dir with cifar10)"
+  assert skipped in r.stdout and skipped in text and "METHOD_BUDGET_S=1800 s" in text
+
+
+def test_accelerator_step5_runs_each_method_for_its_budget(tmp_path, method_table):
+  """With CIFAR10_DATA_DIR and CIFAR10_TEACHER: the teacher imported once into a shared
+  workdir and copied into each method's, each method under `timeout METHOD_BUDGET_S`; a run
+  cut at the limit is no failure, a failed run is recorded and the next one runs; the runs'
+  file read by benchmarks.accelerator_methods."""
+  runs_dir = tmp_path / "runs"
+  methods = ",".join(CIFAR10_METHODS)
+  r, text, calls = _accelerator(
+      tmp_path, "method=kd_noise --config.data_dir", sleep_on="method=dafl --config.data_dir",
+      ACCELERATOR_STEPS="5", CIFAR10_DATA_DIR="/data/tfds", CIFAR10_TEACHER="/zoo/t.pth",
+      CIFAR10_RUNS_DIR=str(runs_dir), METHOD_BUDGET_S="1")
+  assert r.returncode == 1, r.stdout + r.stderr
+  runs = [c for c in calls if not c.startswith("-c ")]
+  n = len(CIFAR10_METHODS)
+  assert runs[n + 1] == ("-m datafree_jax.main --config=configs/cifar10.py:stage=teacher "
+                         "--config.data_dir=/data/tfds --config.teacher.init_from=/zoo/t.pth "
+                         f"--workdir={runs_dir}/teacher_run")
+  order = [c.split("method=")[1].split()[0] for c in runs[:n]]
+  assert runs[n + 2:] == [
+      f"-m datafree_jax.main --config=configs/cifar10.py:method={m} "
+      f"--config.data_dir=/data/tfds --workdir={runs_dir}/{m}" for m in order] + [
+          f"-m benchmarks.accelerator_methods --methods={','.join(order)} "
+          f"--runs={runs_dir}/runs.tsv --out={tmp_path}/results.md"]
+  assert sorted(order) == sorted(methods.split(","))
+  for m in order:
+    assert (runs_dir / m / "teacher" / "ckpt").read_text() == "made\n"
+  lines = [l.split("\t") for l in (runs_dir / "runs.tsv").read_text().splitlines()]
+  assert [l[0] for l in lines] == order
+  rcs = {l[0]: int(l[1]) for l in lines}
+  assert rcs.pop("dafl") == 124 and rcs.pop("kd_noise") == 3 and set(rcs.values()) == {0}
+  assert all(float(l[2]) <= float(l[3]) and l[4] == f"{runs_dir}/{l[0]}" for l in lines)
+  assert "cifar10 dafl: stopped at the time limit, 1 s" in text
+  assert "step 5: failed: kd_noise run (rc=3)" in text        # the time limit is no failure
+  _, rows = _table("\n".join(method_table.runs_table(str(runs_dir / "runs.tsv"))))
+  assert rows["dafl"]["result"] == "stopped at the time limit"
+  assert rows["kd_noise"]["result"] == "failed, rc=3"
+  assert rows["fast"]["result"] == "finished"
+  assert rows["fast"]["student test accuracy"] == "-"         # the fake wrote no events
+
+
+def test_accelerator_step5_without_a_teacher_skips_the_runs(tmp_path):
+  """Without CIFAR10_TEACHER the teacher is trained once, at most TEACHER_BUDGET_S; when that
+  fails no method runs."""
+  r, text, calls = _accelerator(tmp_path, "stage=teacher", ACCELERATOR_STEPS="5",
+                                CIFAR10_DATA_DIR="/data/tfds", CIFAR10_METHODS="dafl fast",
+                                CIFAR10_RUNS_DIR=str(tmp_path / "runs"))
+  assert r.returncode == 1, r.stdout + r.stderr
+  runs = [c for c in calls if not c.startswith("-c ")]
+  assert [c.split()[2] for c in runs[:2]] == ["--config=configs/cifar10.py:method=dafl",
+                                             "--config=configs/cifar10.py:method=fast"]
+  assert runs[3:] == [f"-m datafree_jax.main --config=configs/cifar10.py:stage=teacher "
+                      f"--config.data_dir=/data/tfds --workdir={tmp_path}/runs/teacher_run"]
+  assert ("cifar10 teacher: failed or not finished in TEACHER_BUDGET_S=7200 s (rc=3): the "
+          "time-limited runs skipped") in text
+  assert "step 5: failed: the teacher (rc=3)" in text
+
+
+def _dry_run_json(path, method, rows, device_kind="NVIDIA H200", measured=True):
+  """A dry run's JSON as dry_run.run writes it: rows of (stage, kind, label, calls, s / call)."""
+  path.write_text(json.dumps({
+      "target": "gpu", "exact": True, "device_kind": device_kind, "devices": 1,
+      "config": method, "rows": [
+          {"stage": st, "label": label, "kind": kind, "steps": calls,
+           "measured_s": seconds if measured and kind != "restore" else None}
+          for st, kind, label, calls, seconds in rows]}))
+
+
+def test_method_table_hours_are_calls_times_measured_seconds(tmp_path, method_table):
+  _dry_run_json(tmp_path / "fast.json", "fast", [
+      ("teacher", "train", "train step, batch 128", 78200, 0.02),
+      ("teacher", "eval", "teacher evaluation", 0, 0.5),
+      ("teacher", "restore", "teacher checkpoint restore", 0, None),
+      ("fast", "train", "synthesis round", 220, 1.5),
+      ("fast", "train", "student: 400 steps", 200, 9.0),
+      ("fast", "eval", "student evaluation", 0, 0.4)])
+  _dry_run_json(tmp_path / "dafl.json", "dafl", [
+      ("teacher", "train", "train step, batch 128", 78200, 0.02),
+      ("dafl", "train", "train step, batch 1024", 240000, 0.1)], measured=False)
+  lines = method_table.dry_run_table(["fast", "dafl", "cmi"], str(tmp_path / "{method}.json"))
+  text = "\n".join(lines)
+  assert "on 1 x NVIDIA H200 (target gpu):" in lines[0]
+  _, rows = _table(text)
+  fast = rows["fast"]
+  assert fast["programs"] == ("3 (train: fast: synthesis round, 220 calls; fast: student: 400 "
+                              "steps, 200 calls)")
+  assert fast["measured s / call (its train programs)"] == "1.5; 9"
+  assert float(fast["hours for the published schedule"]) == pytest.approx(
+      (220 * 1.5 + 200 * 9.0) / 3600, abs=0.006)
+  assert rows["dafl"]["measured s / call (its train programs)"] == "not measured"
+  assert rows["cmi"]["programs"].startswith("no rows: the dry run failed")
+  assert ("teacher (train step, batch 128; trained where no teacher.init_from is given, the "
+          "same for every method, not in the hours above): 78,200 calls x 0.02 s = 0.43 h "
+          "(from the fast dry run)") in text
+
+
+def test_method_table_reads_a_runs_accuracy(tmp_path, method_table):
+  """The final accuracy from results.json; else the student stage's last eval/accuracy event
+  (whatever other stages wrote later), or before the student stage evaluated a competing
+  student's, never the teacher's; seconds from the run's start."""
+  from datafree_jax import log  # pylint: disable=import-outside-toplevel
+  done, cut, early, none = (tmp_path / n for n in ("done", "cut", "early", "none"))
+  done.mkdir()
+  (done / "results.json").write_text(json.dumps(
+      {"student": {"test_accuracy": 0.9312, "steps": 80000}}))
+  start = time.time() - 100
+  w = log.LazyWriter(str(cut / "tensorboard"))
+  w.write_scalars(10, {"teacher/eval/accuracy": 0.95, "distill_cmi/eval/accuracy": 0.5})
+  w.write_scalars(30, {"distill_cmi/eval/accuracy": 0.6})
+  w.write_scalars(20, {"cmi/eval/accuracy": 0.7})    # written later, not the student stage's
+  w.close()
+  w = log.LazyWriter(str(early / "tensorboard"))
+  w.write_scalars(400, {"cmi/eval/accuracy": 0.3})
+  w.write_scalars(5, {"teacher/eval/accuracy": 0.95})   # written later, but the teacher's
+  w.close()
+  none.mkdir()
+  tsv = tmp_path / "runs.tsv"
+  end = time.time() + 1
+  tsv.write_text("".join(f"{m}\t{rc}\t{start}\t{end}\t{d}\n" for m, rc, d in (
+      ("deepinversion", 0, done), ("cmi", 124, cut), ("ensemble", 124, early), ("fast", 1, none))))
+  _, rows = _table("\n".join(method_table.runs_table(str(tsv))))
+  assert rows["deepinversion"]["student test accuracy"] == "0.9312"
+  assert rows["deepinversion"]["from"] == "distill_deepinversion, step 80000 (results.json)"
+  assert rows["cmi"]["student test accuracy"] == "0.6000"
+  assert rows["cmi"]["from"] == "distill_cmi, step 30 (events)"
+  assert 99 <= float(rows["cmi"]["s to it"]) <= float(rows["cmi"]["wall s"])
+  assert rows["ensemble"]["student test accuracy"] == "0.3000"   # not the teacher's 0.95
+  assert rows["ensemble"]["from"] == "cmi, step 400 (events)"
+  assert rows["fast"]["result"] == "failed, rc=1" and rows["fast"]["from"] == "no evaluation yet"

@@ -30,8 +30,9 @@ How each kind of command is checked (nothing is trained, nothing is downloaded):
   cd ~/datafree_jax ..., PY ...   a step the launchers run: found, with <...> and PY as
                           wildcards, in what their --dry-run prints
   cd DIR                  DIR exists in the repository
-  VAR=value CMD, export VAR=value   VAR is one the code or the launchers read, or a known one of
-                          XLA, CUDA or JAX; CMD is checked as above; nohup CMD likewise
+  VAR=value CMD, export VAR=value   VAR is one the code, the launchers or the benchmarks
+                          read, or a known one of XLA, CUDA or JAX; CMD is checked as above;
+                          nohup CMD likewise
 """
 import ast
 import functools
@@ -469,14 +470,14 @@ _EXTERNAL_VARS = ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES", "PATH")
 def check_env_var(name):
   if name in _EXTERNAL_VARS or name.startswith("JAX_"):
     return
-  for folder in ("datafree_jax", "launch"):
+  for folder in ("datafree_jax", "launch", "benchmarks"):
     for root, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
       for f in files:
         if f.endswith((".py", ".sh", ".sbatch")):
           with open(os.path.join(root, f), encoding="utf-8") as fh:
             if name in fh.read():
               return
-  raise DocError(f"{name}: no code or launcher reads this variable")
+  raise DocError(f"{name}: no code, launcher or benchmark reads this variable")
 
 
 _OPERATORS = ("&&", "||", ";", "|", "&")

@@ -176,3 +176,29 @@ def test_a_measuring_dry_run_times_every_program_and_its_figures_are_reused(tmp_
   assert measured == {"H100 SXM": pytest.approx(expected)}
   text = dry_run.table(rows, "gpu", False, 0.05, measured)
   assert "measured throughput for H100 SXM" in text and "assumed 5% of peak" in text
+
+
+# Small synthesis sizes for the methods whose sections default to the published ones.
+SMALL = {"deepinversion": {"deepinversion.rounds": 2, "deepinversion.batch_size": 16,
+                           "deepinversion.iterations": 2, "deepinversion.kd_steps": 2},
+         "cmi": {"cmi.rounds": 2, "cmi.batch_size": 16, "cmi.iterations": 2, "cmi.kd_steps": 2,
+                 "cmi.bank_size": 32, "cmi.n_neg": 24},
+         "fast": {"fast.rounds": 3, "fast.warmup": 1, "fast.batch_size": 16, "fast.iterations": 2,
+                  "fast.kd_steps": 2, "fast.latent_dim": 16, "fast.width": 8}}
+
+
+@pytest.mark.parametrize("method", [m for m in registry.names() if registry.student_stage(m)])
+def test_every_method_has_a_measuring_dry_run(method, tmp_path):
+  """What benchmarks/accelerator.sh step 5 runs for each method: every program measured on
+  zero inputs and the rows written as JSON, the method's own train programs with their calls."""
+  out = tmp_path / "rows.json"
+  config = tiny_config(method, **{"dry_run": True, "dry_run_target": "cpu",
+                                  "dry_run_measure": True, "dry_run_out": str(out)},
+                       **SMALL.get(method, {}))
+  rows = _rows(config)
+  timed = [r for r in rows if r.kind != "restore"]
+  assert all(r.measured_s is not None and r.measured_s > 0 for r in timed)
+  own = [r for r in rows if r.stage != registry.get(method).teacher.name and r.kind == "train"]
+  assert own and all(r.steps > 0 for r in own)
+  data = json.loads(out.read_text())
+  assert data["config"] == method and len(data["rows"]) == len(rows)
