@@ -31,7 +31,10 @@ finished: its results.json, the final student; a run stopped by the budget: its 
 evaluation before the budget, marked), the seconds from the process's start to the first
 evaluation at or above 90% and 95% (the mean over the runs that reached it, and how many did),
 the wall time used and the cores the run used (its process's CPU seconds, user + system, over its
-seconds to exit: what it got of the machine while other work ran). A run's measurements are kept in
+seconds to exit: what it got of the machine while other work ran), and the accuracy each
+method has at shorter budgets (--at; read from the same runs: a run stopped by a shorter budget
+reports its student's last evaluation by then, and runs the same until then; a method's config
+set for a shorter budget could do better). A run's measurements are kept in
 <workdir>/seed<S>/<M>/methods_table_run.json and reused by a later call with the same budget;
 all rows go to <workdir>/methods_table.json. The table names the CPU and the load average
 during the runs (processes at any priority count in it): compare numbers only within one
@@ -168,6 +171,25 @@ def end_time(record: dict) -> float:
   return record.get("exit", record["wall"])
 
 
+def accuracy_at(record: dict, seconds: float):
+  """The accuracy a run's student had `seconds` after its start: the final student's when the
+  run had ended by then, else its last evaluation by then (None before the first). This is
+  what the same run stopped by a budget of `seconds` reports; a shorter budget does not change
+  what a run does before it."""
+  if seconds >= record["budget"] or (record["finished"] and end_time(record) <= seconds):
+    return record["final"]
+  got = [acc for t, _, _, acc in record["curve"] if t <= seconds]
+  return got[-1] if got else None
+
+
+def _accuracy_cell(values) -> str:
+  got = [100 * v for v in values if v is not None]
+  if not got:
+    return "-"
+  cell = f"{np.mean(got):.2f}"
+  return cell if len(got) == len(values) else f"{cell} ({len(got)}/{len(values)})"
+
+
 def _seconds(values) -> str:
   got = [v for v in values if v is not None]
   if not got:
@@ -175,8 +197,9 @@ def _seconds(values) -> str:
   return f"{np.mean(got):.0f} s ({len(got)}/{len(values)})"
 
 
-def table(records: list, methods) -> list:
-  """The markdown lines of the table of `records` (run_method's), one row per method."""
+def table(records: list, methods, at=()) -> list:
+  """The markdown lines of the table of `records` (run_method's), one row per method; with
+  `at` (seconds), a column per budget of the mean accuracy_at it."""
   rows = []
   for m in methods:
     rs = [r for r in records if r["method"] == m]
@@ -192,11 +215,12 @@ def table(records: list, methods) -> list:
                  *(_seconds([r["reached"][str(th)] for r in rs]) for th in THRESHOLDS),
                  f"{np.mean([r['wall'] for r in rs]):.0f} s",
                  f"{np.mean([r['cpu'] / max(end_time(r), 1e-9) for r in rs]):.2f}",
-                 f"{ended}/{len(rs)}" if ended < len(rs) else "all"])
+                 f"{ended}/{len(rs)}" if ended < len(rs) else "all",
+                 *(_accuracy_cell([accuracy_at(r, t) for r in rs]) for t in at)])
   columns = ["method", "final accuracy % (mean +- std)", "per seed (* = stopped by the budget)",
              *(f"time to {int(100 * th)}%" for th in THRESHOLDS), "wall time / run",
              "cores used",
-             "finished within the budget"]
+             "finished within the budget", *(f"accuracy % at {t:.0f} s" for t in at)]
   return common.markdown_table(columns, rows)
 
 
@@ -210,6 +234,9 @@ def main():
   p.add_argument("--set", action="append", default=[],
                  help="config override key=value for the teacher and every run, e.g. "
                       "student.steps=500")
+  p.add_argument("--at", default="60,120,300",
+                 help="budgets (seconds, at most --budget) at which the table also gives each "
+                      "method's accuracy, read from the same runs")
   p.add_argument("--report_only", action="store_true",
                  help="print the table of the runs already measured in --workdir")
   args = p.parse_args()
@@ -220,6 +247,9 @@ def main():
     p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
   if args.budget <= 0:
     p.error("--budget must be positive")
+  at = [float(t) for t in args.at.split(",") if t]
+  if any(not 0 < t <= args.budget for t in at):
+    p.error(f"--at: each budget must be in (0, --budget={args.budget:g}]")
   records, teachers = [], []
   for seed in seeds:
     base = os.path.join(args.workdir, f"seed{seed}")
@@ -252,7 +282,7 @@ def main():
     print(f"1-minute load average at the runs' starts and ends: {min(loads):.1f} .. "
           f"{max(loads):.1f}")
   print(common.machine_line())
-  print("\n".join(table(records, methods)))
+  print("\n".join(table(records, methods, at)))
 
 
 if __name__ == "__main__":

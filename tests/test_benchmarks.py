@@ -286,6 +286,24 @@ def test_methods_table_rows():
   assert cells[:3] == ["CMI", "no evaluation", "-"] and cells[-1] == "0/1"
 
 
+def test_methods_table_accuracy_at_a_shorter_budget():
+  """accuracy_at: the student's last evaluation by then, the final student once the run has
+  ended, nothing before the first evaluation; the table's columns average it over seeds."""
+  from benchmarks import methods_table  # pylint: disable=import-outside-toplevel
+  done = {"method": "fast", "budget": 600.0, "finished": True, "final": 0.97, "exit": 100.0,
+          "wall": 100.0, "cpu": 150.0, "reached": {"0.9": 30.0, "0.95": None},
+          "curve": [(30.0, "fast", 2, 0.91), (60.0, "fast", 4, 0.94), (95.0, "fast", 8, 0.96)]}
+  stopped = dict(done, finished=False, final=0.5, budget=50.0, exit=60.0, wall=50.0,
+                 curve=[(40.0, "fast", 2, 0.5), (55.0, "fast", 4, 0.7)])
+  at = methods_table.accuracy_at
+  assert [at(done, t) for t in (10, 30, 59.9, 60, 99, 100, 600)] == [
+      None, 0.91, 0.91, 0.94, 0.96, 0.97, 0.97]
+  assert [at(stopped, t) for t in (39, 40, 50)] == [None, 0.5, 0.5]
+  row = methods_table.table([done, dict(done, final=0.95, curve=done["curve"][1:])], ["fast"],
+                            at=(30, 60, 120))[2]
+  assert [c.strip() for c in row.strip("|").split("|")][-3:] == ["91.00 (1/2)", "94.00", "96.00"]
+
+
 @pytest.mark.slow  # a teacher and two command-line runs
 def test_methods_table_runs_and_stops_at_the_budget(tmp_path):
   """The benchmark end to end at a tiny size: a run that ends within its budget reports its
