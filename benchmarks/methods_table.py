@@ -234,9 +234,10 @@ def main():
   p.add_argument("--set", action="append", default=[],
                  help="config override key=value for the teacher and every run, e.g. "
                       "student.steps=500")
-  p.add_argument("--at", default="60,120,300",
+  p.add_argument("--at", default=None,
                  help="budgets (seconds, at most --budget) at which the table also gives each "
-                      "method's accuracy, read from the same runs")
+                      "method's accuracy, read from the same runs (default: those of 60, 120, "
+                      "300 under --budget)")
   p.add_argument("--report_only", action="store_true",
                  help="print the table of the runs already measured in --workdir")
   args = p.parse_args()
@@ -247,7 +248,8 @@ def main():
     p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
   if args.budget <= 0:
     p.error("--budget must be positive")
-  at = [float(t) for t in args.at.split(",") if t]
+  at = ([t for t in (60.0, 120.0, 300.0) if t < args.budget] if args.at is None
+        else [float(t) for t in args.at.split(",") if t])
   if any(not 0 < t <= args.budget for t in at):
     p.error(f"--at: each budget must be in (0, --budget={args.budget:g}]")
   records, teachers = [], []
