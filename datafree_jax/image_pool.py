@@ -1,13 +1,17 @@
 """The image pool of the synthesis methods (DeepInversion, CMI, Fast-DFKD): synthesised images
 kept as 8-bit pixels in a stage's checkpointed state, one batch per synthesis round, and what
 reads it: the uniform draw of students.distill_step, runs of distillation steps on the pool so
-far (distill_on_pool: the competing student's rounds, Fast-DFKD's student), and DistillPool, a
-students.Distill stage on a finished pool.
+far (distill_on_pool: the competing student's rounds, Fast-DFKD's student), DistillPool, a
+students.Distill stage on a finished pool, and what the synthesis stages with a competing
+student (DeepInversion, CMI) share: their targets, checks, competing student, initial state,
+plan, dry-run programs and summary.
 
 The pool is the state's 'pool' (rounds, batch_size, H, W, C) uint8, replicated; round r is
 filled by step r of the synthesis stage (its 'step' counts the filled rounds).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ import numpy as np
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import evaluation
 from datafree_jax import log
 from datafree_jax import models
 from datafree_jax import parallel
@@ -24,6 +29,8 @@ from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
+TARGETS = ("random", "balanced")  # a round's classes: random, or class i mod K for image i
+GRID_IMAGES = 100                 # images of the latest round in a sample grid
 
 
 # --- Pixels: the pool's 8-bit form ------------------------------------------------------------
@@ -206,7 +213,90 @@ class DistillPool(students.Distill):
     return pool_images_fn(ctx.info), None, source
 
 
-# --- The synthesis stages' programs and summary ------------------------------------------------
+# --- What the synthesis stages with a competing student share (DeepInversion, CMI) ----------
+
+def round_targets(key, n: int, num_classes: int, kind: str):
+  """The (n,) int32 classes of a round's images: `kind` 'balanced' gives image i class
+  i mod num_classes, 'random' draws them uniformly with `key`."""
+  if kind == "balanced":
+    return jnp.arange(n, dtype=jnp.int32) % num_classes
+  return jax.random.randint(key, (n,), 0, num_classes)
+
+
+def check_synthesis(config, info, section: str, bn_weights=("w_bn",)):
+  """The checks of a synthesis stage with a competing student (config[section]: batch_size,
+  w_adv, kd_steps and the weights `bn_weights` of terms that read the teacher's BN layers):
+  its batches and the student's divide over the devices, and those terms have a teacher with
+  BN (ConfigError); a warning when the images compete with a student that never trains."""
+  cfg = config[section]
+  parallel.check_global_batch(cfg.batch_size)
+  parallel.check_global_batch(config.student.batch_size)
+  for weight in bn_weights:
+    check_teacher_bn(config, info, section, weight)
+  if cfg.w_adv > 0 and cfg.kd_steps == 0:
+    log.warn(f"{section}.w_adv > 0 with kd_steps=0: the images compete with an untrained "
+             "student")
+
+
+def pool_distill_step(ctx, student, tx, split):
+  """students.distill_step up to its state for `student` (optimiser tx, config.student's
+  temperature, batch and augmentation) learning from ctx's teacher on images drawn from the
+  pool (pool_images_fn), split over the devices by `split`."""
+  config, info = ctx.config, ctx.info
+  scfg = config.student
+  return functools.partial(
+      students.distill_step, student, tx, scfg.temperature, ctx.teacher["model"],
+      pool_images_fn(info), split, config.seed, scfg.batch_size,
+      students.augmentation(scfg, info))
+
+
+def competing_student(ctx, cfg, mesh) -> tuple:
+  """(student model, its optimiser, the jitted competitor_round or None when cfg.kd_steps is
+  0) of a synthesis stage's competing student (cfg: its config section, with rounds and
+  kd_steps); the optimiser's schedule runs over rounds x kd_steps steps."""
+  tx = common.make_optimizer(ctx.config.student, cfg.rounds * cfg.kd_steps)
+  student = students.make_student(ctx.config, ctx.info)
+  compete = None
+  if cfg.kd_steps:
+    rep = parallel.replicated(mesh)
+    distill = pool_distill_step(ctx, student, tx, parallel.split_leading(mesh))
+    compete = jax.jit(functools.partial(competitor_round, cfg.kd_steps, distill),
+                      out_shardings=(rep, rep), donate_argnums=(0,))
+  return student, tx, compete
+
+
+def initial_state(ctx, cfg, tx, key) -> dict:
+  """The state a synthesis stage with a competing student starts from (cfg: its config
+  section): an empty pool, the student initialised from `key` with its optimiser state, step
+  0. A stage adds its own parts."""
+  _, svars, sopt = students.init_student(ctx.config, ctx.info, tx, key)
+  return {"pool": empty(cfg.rounds, cfg.batch_size, ctx.info), "student": svars,
+          "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
+
+
+def synthesis_plan(ctx, name: str, cfg, kind: str, state, student, synth, compete,
+                   mesh) -> stage_lib.Plan:
+  """The loop's plan of synthesis stage `name` (cfg: its config section; meta kind `kind`):
+  a step is a round, synth(state, teacher_vars), then the competitor's steps (when
+  `compete`); the competing student's evaluation, and sample grids of the latest round."""
+  tvars = ctx.teacher["variables"]
+  info = ctx.info
+
+  def step(state, batch):  # pylint: disable=unused-argument
+    state, metrics = synth(state, tvars)
+    if compete is not None:
+      state, kd = compete(state, tvars)
+      metrics = dict(metrics, **kd)
+    return state, metrics
+
+  n = min(cfg.batch_size, GRID_IMAGES)
+  return stage_lib.Plan(
+      state=state, step=step,
+      evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
+      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every or None,
+      on_eval=students.make_sample_writer(ctx, lambda s: latest_round(s, info, n), name),
+      meta={"kind": kind, "dataset": info.name, "method": ctx.config.method})
+
 
 def synthesis_programs(ctx, name: str, round_label: str, cfg, state, student, synth, compete,
                        mesh) -> list:
