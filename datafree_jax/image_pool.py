@@ -274,52 +274,77 @@ def initial_state(ctx, cfg, tx, key) -> dict:
           "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
 
 
-def synthesis_plan(ctx, name: str, cfg, kind: str, state, student, synth, compete,
-                   mesh) -> stage_lib.Plan:
-  """The loop's plan of synthesis stage `name` (cfg: its config section; meta kind `kind`):
-  a step is a round, synth(state, teacher_vars), then the competitor's steps (when
-  `compete`); the competing student's evaluation, and sample grids of the latest round."""
-  tvars = ctx.teacher["variables"]
-  info = ctx.info
+class PoolSynthesis(stage_lib.Stage):
+  """A synthesis stage with a competing student (DeepInversion, CMI), settings config[section]
+  (rounds, batch_size, iterations, kd_steps, eval_every, checkpoint_every, w_bn, w_adv): one
+  loop step is one synthesis round, synth(state, teacher_vars), then the competing student's
+  kd_steps (when there are any). The state holds the pool 'pool' (rounds, batch_size, H, W, C)
+  uint8, replicated, round r filled by step r, and the competing student ('student',
+  'student_opt'), evaluated as the stage's evaluation; sample grids show the latest round.
 
-  def step(state, batch):  # pylint: disable=unused-argument
-    state, metrics = synth(state, tvars)
+  A subclass sets name, selector, section and kind (its checkpoints' meta kind) and builds the
+  stage: _build(ctx, abstract) -> (initial state, or its ShapeDtypeStructs when abstract,
+  student model, synthesis jit, competitor jit or None, mesh)."""
+  section = ""
+  kind = ""
+  round_unit = "iterations"   # what a round's iterations are, for the dry run's label
+
+  def _build(self, ctx, abstract: bool = False):
+    raise NotImplementedError
+
+  def check(self, config, info):
+    check_synthesis(config, info, self.section)
+
+  def steps(self, config):
+    return config[self.section].rounds
+
+  def identity(self, ctx):
+    cfg = ctx.config[self.section]
+    return dict(students.student_identity(ctx), rounds=cfg.rounds, batch_size=cfg.batch_size)
+
+  def plan(self, ctx):
+    cfg, info = ctx.config[self.section], ctx.info
+    state, student, synth, compete, mesh = self._build(ctx)
+    tvars = ctx.teacher["variables"]
+
+    def step(state, batch):  # pylint: disable=unused-argument
+      state, metrics = synth(state, tvars)
+      if compete is not None:
+        state, kd = compete(state, tvars)
+        metrics = dict(metrics, **kd)
+      return state, metrics
+
+    n = min(cfg.batch_size, GRID_IMAGES)
+    return stage_lib.Plan(
+        state=state, step=step,
+        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
+                                                 mesh),
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every or None,
+        on_eval=students.make_sample_writer(ctx, lambda s: latest_round(s, info, n), self.name),
+        meta={"kind": self.kind, "dataset": info.name, "method": ctx.config.method})
+
+  def programs(self, ctx):
+    """The dry run's programs: a synthesis round, the competing student's steps (when there
+    are any), its evaluation and the restore."""
+    cfg, tvars = ctx.config[self.section], ctx.teacher["variables"]
+    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
+    out = [stage_lib.Program(
+        f"synthesis round: {cfg.iterations} {self.round_unit} on {cfg.batch_size} images", synth,
+        (state,), {"teacher_vars": tvars}, state=state, trips=cfg.iterations, steps=cfg.rounds)]
     if compete is not None:
-      state, kd = compete(state, tvars)
-      metrics = dict(metrics, **kd)
-    return state, metrics
+      out.append(stage_lib.Program(
+          f"competing student: {cfg.kd_steps} steps of batch {ctx.config.student.batch_size}",
+          compete, (state,), {"teacher_vars": tvars}, state=state, trips=cfg.kd_steps,
+          steps=cfg.rounds))
+    s = state["student"]
+    out.append(stage_lib.classifier_eval_program(
+        "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
+        ctx.info, mesh))
+    out.append(stage_lib.restore_program(self.name, state))
+    return out
 
-  n = min(cfg.batch_size, GRID_IMAGES)
-  return stage_lib.Plan(
-      state=state, step=step,
-      evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data, mesh),
-      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every or None,
-      on_eval=students.make_sample_writer(ctx, lambda s: latest_round(s, info, n), name),
-      meta={"kind": kind, "dataset": info.name, "method": ctx.config.method})
-
-
-def synthesis_programs(ctx, name: str, round_label: str, cfg, state, student, synth, compete,
-                       mesh) -> list:
-  """The dry run's programs of a synthesis stage `name` on a pool (cfg: its config section,
-  with rounds, iterations, kd_steps): a synthesis round (`round_label`), the competing
-  student's steps (when `compete`), its evaluation and the restore."""
-  tvars = ctx.teacher["variables"]
-  out = [stage_lib.Program(round_label, synth, (state,), {"teacher_vars": tvars}, state=state,
-                           trips=cfg.iterations, steps=cfg.rounds)]
-  if compete is not None:
-    out.append(stage_lib.Program(
-        f"competing student: {cfg.kd_steps} steps of batch {ctx.config.student.batch_size}",
-        compete, (state,), {"teacher_vars": tvars}, state=state, trips=cfg.kd_steps,
-        steps=cfg.rounds))
-  s = state["student"]
-  out.append(stage_lib.classifier_eval_program(
-      "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
-      ctx.info, mesh))
-  out.append(stage_lib.restore_program(name, state))
-  return out
-
-
-def round_summary(name: str, batch_size: int, done) -> dict:
-  """The summary entry of synthesis stage `name`: rounds, images, evaluation, checkpoint."""
-  return {name: {"rounds": done.step, "images": done.step * batch_size,
-                 "eval": done.eval, "checkpoint": done.directory}}
+  def summarize(self, ctx, done):
+    """Its summary entry: rounds, images, evaluation, checkpoint."""
+    return {self.name: {"rounds": done.step,
+                        "images": done.step * ctx.config[self.section].batch_size,
+                        "eval": done.eval, "checkpoint": done.directory}}

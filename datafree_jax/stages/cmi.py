@@ -83,7 +83,6 @@ from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
-from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 STAGE_SALT = 11                 # rng of the synthesis rounds
@@ -339,12 +338,15 @@ def feature_dim(config, info) -> int:
   return int(jax.eval_shape(f).shape[-1])
 
 
-class Synthesis(stage_lib.Stage):
-  """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
-  C) uint8, the memory bank its 'bank' (bank_size, 2 D) float32, both replicated; round r
-  fills pool[r] and bank rows (r * batch_size) mod bank_size onwards."""
+class Synthesis(image_pool.PoolSynthesis):
+  """The synthesis rounds (image_pool.PoolSynthesis: the pool, the competing student, plan,
+  programs and summary); the memory bank is the state's 'bank' (bank_size, 2 D) float32,
+  replicated; round r fills bank rows (r * batch_size) mod bank_size onwards."""
   name = "cmi"
   selector = "cmi"
+  section = "cmi"
+  kind = "cmi_pool"
+  round_unit = "generator steps"
 
   def check(self, config, info):
     c = config.cmi
@@ -358,13 +360,8 @@ class Synthesis(stage_lib.Stage):
           f"CMI's generator upsamples twice: the {info.image_size}x{info.image_size} images of "
           f"dataset {info.name!r} are not a multiple of 4 pixels wide")
 
-  def steps(self, config):
-    return config.cmi.rounds
-
   def identity(self, ctx):
-    c = ctx.config.cmi
-    return dict(students.student_identity(ctx), rounds=c.rounds, batch_size=c.batch_size,
-                bank_size=c.bank_size)
+    return dict(super().identity(ctx), bank_size=ctx.config.cmi.bank_size)
 
   def _parts(self, config, info):
     c = config.cmi
@@ -403,20 +400,6 @@ class Synthesis(stage_lib.Stage):
         synthesis_round, c, info, parts, common.make_optimizer(c, c.iterations), head_tx, split,
         config.seed), out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, compete, mesh
-
-  def plan(self, ctx):
-    return image_pool.synthesis_plan(ctx, self.name, ctx.config.cmi, "cmi_pool",
-                                     *self._build(ctx))
-
-  def programs(self, ctx):
-    c = ctx.config.cmi
-    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    return image_pool.synthesis_programs(
-        ctx, self.name, f"synthesis round: {c.iterations} generator steps on {c.batch_size} images", c,
-        state, student, synth, compete, mesh)
-
-  def summarize(self, ctx, done):
-    return image_pool.round_summary(self.name, ctx.config.cmi.batch_size, done)
 
 SYNTHESIS = Synthesis()
 DISTILL = image_pool.DistillPool(SYNTHESIS.name, "cmi", "cmi_pool", "CMI")

@@ -61,8 +61,6 @@ from datafree_jax import image_pool
 from datafree_jax import losses
 from datafree_jax import parallel
 from datafree_jax import paths
-from datafree_jax import stage as stage_lib
-from datafree_jax import students
 
 STAGE_SALT = 7                  # rng of the synthesis rounds
 
@@ -189,21 +187,13 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
   return dict(state, pool=pool, step=r + 1), metrics
 
 
-class Synthesis(stage_lib.Stage):
-  """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
-  C) uint8, replicated, round r filled by step r."""
+class Synthesis(image_pool.PoolSynthesis):
+  """The synthesis rounds (image_pool.PoolSynthesis: the pool, the competing student, plan,
+  programs and summary)."""
   name = "deepinversion"
   selector = "deepinversion"
-
-  def check(self, config, info):
-    image_pool.check_synthesis(config, info, "deepinversion")
-
-  def steps(self, config):
-    return config.deepinversion.rounds
-
-  def identity(self, ctx):
-    d = ctx.config.deepinversion
-    return dict(students.student_identity(ctx), rounds=d.rounds, batch_size=d.batch_size)
+  section = "deepinversion"
+  kind = "deepinversion_pool"
 
   def _build(self, ctx, abstract: bool = False):
     """(initial state or its ShapeDtypeStructs, student, synthesis jit, competitor jit or None,
@@ -226,20 +216,6 @@ class Synthesis(stage_lib.Stage):
         common.make_optimizer(d, d.iterations), split, config.seed),
         out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, compete, mesh
-
-  def plan(self, ctx):
-    return image_pool.synthesis_plan(ctx, self.name, ctx.config.deepinversion,
-                                     "deepinversion_pool", *self._build(ctx))
-
-  def programs(self, ctx):
-    d = ctx.config.deepinversion
-    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    return image_pool.synthesis_programs(
-        ctx, self.name, f"synthesis round: {d.iterations} iterations on {d.batch_size} images", d,
-        state, student, synth, compete, mesh)
-
-  def summarize(self, ctx, done):
-    return image_pool.round_summary(self.name, ctx.config.deepinversion.batch_size, done)
 
 SYNTHESIS = Synthesis()
 
