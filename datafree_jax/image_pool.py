@@ -32,6 +32,16 @@ COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any
 TARGETS = ("random", "balanced")  # a round's classes: random, or class i mod K for image i
 GRID_IMAGES = 100                 # images of the latest round in a sample grid
 
+# The config fields every synthesis stage with a competing student has (PoolSynthesis; its
+# section's other fields are the stage's own).
+ROUND_FIELDS = {
+    "targets": ("random", config_lib.Choice(TARGETS)),
+    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
+    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
+    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
+    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+}
+
 
 # --- Pixels: the pool's 8-bit form ------------------------------------------------------------
 

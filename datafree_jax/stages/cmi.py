@@ -113,11 +113,7 @@ CONFIG_SECTIONS = {"cmi": {
     "crop_pad": (4, config_lib.NON_NEGATIVE_INT),    # the global view's random crop padding
     "local_scale": (0.25, config_lib.FRACTION),      # the local view's smallest area
     "flip": (True, config_lib.Flag()),
-    "targets": ("random", config_lib.Choice(image_pool.TARGETS)),
-    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
-    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
-    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
-    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+    **image_pool.ROUND_FIELDS,  # targets, kd_steps, eval_every, checkpoint_every
 }}
 
 

@@ -85,11 +85,7 @@ CONFIG_SECTIONS = {"deepinversion": {
     "jitter": (4, config_lib.NON_NEGATIVE_INT),      # random roll, pixels
     "flip": (True, config_lib.Flag()),
     "clip": (True, config_lib.Flag()),               # keep pixels in the valid range
-    "targets": ("random", config_lib.Choice(image_pool.TARGETS)),
-    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
-    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
-    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
-    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+    **image_pool.ROUND_FIELDS,  # targets, kd_steps, eval_every, checkpoint_every
 }}
 
 
