@@ -2,24 +2,19 @@
 authors' generator reset, the teacher's per-image features, a synthesis round that lowers its
 loss and fills the pool and the bank, the command line with export and plots, and a run
 stopped mid-synthesis that resumes to the uninterrupted run's result."""
-import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import faults
-from conftest import copy_stages, stage_state, tiny_config
+from conftest import (check_method_command_line, check_resumes_after_sigterm,
+                      check_synthesis_method_registered, copy_stages, stage_state,
+                      teacher_context, tiny_config)
 
-from datafree_jax import datasets
-from datafree_jax import main
 from datafree_jax import models
 from datafree_jax import pipeline
-from datafree_jax import registry
-from datafree_jax import stage as stage_lib
 from datafree_jax.stages import cmi
 
 # The tiny BN teacher of conftest's bn_teacher_workdir (10 steps), and a few small rounds.
@@ -33,13 +28,8 @@ def cmi_config(**overrides):
 
 
 def test_the_method_is_registered_with_its_stages_and_section():
-  method = registry.get("cmi")
-  assert method.stage_names() == ("teacher", "cmi", "distill_cmi")
-  assert method.student_stage == "distill_cmi"
-  assert method.image_stages == ("cmi",)
-  config = tiny_config("cmi")
-  assert config.teacher.model == "lenet5_bn" and config.cmi.w_cr > 0
-  pipeline.validate(config)
+  check_synthesis_method_registered("cmi", ("teacher", "cmi", "distill_cmi"), "distill_cmi",
+                                    "w_cr")
 
 
 def test_bad_settings_are_refused():
@@ -110,20 +100,10 @@ def test_the_features_are_each_images_means_of_the_bn_inputs():
   np.testing.assert_allclose(f.mean(0), means, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(bn_teacher_workdir):
-  """The frozen tiny BN teacher as the teacher stage publishes it."""
-  config = cmi_config()
-  ctx = stage_lib.Context(config=config, workdir=bn_teacher_workdir, data=None,
-                          info=datasets.config_info(config))
-  return registry.get("cmi").teacher.load(ctx), ctx.info
-
-
 @pytest.mark.slow
 def test_a_synthesis_round_lowers_its_loss_and_fills_the_pool_and_the_bank(bn_teacher):
-  teacher, info = bn_teacher
-  config = cmi_config(**{"cmi.iterations": 10, "cmi.lr": 0.02})
-  ctx = stage_lib.Context(config=config, workdir="", data=None, info=info, teacher=teacher)
+  teacher, _ = bn_teacher
+  ctx = teacher_context(bn_teacher, cmi_config(**{"cmi.iterations": 10, "cmi.lr": 0.02}))
   state, _, synth, _, _ = cmi.SYNTHESIS._build(ctx)
   head0 = jax.device_get(state["head"])
   first_round = []
@@ -150,28 +130,9 @@ def test_stopped_mid_synthesis_the_run_resumes_to_the_uninterrupted_result(bn_te
   """SIGTERM in round 2 of 4 (checkpoint of that round, exit 143); the same command again
   ends bitwise where the uninterrupted run ends: pool, bank, head, both students."""
   overrides = {"cmi.rounds": 4, "cmi.bank_size": 48, "stage": "train"}
-  reference = copy_stages(bn_teacher_workdir, tmp_path / "ref", "teacher")
-  pipeline.train_and_evaluate(cmi_config(**overrides), reference)
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  config = cmi_config(**overrides)
-  config.method = faults.with_faulty_stage("cmi", faults.sigterm_at(cmi.SYNTHESIS, 2))
-  late = []
-  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
-  try:
-    assert pipeline.main_entry(config, workdir) == 143
-  finally:
-    signal.signal(signal.SIGTERM, old)
-  assert not late
-  step, _, meta = stage_state(os.path.join(workdir, "cmi"))
-  assert step == 2 and not meta["done"]
-  assert not os.path.exists(os.path.join(workdir, "distill_cmi"))
-  assert pipeline.main_entry(cmi_config(**overrides), workdir) == 0
-  for stage in ("cmi", "distill_cmi"):
-    step_a, a, _ = stage_state(os.path.join(reference, stage))
-    step_b, b, _ = stage_state(os.path.join(workdir, stage))
-    assert step_a == step_b
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(x, y)
+  _, workdir = check_resumes_after_sigterm(
+      bn_teacher_workdir, tmp_path, "cmi", cmi.SYNTHESIS, lambda: cmi_config(**overrides),
+      ("cmi", "distill_cmi"))
   _, state, meta = stage_state(os.path.join(workdir, "cmi"))
   assert meta["done"] and meta["kind"] == "cmi_pool" and all(np.any(p) for p in state["pool"])
 
@@ -179,25 +140,8 @@ def test_stopped_mid_synthesis_the_run_resumes_to_the_uninterrupted_result(bn_te
 @pytest.mark.slow
 def test_the_command_line_runs_the_method_then_export_and_plots(bn_teacher_workdir, tmp_path,
                                                                 capsys):
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  flags = [f"--config.{k}={v}" for k, v in TINY.items()] + [
-      "--config.teacher.batch_size=32", "--config.teacher.bn_stats_per_class=8",
-      "--config.cmi.eval_every=3", "--config.log_every_secs=1e9"]
-  assert main.main(["main", "--config=mnist5k:method=cmi", f"--workdir={workdir}",
-                    *flags]) == 0
-  out = capsys.readouterr().out
-  assert "student lenet5_half_bn: final test accuracy" in out and "after 6 steps" in out
-  results = json.loads(open(os.path.join(workdir, "results.json")).read())
-  assert results["student"]["checkpoint"] == os.path.join(workdir, "distill_cmi")
-  assert results["cmi"]["rounds"] == 3 and results["cmi"]["images"] == 48
-  assert "accuracy" in results["cmi"]["eval"]
-  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
-      "accuracy.png", "generator_losses.png", "samples_over_time.png"]
-  assert any(n.startswith("cmi_step") for n in os.listdir(os.path.join(workdir, "samples")))
-  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
-  line = capsys.readouterr().out
-  assert "export: student lenet5_half_bn of " + os.path.join(workdir, "distill_cmi") in line
-  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
+  check_method_command_line(bn_teacher_workdir, tmp_path, capsys, "cmi", TINY, "distill_cmi",
+                            student_steps=6)
   # stage=distill alone reads the finished pool from the checkpoint; without one it is a
   # one-line error.
   empty = copy_stages(bn_teacher_workdir, tmp_path / "e", "teacher")
