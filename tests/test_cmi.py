@@ -2,6 +2,7 @@
 authors' generator reset, the teacher's per-image features, a synthesis round that lowers its
 loss and fills the pool and the bank, the command line with export and plots, and a run
 stopped mid-synthesis that resumes to the uninterrupted run's result."""
+import functools
 import os
 
 import jax
@@ -40,23 +41,25 @@ def test_bad_settings_are_refused():
 
 
 def test_the_local_view_is_a_resized_crop():
+  # Jitted, as the synthesis round runs it (one program to compile, not one per operation).
+  crop = jax.jit(cmi.random_resized_crop, static_argnames="ratio")
   x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 2))
   # The whole image at aspect ratio 1 is the image itself.
-  same = cmi.random_resized_crop(jax.random.key(1), x, 1.0, ratio=(1.0, 1.0))
+  same = crop(jax.random.key(1), x, 1.0, ratio=(1.0, 1.0))
   np.testing.assert_allclose(same, x, atol=1e-6)
   # A crop of a horizontal ramp is a ramp again, stretched: values stay in the ramp's range,
   # still increase along the rows, and span less than the whole ramp on average (a crop may
   # take the full width when it gives up height).
   ramp = jnp.broadcast_to(jnp.arange(8.0)[None, None, :, None], (16, 8, 8, 1))
-  crop = np.asarray(cmi.random_resized_crop(jax.random.key(2), ramp, 0.25))
-  assert crop.min() >= 0 and crop.max() <= 7 + 1e-5
-  assert np.all(np.diff(crop[:, 4, :, 0], axis=1) >= -1e-5)
+  cropped = np.asarray(crop(jax.random.key(2), ramp, 0.25))
+  assert cropped.min() >= 0 and cropped.max() <= 7 + 1e-5
+  assert np.all(np.diff(cropped[:, 4, :, 0], axis=1) >= -1e-5)
   # Away from the border pixels it is linear: a crop resized by one factor.
-  steps = np.diff(crop[:, 4, :, 0], axis=1)[:, 1:-1]
+  steps = np.diff(cropped[:, 4, :, 0], axis=1)[:, 1:-1]
   np.testing.assert_allclose(steps, np.broadcast_to(steps[:, :1], steps.shape), atol=1e-4)
-  span = crop[:, 4, -1, 0] - crop[:, 4, 0, 0]
+  span = cropped[:, 4, -1, 0] - cropped[:, 4, 0, 0]
   assert np.all(span <= 7 + 1e-5) and np.mean(span) < 6.5
-  g = jax.grad(lambda x: jnp.sum(cmi.random_resized_crop(jax.random.key(3), x, 0.25)))(x)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(crop(jax.random.key(3), x, 0.25))))(x)
   assert np.all(np.isfinite(g)) and np.any(g)
 
 
@@ -74,25 +77,30 @@ def test_the_bank_gives_filled_rows_without_replacement_first():
 
 def test_the_generator_reset_is_the_authors_init_and_its_images_are_pixels():
   gen = models.Generator(latent_dim=64, image_size=32, channels=1, width=32, style="zju")
-  params, _ = cmi.reset_generator(gen, jax.random.key(0))
+  params, batch_stats = jax.jit(cmi.reset_generator, static_argnums=0)(gen, jax.random.key(0))
   kernels = np.concatenate([np.ravel(params[n]["kernel"]) for n in ("fc", "conv1", "conv2")])
   assert abs(kernels.std() - 0.02) < 0.001 and abs(kernels.mean()) < 0.001
   scales = np.concatenate([np.ravel(params[n]["scale"]) for n in ("bn0", "bn1", "bn2")])
   assert abs(scales.mean() - 1) < 0.01 and 0.01 < scales.std() < 0.03
   assert not any(np.any(params[n]["bias"]) for n in params)
-  images, _ = gen.apply({"params": params, "batch_stats": cmi.reset_generator(
-      gen, jax.random.key(0))[1]}, jax.random.normal(jax.random.key(1), (4, 64)),
-                        mutable=["batch_stats"])
+  images, _ = jax.jit(functools.partial(gen.apply, mutable=["batch_stats"]))(
+      {"params": params, "batch_stats": batch_stats},
+      jax.random.normal(jax.random.key(1), (4, 64)))
   assert images.shape == (4, 32, 32, 1) and 0 < images.min() and images.max() < 1
 
 
 def test_the_features_are_each_images_means_of_the_bn_inputs():
   model = models.get_classifier("lenet5_bn", 10)
   x = jax.random.normal(jax.random.key(0), (5, 32, 32, 1))
-  variables = model.init(jax.random.key(1), x, train=False)
-  _, upd = model.apply(variables, x, train=False,
-                       mutable=[models.BN_EXAMPLE_MOMENTS, models.BN_INPUTS])
-  f = np.asarray(cmi.instance_features(upd[models.BN_EXAMPLE_MOMENTS]))
+
+  @jax.jit
+  def features(x):
+    variables = model.init(jax.random.key(1), x, train=False)
+    _, upd = model.apply(variables, x, train=False,
+                         mutable=[models.BN_EXAMPLE_MOMENTS, models.BN_INPUTS])
+    return cmi.instance_features(upd[models.BN_EXAMPLE_MOMENTS]), upd
+  f, upd = features(x)
+  f = np.asarray(f)
   assert f.shape == (5, 6 + 16 + 120)
   # Their batch mean is each BN layer's batch mean of its input, layers in path order.
   means = np.concatenate([np.asarray(upd[models.BN_INPUTS][n]["mean"])
