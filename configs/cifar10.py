@@ -125,6 +125,19 @@ def zju_pair(c, teacher: str, student: str):
   c.generator.w_ie = 20.0 * math.log(10.0)
 
 
+def zju_student(s, lr: float):
+  """The student of zju-vipa's datafree_kd.py in their DeepInversion, CMI and Fast-DFKD CIFAR
+  scripts (config.student `s`): SGD at `lr`, momentum 0.9, weight decay 1e-4, cosine decay over
+  200 rounds x 400 steps (80,000), batch 256, KD temperature 20, random crops (pad 4) and
+  flips."""
+  s.steps = 80000                   # 200 rounds x 400 steps
+  s.batch_size = 256
+  s.optimizer, s.lr, s.momentum, s.weight_decay = "sgd", lr, 0.9, 1e-4
+  s.schedule = "cosine"
+  s.temperature = 20.0
+  s.augment_shift, s.augment_flip = 4, True
+
+
 def deepinversion_settings(c):
   """method=deepinversion: zju-vipa/DataFree's CIFAR settings (scripts/deepinv/; the synthesis
   settings are config.deepinversion's defaults, see stages/deepinversion.py): 200 rounds of
@@ -132,14 +145,8 @@ def deepinversion_settings(c):
   1e-4, cosine, batch 256, KD temperature 20, random crops (pad 4) and flips, 400 steps per
   round for the competing student and 200 x 400 for the final one. Published (the benchmark's
   table, ResNet-34 -> ResNet-18): CIFAR-10 93.26%, CIFAR-100 61.32%."""
-  s = c.student
-  s.steps = 80000                   # 200 rounds x 400 steps
-  s.batch_size = 256
-  s.optimizer, s.lr, s.momentum, s.weight_decay = "sgd", 0.1, 0.9, 1e-4
-  s.schedule = "cosine"
-  s.temperature = 20.0
-  s.augment_shift, s.augment_flip = 4, True
-  s.eval_every = 4000
+  zju_student(c.student, lr=0.1)
+  c.student.eval_every = 4000
   d = c.deepinversion
   d.rounds, d.batch_size, d.iterations, d.kd_steps = 200, 256, 1000, 400
   d.eval_every, d.checkpoint_every = 10, 5
@@ -159,13 +166,7 @@ def fast_settings(c, teacher: str, g_steps: int):
   and flips, 400 steps per round after warmup (80,000). Published (their README, ResNet-34 ->
   ResNet-18, Fast-2 / 5 / 10): CIFAR-10 92.62 / 93.63 / 94.05%, CIFAR-100 69.76 / 72.82 /
   74.34%."""
-  s = c.student
-  s.steps = 80000                   # (220 - 20) rounds x 400 steps; not read by method=fast
-  s.batch_size = 256
-  s.optimizer, s.lr, s.momentum, s.weight_decay = "sgd", 0.2, 0.9, 1e-4
-  s.schedule = "cosine"
-  s.temperature = 20.0
-  s.augment_shift, s.augment_flip = 4, True
+  zju_student(c.student, lr=0.2)    # 80,000 steps: (220 - 20) rounds x 400; not read by fast
   f = c.fast
   f.rounds, f.warmup, f.iterations, f.batch_size, f.kd_steps = 220, 20, g_steps, 256, 400
   f.lr_g, f.lr_z = FAST_RATES[g_steps]
@@ -188,14 +189,8 @@ def cmi_settings(c):
   README): CIFAR-10 ResNet-34 -> ResNet-18 94.84%, CIFAR-100 77.04% (the other pairs in the
   module docstring). With the ResNet-34 teacher the 8,512 features of its 36 BN layers make the
   bank 40,960 x 17,024 floats (2.8 GB, replicated; WRN-40-2: 2,704 features, 0.9 GB)."""
-  s = c.student
-  s.steps = 80000                   # 200 rounds x 400 steps
-  s.batch_size = 256
-  s.optimizer, s.lr, s.momentum, s.weight_decay = "sgd", 0.1, 0.9, 1e-4
-  s.schedule = "cosine"
-  s.temperature = 20.0
-  s.augment_shift, s.augment_flip = 4, True
-  s.eval_every = 4000
+  zju_student(c.student, lr=0.1)
+  c.student.eval_every = 4000
   m = c.cmi
   m.rounds, m.batch_size, m.iterations, m.kd_steps = 200, 256, 200, 400
   m.eval_every, m.checkpoint_every = 10, 5

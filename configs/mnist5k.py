@@ -78,22 +78,22 @@ def get_config(arg=None):
     c.student.steps = 2400
     c.student.temperature = 4.0
     c.student.augment_shift = 2
-  if a.method == "deepinversion":
-    d = c.deepinversion              # (the section exists once the method is registered)
-    d.rounds = 20
-    d.batch_size = 128
-    d.iterations = 200
-    d.jitter = 2                     # MNIST digits are not left-right symmetric: no flips
-    d.flip = False
-    d.kd_steps = 20
-    d.eval_every = 5
-    c.student.steps = 1500
+  if a.method in ("deepinversion", "cmi"):
+    p = c[a.method]                  # (the section exists once the method is registered)
+    p.rounds = 20                    # 20 rounds of 128 images: a pool of 2,560
+    p.batch_size = 128
+    p.flip = False                   # MNIST digits are not left-right symmetric: no flips
+    p.kd_steps = 20                  # the competing student's steps per round
+    p.eval_every = 5
+    c.student.steps = 1500           # the final student, on the finished pool
     c.student.temperature = 4.0
     c.student.augment_shift = 2
+  if a.method == "deepinversion":
+    d = c.deepinversion
+    d.iterations = 200
+    d.jitter = 2                     # random rolls of up to 2 px
   if a.method == "cmi":
     m = c.cmi                        # the authors' losses and weights, smaller rounds
-    m.rounds = 20
-    m.batch_size = 128
     m.iterations = 100
     m.lr = 1e-2
     m.width = 32                     # ngf 16: an eighth of the authors' generator width
@@ -101,13 +101,7 @@ def get_config(arg=None):
     m.bank_size = 2560               # every round's features
     m.n_neg = 1024
     m.head_dim = 64
-    m.crop_pad = 2                   # MNIST digits are not left-right symmetric: no flips
-    m.flip = False
-    m.kd_steps = 20
-    m.eval_every = 5
-    c.student.steps = 1500
-    c.student.temperature = 4.0
-    c.student.augment_shift = 2
+    m.crop_pad = 2                   # the global view: shifts of up to 2 px
   if a.method == "fast":
     f = c.fast
     f.rounds, f.warmup, f.iterations, f.batch_size = 40, 2, 10, 128

@@ -1,13 +1,17 @@
 """The image pool of the synthesis methods (DeepInversion, CMI, Fast-DFKD): synthesised images
 kept as 8-bit pixels in a stage's checkpointed state, one batch per synthesis round, and what
 reads it: the uniform draw of students.distill_step, runs of distillation steps on the pool so
-far (distill_on_pool: the competing student's rounds, Fast-DFKD's student), and DistillPool, a
-students.Distill stage on a finished pool.
+far (distill_on_pool: the competing student's rounds, Fast-DFKD's student), DistillPool, a
+students.Distill stage on a finished pool, and what the synthesis stages with a competing
+student (DeepInversion, CMI) share: their targets, checks, competing student, initial state,
+plan, dry-run programs and summary.
 
 The pool is the state's 'pool' (rounds, batch_size, H, W, C) uint8, replicated; round r is
 filled by step r of the synthesis stage (its 'step' counts the filled rounds).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ import numpy as np
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
+from datafree_jax import evaluation
 from datafree_jax import log
 from datafree_jax import models
 from datafree_jax import parallel
@@ -24,6 +29,18 @@ from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 COMPETITOR_STEP_OFFSET = 1 << 30  # the competitor's KD steps are keyed past any Distill step
+TARGETS = ("random", "balanced")  # a round's classes: random, or class i mod K for image i
+GRID_IMAGES = 100                 # images of the latest round in a sample grid
+
+# The config fields every synthesis stage with a competing student has (PoolSynthesis; its
+# section's other fields are the stage's own).
+ROUND_FIELDS = {
+    "targets": ("random", config_lib.Choice(TARGETS)),
+    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
+    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
+    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
+    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+}
 
 
 # --- Pixels: the pool's 8-bit form ------------------------------------------------------------
@@ -206,30 +223,138 @@ class DistillPool(students.Distill):
     return pool_images_fn(ctx.info), None, source
 
 
-# --- The synthesis stages' programs and summary ------------------------------------------------
+# --- What the synthesis stages with a competing student share (DeepInversion, CMI) ----------
 
-def synthesis_programs(ctx, name: str, round_label: str, cfg, state, student, synth, compete,
-                       mesh) -> list:
-  """The dry run's programs of a synthesis stage `name` on a pool (cfg: its config section,
-  with rounds, iterations, kd_steps): a synthesis round (`round_label`), the competing
-  student's steps (when `compete`), its evaluation and the restore."""
-  tvars = ctx.teacher["variables"]
-  out = [stage_lib.Program(round_label, synth, (state,), {"teacher_vars": tvars}, state=state,
-                           trips=cfg.iterations, steps=cfg.rounds)]
-  if compete is not None:
-    out.append(stage_lib.Program(
-        f"competing student: {cfg.kd_steps} steps of batch {ctx.config.student.batch_size}",
-        compete, (state,), {"teacher_vars": tvars}, state=state, trips=cfg.kd_steps,
-        steps=cfg.rounds))
-  s = state["student"]
-  out.append(stage_lib.classifier_eval_program(
-      "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
-      ctx.info, mesh))
-  out.append(stage_lib.restore_program(name, state))
-  return out
+def round_targets(key, n: int, num_classes: int, kind: str):
+  """The (n,) int32 classes of a round's images: `kind` 'balanced' gives image i class
+  i mod num_classes, 'random' draws them uniformly with `key`."""
+  if kind == "balanced":
+    return jnp.arange(n, dtype=jnp.int32) % num_classes
+  return jax.random.randint(key, (n,), 0, num_classes)
 
 
-def round_summary(name: str, batch_size: int, done) -> dict:
-  """The summary entry of synthesis stage `name`: rounds, images, evaluation, checkpoint."""
-  return {name: {"rounds": done.step, "images": done.step * batch_size,
-                 "eval": done.eval, "checkpoint": done.directory}}
+def check_synthesis(config, info, section: str, bn_weights=("w_bn",)):
+  """The checks of a synthesis stage with a competing student (config[section]: batch_size,
+  w_adv, kd_steps and the weights `bn_weights` of terms that read the teacher's BN layers):
+  its batches and the student's divide over the devices, and those terms have a teacher with
+  BN (ConfigError); a warning when the images compete with a student that never trains."""
+  cfg = config[section]
+  parallel.check_global_batch(cfg.batch_size)
+  parallel.check_global_batch(config.student.batch_size)
+  for weight in bn_weights:
+    check_teacher_bn(config, info, section, weight)
+  if cfg.w_adv > 0 and cfg.kd_steps == 0:
+    log.warn(f"{section}.w_adv > 0 with kd_steps=0: the images compete with an untrained "
+             "student")
+
+
+def pool_distill_step(ctx, student, tx, split):
+  """students.distill_step up to its state for `student` (optimiser tx, config.student's
+  temperature, batch and augmentation) learning from ctx's teacher on images drawn from the
+  pool (pool_images_fn), split over the devices by `split`."""
+  config, info = ctx.config, ctx.info
+  scfg = config.student
+  return functools.partial(
+      students.distill_step, student, tx, scfg.temperature, ctx.teacher["model"],
+      pool_images_fn(info), split, config.seed, scfg.batch_size,
+      students.augmentation(scfg, info))
+
+
+def competing_student(ctx, cfg, mesh) -> tuple:
+  """(student model, its optimiser, the jitted competitor_round or None when cfg.kd_steps is
+  0) of a synthesis stage's competing student (cfg: its config section, with rounds and
+  kd_steps); the optimiser's schedule runs over rounds x kd_steps steps."""
+  tx = common.make_optimizer(ctx.config.student, cfg.rounds * cfg.kd_steps)
+  student = students.make_student(ctx.config, ctx.info)
+  compete = None
+  if cfg.kd_steps:
+    rep = parallel.replicated(mesh)
+    distill = pool_distill_step(ctx, student, tx, parallel.split_leading(mesh))
+    compete = jax.jit(functools.partial(competitor_round, cfg.kd_steps, distill),
+                      out_shardings=(rep, rep), donate_argnums=(0,))
+  return student, tx, compete
+
+
+def initial_state(ctx, cfg, tx, key) -> dict:
+  """The state a synthesis stage with a competing student starts from (cfg: its config
+  section): an empty pool, the student initialised from `key` with its optimiser state, step
+  0. A stage adds its own parts."""
+  _, svars, sopt = students.init_student(ctx.config, ctx.info, tx, key)
+  return {"pool": empty(cfg.rounds, cfg.batch_size, ctx.info), "student": svars,
+          "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
+
+
+class PoolSynthesis(stage_lib.Stage):
+  """A synthesis stage with a competing student (DeepInversion, CMI), settings config[section]
+  (rounds, batch_size, iterations, kd_steps, eval_every, checkpoint_every, w_bn, w_adv): one
+  loop step is one synthesis round, synth(state, teacher_vars), then the competing student's
+  kd_steps (when there are any). The state holds the pool 'pool' (rounds, batch_size, H, W, C)
+  uint8, replicated, round r filled by step r, and the competing student ('student',
+  'student_opt'), evaluated as the stage's evaluation; sample grids show the latest round.
+
+  A subclass sets name, selector, section and kind (its checkpoints' meta kind) and builds the
+  stage: _build(ctx, abstract) -> (initial state, or its ShapeDtypeStructs when abstract,
+  student model, synthesis jit, competitor jit or None, mesh)."""
+  section = ""
+  kind = ""
+  round_unit = "iterations"   # what a round's iterations are, for the dry run's label
+
+  def _build(self, ctx, abstract: bool = False):
+    raise NotImplementedError
+
+  def check(self, config, info):
+    check_synthesis(config, info, self.section)
+
+  def steps(self, config):
+    return config[self.section].rounds
+
+  def identity(self, ctx):
+    cfg = ctx.config[self.section]
+    return dict(students.student_identity(ctx), rounds=cfg.rounds, batch_size=cfg.batch_size)
+
+  def plan(self, ctx):
+    cfg, info = ctx.config[self.section], ctx.info
+    state, student, synth, compete, mesh = self._build(ctx)
+    tvars = ctx.teacher["variables"]
+
+    def step(state, batch):  # pylint: disable=unused-argument
+      state, metrics = synth(state, tvars)
+      if compete is not None:
+        state, kd = compete(state, tvars)
+        metrics = dict(metrics, **kd)
+      return state, metrics
+
+    n = min(cfg.batch_size, GRID_IMAGES)
+    return stage_lib.Plan(
+        state=state, step=step,
+        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
+                                                 mesh),
+        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every or None,
+        on_eval=students.make_sample_writer(ctx, lambda s: latest_round(s, info, n), self.name),
+        meta={"kind": self.kind, "dataset": info.name, "method": ctx.config.method})
+
+  def programs(self, ctx):
+    """The dry run's programs: a synthesis round, the competing student's steps (when there
+    are any), its evaluation and the restore."""
+    cfg, tvars = ctx.config[self.section], ctx.teacher["variables"]
+    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
+    out = [stage_lib.Program(
+        f"synthesis round: {cfg.iterations} {self.round_unit} on {cfg.batch_size} images", synth,
+        (state,), {"teacher_vars": tvars}, state=state, trips=cfg.iterations, steps=cfg.rounds)]
+    if compete is not None:
+      out.append(stage_lib.Program(
+          f"competing student: {cfg.kd_steps} steps of batch {ctx.config.student.batch_size}",
+          compete, (state,), {"teacher_vars": tvars}, state=state, trips=cfg.kd_steps,
+          steps=cfg.rounds))
+    s = state["student"]
+    out.append(stage_lib.classifier_eval_program(
+        "competing student", student, common.variables_of(s["params"], s["batch_stats"]),
+        ctx.info, mesh))
+    out.append(stage_lib.restore_program(self.name, state))
+    return out
+
+  def summarize(self, ctx, done):
+    """Its summary entry: rounds, images, evaluation, checkpoint."""
+    return {self.name: {"rounds": done.step,
+                        "images": done.step * ctx.config[self.section].batch_size,
+                        "eval": done.eval, "checkpoint": done.directory}}

@@ -196,14 +196,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
-_EXPORT_FLAGS = ("--workdir", "--format", "--out", "--stage")
-
-
-def parse_export_command_line(args: list) -> dict:
-  """The arguments after `export` as {workdir, format, out, stage, debug, help}, read with the
-  main command line's conventions (--flag=VALUE or --flag VALUE); raises CommandLineError."""
-  out = {"workdir": None, "format": "all", "out": "", "stage": "", "debug": False,
-         "help": False}
+def _parse_sub_command_line(args: list, flags_taken: tuple, out: dict, takes: str,
+                            convert=None) -> dict:
+  """Reads a sub-command's arguments with the main command line's conventions into `out` (its
+  defaults, with 'debug' and 'help'): -h/--help sets out['help'], --debug out['debug'],
+  --FLAG=VALUE or --FLAG VALUE for FLAG in flags_taken out[FLAG] (convert(FLAG, VALUE) when
+  given). Raises CommandLineError: an unknown argument (`takes`: what the sub-command takes, for
+  the message), a flag without its value, or what convert raises."""
   i = 0
   while i < len(args):
     arg = args[i]
@@ -213,39 +212,62 @@ def parse_export_command_line(args: list) -> dict:
       out["help"] = True
     elif name == "--debug" and not eq:
       out["debug"] = True
-    elif name in _EXPORT_FLAGS:
+    elif name.startswith("--") and name[2:] in flags_taken:
       if not eq:
         if i == len(args) or args[i].startswith("--"):
           raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
         value = args[i]
         i += 1
-      out[name[2:]] = value
+      out[name[2:]] = convert(name[2:], value) if convert else value
     else:
-      raise CommandLineError(f"unknown argument {arg!r} (export takes --workdir, --format, "
-                             "--out, --stage and --debug)")
-  if not out["help"] and not out["workdir"]:
-    raise CommandLineError("export needs --workdir=DIR: the workdir of a finished run")
+      raise CommandLineError(f"unknown argument {arg!r} ({takes})")
   return out
 
 
-def export_main(args: list) -> int:
-  """`python -m datafree_jax.main export ...`: exports a finished run's student (or teacher);
-  returns the exit code (2: bad input, one line `error: ...` on stderr)."""
+def _sub_command_main(args: list, run) -> int:
+  """Runs a sub-command, run(args); returns the exit code: 0, or 2 for bad input (a
+  CommandLineError or a user error), one line `error: ...` on stderr (with --debug also the
+  traceback)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   debug = "--debug" in args
   try:
-    parsed = parse_export_command_line(args)
-    if parsed["help"]:
-      print(export.__doc__.strip())
-      return 0
-    export.export(parsed["workdir"], export.parse_formats(parsed["format"]), parsed["out"],
-                  parsed["stage"], printer=lambda line: print(line, flush=True))
+    run(args)
   except (CommandLineError,) + errors.USER_ERRORS as e:
     if debug:
       traceback.print_exc()
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
+
+
+_EXPORT_FLAGS = ("workdir", "format", "out", "stage")
+
+
+def parse_export_command_line(args: list) -> dict:
+  """The arguments after `export` as {workdir, format, out, stage, debug, help}, read with the
+  main command line's conventions (--flag=VALUE or --flag VALUE); raises CommandLineError."""
+  out = _parse_sub_command_line(
+      args, _EXPORT_FLAGS, {"workdir": None, "format": "all", "out": "", "stage": "",
+                            "debug": False, "help": False},
+      "export takes --workdir, --format, --out, --stage and --debug")
+  if not out["help"] and not out["workdir"]:
+    raise CommandLineError("export needs --workdir=DIR: the workdir of a finished run")
+  return out
+
+
+def _export(args: list):
+  parsed = parse_export_command_line(args)
+  if parsed["help"]:
+    print(export.__doc__.strip())
+    return
+  export.export(parsed["workdir"], export.parse_formats(parsed["format"]), parsed["out"],
+                parsed["stage"], printer=lambda line: print(line, flush=True))
+
+
+def export_main(args: list) -> int:
+  """`python -m datafree_jax.main export ...`: exports a finished run's student (or teacher);
+  returns the exit code (2: bad input, one line `error: ...` on stderr)."""
+  return _sub_command_main(args, _export)
 
 
 MAKE_DATASET_HELP = f"""python -m datafree_jax.main make-jpeg-dataset [--data_dir=DIR] [--FLAG=VALUE ...]
@@ -272,63 +294,45 @@ _MAKE_DATASET_INT_FLAGS = ("classes", "train_examples", "validation_examples", "
                            "max_side", "quality", "seed")
 
 
+def _int_flag(key: str, value: str):
+  """make-jpeg-dataset's flag values: the integer of an integer flag, else the text."""
+  if key not in _MAKE_DATASET_INT_FLAGS:
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise CommandLineError(f"flag --{key}: expected an integer, got {value!r}") from None
+
+
 def parse_make_dataset_command_line(args: list) -> dict:
   """The arguments after `make-jpeg-dataset` as {data_dir, name, settings (a
   synthetic_imagenet.Settings), debug, help}, read with the main command line's conventions;
   raises CommandLineError (an unknown flag, a missing or non-integer value)."""
-  out = {"data_dir": None, "name": synthetic_imagenet.NAME, "debug": False, "help": False}
-  values = {}
   flags_taken = ("data_dir", "name") + _MAKE_DATASET_INT_FLAGS
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    i += 1
-    name, eq, value = arg.partition("=")
-    if arg in ("-h", "--help"):
-      out["help"] = True
-    elif name == "--debug" and not eq:
-      out["debug"] = True
-    elif name.startswith("--") and name[2:] in flags_taken:
-      if not eq:
-        if i == len(args) or args[i].startswith("--"):
-          raise CommandLineError(f"flag {name} needs a value: {name}=VALUE")
-        value = args[i]
-        i += 1
-      key = name[2:]
-      if key in _MAKE_DATASET_INT_FLAGS:
-        try:
-          values[key] = int(value)
-        except ValueError:
-          raise CommandLineError(f"flag {name}: expected an integer, got {value!r}") from None
-      else:
-        out[key] = value
-    else:
-      raise CommandLineError(
-          f"unknown argument {arg!r} (make-jpeg-dataset takes "
-          + ", ".join(f"--{f}" for f in flags_taken) + " and --debug)")
-  out["settings"] = synthetic_imagenet.Settings(**values)
+  out = _parse_sub_command_line(
+      args, flags_taken, {"data_dir": None, "name": synthetic_imagenet.NAME, "debug": False,
+                          "help": False},
+      "make-jpeg-dataset takes " + ", ".join(f"--{f}" for f in flags_taken) + " and --debug",
+      convert=_int_flag)
+  out["settings"] = synthetic_imagenet.Settings(
+      **{k: out.pop(k) for k in _MAKE_DATASET_INT_FLAGS if k in out})
   return out
+
+
+def _make_dataset(args: list):
+  parsed = parse_make_dataset_command_line(args)
+  if parsed["help"]:
+    print(MAKE_DATASET_HELP.strip())
+    return
+  parsed["settings"].check(parsed["name"])
+  synthetic_imagenet.build(parsed["data_dir"], parsed["settings"], name=parsed["name"],
+                           printer=lambda line: print(line, flush=True))
 
 
 def make_dataset_main(args: list) -> int:
   """`python -m datafree_jax.main make-jpeg-dataset ...`: builds synthetic_imagenet; returns
   the exit code (2: bad input, one line `error: ...` on stderr)."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  debug = "--debug" in args
-  try:
-    parsed = parse_make_dataset_command_line(args)
-    if parsed["help"]:
-      print(MAKE_DATASET_HELP.strip())
-      return 0
-    parsed["settings"].check(parsed["name"])
-    synthetic_imagenet.build(parsed["data_dir"], parsed["settings"], name=parsed["name"],
-                             printer=lambda line: print(line, flush=True))
-  except (CommandLineError,) + errors.USER_ERRORS as e:
-    if debug:
-      traceback.print_exc()
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+  return _sub_command_main(args, _make_dataset)
 
 
 def main(argv) -> int:

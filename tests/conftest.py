@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
@@ -188,6 +189,114 @@ def generators_workdir(bn_teacher_workdir, tmp_path_factory, worker_id):
   workdir = shared_workdir(tmp_path_factory, worker_id, "generators", make)
   with open(os.path.join(workdir, "results.json")) as f:
     return workdir, json.load(f)
+
+
+# --- The synthesis methods on a pool (deepinversion, cmi, fast) after the tiny BN teacher -----
+
+@pytest.fixture(scope="session")
+def bn_teacher(bn_teacher_workdir):
+  """(teacher, info): the frozen tiny BN teacher of bn_teacher_workdir as the teacher stage
+  publishes it (every method's teacher stage is the same), and the dataset's info."""
+  from datafree_jax import datasets  # pylint: disable=g-import-not-at-top
+  from datafree_jax import registry  # pylint: disable=g-import-not-at-top
+  from datafree_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config("deepinversion", **{"teacher.steps": 10})
+  ctx = stage_lib.Context(config=config, workdir=bn_teacher_workdir, data=None,
+                          info=datasets.config_info(config))
+  return registry.get("deepinversion").teacher.load(ctx), ctx.info
+
+
+def check_synthesis_method_registered(method: str, stage_names: tuple, student_stage: str,
+                                      weight: str):
+  """Synthesis method `method` is registered with the stages `stage_names` (the student in
+  `student_stage`, images from stage `method`); its tiny config has the LeNet-5-BN teacher,
+  a positive `weight` in its section, and validates."""
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from datafree_jax import registry  # pylint: disable=g-import-not-at-top
+  m = registry.get(method)
+  assert m.stage_names() == stage_names
+  assert m.student_stage == student_stage and m.image_stages == (method,)
+  config = tiny_config(method)
+  assert config.teacher.model == "lenet5_bn" and config[method][weight] > 0
+  pipeline.validate(config)
+
+
+def teacher_context(bn_teacher, config):
+  """A stage context for `config` with the frozen BN teacher (no data, no workdir)."""
+  from datafree_jax import stage as stage_lib  # pylint: disable=g-import-not-at-top
+  teacher, info = bn_teacher
+  return stage_lib.Context(config=config, workdir="", data=None, info=info, teacher=teacher)
+
+
+def check_resumes_after_sigterm(bn_teacher_workdir, tmp_path, method: str, stage, make_config,
+                                compared: tuple):
+  """make_config() (a stage=train run of `method` after the BN teacher) stopped by SIGTERM in
+  step 2 of `stage` (the stage object; the loop saves that step's checkpoint and exits 143), then
+  the same command again, ends bitwise where an uninterrupted run ends in the stage directories
+  `compared` (the stopped stage first; the later ones are not written before it finishes).
+  Returns (the uninterrupted run's workdir, the resumed one's)."""
+  import faults  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from datafree_jax import pipeline  # pylint: disable=g-import-not-at-top
+  reference = copy_stages(bn_teacher_workdir, tmp_path / "ref", "teacher")
+  pipeline.train_and_evaluate(make_config(), reference)
+  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
+  config = make_config()
+  config.method = faults.with_faulty_stage(method, faults.sigterm_at(stage, 2))
+  late = []
+  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
+  try:
+    assert pipeline.main_entry(config, workdir) == 143
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  assert not late
+  step, _, meta = stage_state(os.path.join(workdir, compared[0]))
+  assert step == 2 and not meta["done"]
+  for later in compared[1:]:
+    assert not os.path.exists(os.path.join(workdir, later))
+  assert pipeline.main_entry(make_config(), workdir) == 0
+  for name in compared:
+    step_a, a, _ = stage_state(os.path.join(reference, name))
+    step_b, b, _ = stage_state(os.path.join(workdir, name))
+    assert step_a == step_b
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  return reference, workdir
+
+
+def check_method_command_line(bn_teacher_workdir, tmp_path, capsys, method: str, tiny: dict,
+                              student_stage: str, student_steps: int) -> tuple:
+  """The command line runs synthesis method `method` on mnist5k after the BN teacher (the flat
+  overrides `tiny`, its stage `method` evaluated every 3 rounds of 3, 16 images each): the
+  student's final accuracy after `student_steps` steps, the summary (the student in
+  `student_stage`, the stage's rounds, images and evaluation), the plots and sample grids; then
+  export writes the student as StableHLO. Returns (workdir, results.json)."""
+  from datafree_jax import main  # pylint: disable=g-import-not-at-top
+  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
+  flags = [f"--config.{k}={v}" for k, v in tiny.items()] + [
+      "--config.teacher.batch_size=32", "--config.teacher.bn_stats_per_class=8",
+      f"--config.{method}.eval_every=3", "--config.log_every_secs=1e9"]
+  assert main.main(["main", f"--config=mnist5k:method={method}", f"--workdir={workdir}",
+                    *flags]) == 0
+  out = capsys.readouterr().out
+  assert "student lenet5_half_bn: final test accuracy" in out
+  assert f"after {student_steps} steps" in out
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["student"]["checkpoint"] == os.path.join(workdir, student_stage)
+  assert results[method]["rounds"] == 3 and results[method]["images"] == 48
+  assert "accuracy" in results[method]["eval"]
+  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
+      "accuracy.png", "generator_losses.png", "samples_over_time.png"]
+  assert any(n.startswith(f"{method}_step") for n in os.listdir(os.path.join(workdir,
+                                                                             "samples")))
+  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
+  line = capsys.readouterr().out
+  assert "export: student lenet5_half_bn of " + os.path.join(workdir, student_stage) in line
+  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
+  return workdir, results
 
 
 _TFDS_MOCK_LOCK = threading.RLock()

@@ -2,24 +2,20 @@
 authors' generator reset, the teacher's per-image features, a synthesis round that lowers its
 loss and fills the pool and the bank, the command line with export and plots, and a run
 stopped mid-synthesis that resumes to the uninterrupted run's result."""
-import json
+import functools
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import faults
-from conftest import copy_stages, stage_state, tiny_config
+from conftest import (check_method_command_line, check_resumes_after_sigterm,
+                      check_synthesis_method_registered, copy_stages, stage_state,
+                      teacher_context, tiny_config)
 
-from datafree_jax import datasets
-from datafree_jax import main
 from datafree_jax import models
 from datafree_jax import pipeline
-from datafree_jax import registry
-from datafree_jax import stage as stage_lib
 from datafree_jax.stages import cmi
 
 # The tiny BN teacher of conftest's bn_teacher_workdir (10 steps), and a few small rounds.
@@ -33,13 +29,8 @@ def cmi_config(**overrides):
 
 
 def test_the_method_is_registered_with_its_stages_and_section():
-  method = registry.get("cmi")
-  assert method.stage_names() == ("teacher", "cmi", "distill_cmi")
-  assert method.student_stage == "distill_cmi"
-  assert method.image_stages == ("cmi",)
-  config = tiny_config("cmi")
-  assert config.teacher.model == "lenet5_bn" and config.cmi.w_cr > 0
-  pipeline.validate(config)
+  check_synthesis_method_registered("cmi", ("teacher", "cmi", "distill_cmi"), "distill_cmi",
+                                    "w_cr")
 
 
 def test_bad_settings_are_refused():
@@ -50,23 +41,25 @@ def test_bad_settings_are_refused():
 
 
 def test_the_local_view_is_a_resized_crop():
+  # Jitted, as the synthesis round runs it (one program to compile, not one per operation).
+  crop = jax.jit(cmi.random_resized_crop, static_argnames="ratio")
   x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 2))
   # The whole image at aspect ratio 1 is the image itself.
-  same = cmi.random_resized_crop(jax.random.key(1), x, 1.0, ratio=(1.0, 1.0))
+  same = crop(jax.random.key(1), x, 1.0, ratio=(1.0, 1.0))
   np.testing.assert_allclose(same, x, atol=1e-6)
   # A crop of a horizontal ramp is a ramp again, stretched: values stay in the ramp's range,
   # still increase along the rows, and span less than the whole ramp on average (a crop may
   # take the full width when it gives up height).
   ramp = jnp.broadcast_to(jnp.arange(8.0)[None, None, :, None], (16, 8, 8, 1))
-  crop = np.asarray(cmi.random_resized_crop(jax.random.key(2), ramp, 0.25))
-  assert crop.min() >= 0 and crop.max() <= 7 + 1e-5
-  assert np.all(np.diff(crop[:, 4, :, 0], axis=1) >= -1e-5)
+  cropped = np.asarray(crop(jax.random.key(2), ramp, 0.25))
+  assert cropped.min() >= 0 and cropped.max() <= 7 + 1e-5
+  assert np.all(np.diff(cropped[:, 4, :, 0], axis=1) >= -1e-5)
   # Away from the border pixels it is linear: a crop resized by one factor.
-  steps = np.diff(crop[:, 4, :, 0], axis=1)[:, 1:-1]
+  steps = np.diff(cropped[:, 4, :, 0], axis=1)[:, 1:-1]
   np.testing.assert_allclose(steps, np.broadcast_to(steps[:, :1], steps.shape), atol=1e-4)
-  span = crop[:, 4, -1, 0] - crop[:, 4, 0, 0]
+  span = cropped[:, 4, -1, 0] - cropped[:, 4, 0, 0]
   assert np.all(span <= 7 + 1e-5) and np.mean(span) < 6.5
-  g = jax.grad(lambda x: jnp.sum(cmi.random_resized_crop(jax.random.key(3), x, 0.25)))(x)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(crop(jax.random.key(3), x, 0.25))))(x)
   assert np.all(np.isfinite(g)) and np.any(g)
 
 
@@ -84,25 +77,30 @@ def test_the_bank_gives_filled_rows_without_replacement_first():
 
 def test_the_generator_reset_is_the_authors_init_and_its_images_are_pixels():
   gen = models.Generator(latent_dim=64, image_size=32, channels=1, width=32, style="zju")
-  params, _ = cmi.reset_generator(gen, jax.random.key(0))
+  params, batch_stats = jax.jit(cmi.reset_generator, static_argnums=0)(gen, jax.random.key(0))
   kernels = np.concatenate([np.ravel(params[n]["kernel"]) for n in ("fc", "conv1", "conv2")])
   assert abs(kernels.std() - 0.02) < 0.001 and abs(kernels.mean()) < 0.001
   scales = np.concatenate([np.ravel(params[n]["scale"]) for n in ("bn0", "bn1", "bn2")])
   assert abs(scales.mean() - 1) < 0.01 and 0.01 < scales.std() < 0.03
   assert not any(np.any(params[n]["bias"]) for n in params)
-  images, _ = gen.apply({"params": params, "batch_stats": cmi.reset_generator(
-      gen, jax.random.key(0))[1]}, jax.random.normal(jax.random.key(1), (4, 64)),
-                        mutable=["batch_stats"])
+  images, _ = jax.jit(functools.partial(gen.apply, mutable=["batch_stats"]))(
+      {"params": params, "batch_stats": batch_stats},
+      jax.random.normal(jax.random.key(1), (4, 64)))
   assert images.shape == (4, 32, 32, 1) and 0 < images.min() and images.max() < 1
 
 
 def test_the_features_are_each_images_means_of_the_bn_inputs():
   model = models.get_classifier("lenet5_bn", 10)
   x = jax.random.normal(jax.random.key(0), (5, 32, 32, 1))
-  variables = model.init(jax.random.key(1), x, train=False)
-  _, upd = model.apply(variables, x, train=False,
-                       mutable=[models.BN_EXAMPLE_MOMENTS, models.BN_INPUTS])
-  f = np.asarray(cmi.instance_features(upd[models.BN_EXAMPLE_MOMENTS]))
+
+  @jax.jit
+  def features(x):
+    variables = model.init(jax.random.key(1), x, train=False)
+    _, upd = model.apply(variables, x, train=False,
+                         mutable=[models.BN_EXAMPLE_MOMENTS, models.BN_INPUTS])
+    return cmi.instance_features(upd[models.BN_EXAMPLE_MOMENTS]), upd
+  f, upd = features(x)
+  f = np.asarray(f)
   assert f.shape == (5, 6 + 16 + 120)
   # Their batch mean is each BN layer's batch mean of its input, layers in path order.
   means = np.concatenate([np.asarray(upd[models.BN_INPUTS][n]["mean"])
@@ -110,20 +108,10 @@ def test_the_features_are_each_images_means_of_the_bn_inputs():
   np.testing.assert_allclose(f.mean(0), means, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(bn_teacher_workdir):
-  """The frozen tiny BN teacher as the teacher stage publishes it."""
-  config = cmi_config()
-  ctx = stage_lib.Context(config=config, workdir=bn_teacher_workdir, data=None,
-                          info=datasets.config_info(config))
-  return registry.get("cmi").teacher.load(ctx), ctx.info
-
-
 @pytest.mark.slow
 def test_a_synthesis_round_lowers_its_loss_and_fills_the_pool_and_the_bank(bn_teacher):
-  teacher, info = bn_teacher
-  config = cmi_config(**{"cmi.iterations": 10, "cmi.lr": 0.02})
-  ctx = stage_lib.Context(config=config, workdir="", data=None, info=info, teacher=teacher)
+  teacher, _ = bn_teacher
+  ctx = teacher_context(bn_teacher, cmi_config(**{"cmi.iterations": 10, "cmi.lr": 0.02}))
   state, _, synth, _, _ = cmi.SYNTHESIS._build(ctx)
   head0 = jax.device_get(state["head"])
   first_round = []
@@ -150,28 +138,9 @@ def test_stopped_mid_synthesis_the_run_resumes_to_the_uninterrupted_result(bn_te
   """SIGTERM in round 2 of 4 (checkpoint of that round, exit 143); the same command again
   ends bitwise where the uninterrupted run ends: pool, bank, head, both students."""
   overrides = {"cmi.rounds": 4, "cmi.bank_size": 48, "stage": "train"}
-  reference = copy_stages(bn_teacher_workdir, tmp_path / "ref", "teacher")
-  pipeline.train_and_evaluate(cmi_config(**overrides), reference)
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  config = cmi_config(**overrides)
-  config.method = faults.with_faulty_stage("cmi", faults.sigterm_at(cmi.SYNTHESIS, 2))
-  late = []
-  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
-  try:
-    assert pipeline.main_entry(config, workdir) == 143
-  finally:
-    signal.signal(signal.SIGTERM, old)
-  assert not late
-  step, _, meta = stage_state(os.path.join(workdir, "cmi"))
-  assert step == 2 and not meta["done"]
-  assert not os.path.exists(os.path.join(workdir, "distill_cmi"))
-  assert pipeline.main_entry(cmi_config(**overrides), workdir) == 0
-  for stage in ("cmi", "distill_cmi"):
-    step_a, a, _ = stage_state(os.path.join(reference, stage))
-    step_b, b, _ = stage_state(os.path.join(workdir, stage))
-    assert step_a == step_b
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(x, y)
+  _, workdir = check_resumes_after_sigterm(
+      bn_teacher_workdir, tmp_path, "cmi", cmi.SYNTHESIS, lambda: cmi_config(**overrides),
+      ("cmi", "distill_cmi"))
   _, state, meta = stage_state(os.path.join(workdir, "cmi"))
   assert meta["done"] and meta["kind"] == "cmi_pool" and all(np.any(p) for p in state["pool"])
 
@@ -179,25 +148,8 @@ def test_stopped_mid_synthesis_the_run_resumes_to_the_uninterrupted_result(bn_te
 @pytest.mark.slow
 def test_the_command_line_runs_the_method_then_export_and_plots(bn_teacher_workdir, tmp_path,
                                                                 capsys):
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  flags = [f"--config.{k}={v}" for k, v in TINY.items()] + [
-      "--config.teacher.batch_size=32", "--config.teacher.bn_stats_per_class=8",
-      "--config.cmi.eval_every=3", "--config.log_every_secs=1e9"]
-  assert main.main(["main", "--config=mnist5k:method=cmi", f"--workdir={workdir}",
-                    *flags]) == 0
-  out = capsys.readouterr().out
-  assert "student lenet5_half_bn: final test accuracy" in out and "after 6 steps" in out
-  results = json.loads(open(os.path.join(workdir, "results.json")).read())
-  assert results["student"]["checkpoint"] == os.path.join(workdir, "distill_cmi")
-  assert results["cmi"]["rounds"] == 3 and results["cmi"]["images"] == 48
-  assert "accuracy" in results["cmi"]["eval"]
-  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
-      "accuracy.png", "generator_losses.png", "samples_over_time.png"]
-  assert any(n.startswith("cmi_step") for n in os.listdir(os.path.join(workdir, "samples")))
-  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
-  line = capsys.readouterr().out
-  assert "export: student lenet5_half_bn of " + os.path.join(workdir, "distill_cmi") in line
-  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
+  check_method_command_line(bn_teacher_workdir, tmp_path, capsys, "cmi", TINY, "distill_cmi",
+                            student_steps=6)
   # stage=distill alone reads the finished pool from the checkpoint; without one it is a
   # one-line error.
   empty = copy_stages(bn_teacher_workdir, tmp_path / "e", "teacher")

@@ -2,25 +2,20 @@
 authors' jitter, a synthesis round that lowers its loss, the two stages through the pipeline,
 the command line, export and plots, and a run stopped mid-synthesis that resumes to the
 uninterrupted run's result."""
-import json
 import os
-import signal
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import faults
-from conftest import copy_stages, stage_state, tiny_config
+from conftest import (check_method_command_line, check_resumes_after_sigterm,
+                      check_synthesis_method_registered, copy_stages, stage_state,
+                      teacher_context, tiny_config)
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import datasets
-from datafree_jax import main
 from datafree_jax import pipeline
-from datafree_jax import registry
-from datafree_jax import stage as stage_lib
 from datafree_jax.stages import deepinversion
 
 # The tiny BN teacher of conftest's bn_teacher_workdir (10 steps), and a few small rounds.
@@ -35,13 +30,9 @@ def di_config(**overrides):
 
 
 def test_the_method_is_registered_with_its_stages_and_section():
-  method = registry.get("deepinversion")
-  assert method.stage_names() == ("teacher", "deepinversion", "distill_deepinversion")
-  assert method.student_stage == "distill_deepinversion"
-  assert method.image_stages == ("deepinversion",)
-  config = tiny_config("deepinversion")
-  assert config.teacher.model == "lenet5_bn" and config.deepinversion.w_bn > 0
-  pipeline.validate(config)
+  check_synthesis_method_registered(
+      "deepinversion", ("teacher", "deepinversion", "distill_deepinversion"),
+      "distill_deepinversion", "w_bn")
 
 
 def test_the_pool_keeps_8_bit_pixels_and_gives_back_normalised_images():
@@ -65,31 +56,23 @@ def test_the_pool_keeps_8_bit_pixels_and_gives_back_normalised_images():
 
 def test_jitter_is_a_roll_of_the_whole_batch_and_flip_mirrors_it():
   x = jnp.arange(2 * 5 * 5).reshape(2, 5, 5, 1).astype(jnp.float32)
+  jitter_and_flip = jax.jit(deepinversion.jitter_and_flip, static_argnums=(2, 3))
   seen = set()
   for k in range(30):
-    y = np.asarray(deepinversion.jitter_and_flip(jax.random.key(k), x, 2, True))
+    y = np.asarray(jitter_and_flip(jax.random.key(k), x, 2, True))
     found = [(dy, dx, f) for dy in range(-2, 3) for dx in range(-2, 3) for f in (0, 1)
              if np.array_equal(y, np.roll(np.asarray(x)[:, :, ::-1] if f else np.asarray(x),
                                           (dy, -dx if f else dx), axis=(1, 2)))]
     assert found, k
     seen.add(found[0][2])
   assert seen == {0, 1}
-  np.testing.assert_array_equal(deepinversion.jitter_and_flip(jax.random.key(0), x, 0, False), x)
-
-
-@pytest.fixture(scope="module")
-def bn_teacher(bn_teacher_workdir):
-  """The frozen tiny BN teacher as the teacher stage publishes it."""
-  config = di_config()
-  ctx = stage_lib.Context(config=config, workdir=bn_teacher_workdir, data=None,
-                          info=datasets.config_info(config))
-  return registry.get("deepinversion").teacher.load(ctx), ctx.info
+  np.testing.assert_array_equal(jitter_and_flip(jax.random.key(0), x, 0, False), x)
 
 
 def _round(bn_teacher, iterations, **overrides):
-  teacher, info = bn_teacher
-  config = di_config(**{"deepinversion.iterations": iterations, **overrides})
-  ctx = stage_lib.Context(config=config, workdir="", data=None, info=info, teacher=teacher)
+  teacher, _ = bn_teacher
+  ctx = teacher_context(bn_teacher,
+                        di_config(**{"deepinversion.iterations": iterations, **overrides}))
   state, _, synth, _, _ = deepinversion.SYNTHESIS._build(ctx)
   state, metrics = synth(state, teacher["variables"])
   return jax.device_get(state), jax.device_get(metrics)
@@ -152,51 +135,13 @@ def test_stopped_mid_synthesis_the_run_resumes_to_the_uninterrupted_result(bn_te
   """SIGTERM in round 2 of 4 (checkpoint of that round, exit 143); the same command again
   ends bitwise where the uninterrupted run ends: the pool, both students."""
   overrides = {"deepinversion.rounds": 4, "stage": "train"}
-  reference = copy_stages(bn_teacher_workdir, tmp_path / "ref", "teacher")
-  pipeline.train_and_evaluate(di_config(**overrides), reference)
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  config = di_config(**overrides)
-  config.method = faults.with_faulty_stage("deepinversion",
-                                           faults.sigterm_at(deepinversion.SYNTHESIS, 2))
-  late = []
-  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
-  try:
-    assert pipeline.main_entry(config, workdir) == 143
-  finally:
-    signal.signal(signal.SIGTERM, old)
-  assert not late
-  step, _, meta = stage_state(os.path.join(workdir, "deepinversion"))
-  assert step == 2 and not meta["done"]
-  assert not os.path.exists(os.path.join(workdir, "distill_deepinversion"))
-  assert pipeline.main_entry(di_config(**overrides), workdir) == 0
-  for stage in ("deepinversion", "distill_deepinversion"):
-    step_a, a, _ = stage_state(os.path.join(reference, stage))
-    step_b, b, _ = stage_state(os.path.join(workdir, stage))
-    assert step_a == step_b
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(x, y)
+  check_resumes_after_sigterm(
+      bn_teacher_workdir, tmp_path, "deepinversion", deepinversion.SYNTHESIS,
+      lambda: di_config(**overrides), ("deepinversion", "distill_deepinversion"))
 
 
 @pytest.mark.slow
 def test_the_command_line_runs_the_method_then_export_and_plots(bn_teacher_workdir, tmp_path,
                                                                 capsys):
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  flags = [f"--config.{k}={v}" for k, v in TINY.items()] + [
-      "--config.teacher.batch_size=32", "--config.teacher.bn_stats_per_class=8",
-      "--config.deepinversion.eval_every=3", "--config.log_every_secs=1e9"]
-  assert main.main(["main", "--config=mnist5k:method=deepinversion", f"--workdir={workdir}",
-                    *flags]) == 0
-  out = capsys.readouterr().out
-  assert "student lenet5_half_bn: final test accuracy" in out and "after 6 steps" in out
-  results = json.loads(open(os.path.join(workdir, "results.json")).read())
-  assert results["student"]["checkpoint"] == os.path.join(workdir, "distill_deepinversion")
-  assert "accuracy" in results["deepinversion"]["eval"]
-  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
-      "accuracy.png", "generator_losses.png", "samples_over_time.png"]
-  assert any(n.startswith("deepinversion_step") for n in os.listdir(
-      os.path.join(workdir, "samples")))
-  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
-  line = capsys.readouterr().out
-  assert "export: student lenet5_half_bn of " + os.path.join(
-      workdir, "distill_deepinversion") in line
-  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
+  check_method_command_line(bn_teacher_workdir, tmp_path, capsys, "deepinversion", TINY,
+                            "distill_deepinversion", student_steps=6)

@@ -2,9 +2,7 @@
 PyTorch one, a synthesis round's meta update (FOMAML and Reptile) and pool against a
 recomputation, the stage through the pipeline, the command line, export and plots, and a run
 stopped mid-way that resumes to the uninterrupted run's result."""
-import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -12,19 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-import faults
-from conftest import copy_stages, stage_state, tiny_config
+from conftest import (check_method_command_line, check_resumes_after_sigterm,
+                      check_synthesis_method_registered, copy_stages, stage_state,
+                      teacher_context, tiny_config)
 
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
-from datafree_jax import datasets
 from datafree_jax import generator_parts
 from datafree_jax import image_pool
-from datafree_jax import main
 from datafree_jax import models
 from datafree_jax import pipeline
-from datafree_jax import registry
-from datafree_jax import stage as stage_lib
 from datafree_jax import students
 from datafree_jax.stages import fast_dfkd
 
@@ -39,12 +34,7 @@ def fast_config(**overrides):
 
 
 def test_the_method_is_registered_with_its_stage_and_section():
-  method = registry.get("fast")
-  assert method.stage_names() == ("teacher", "fast")
-  assert method.student_stage == "fast" and method.image_stages == ("fast",)
-  config = tiny_config("fast")
-  assert config.teacher.model == "lenet5_bn" and config.fast.w_bn > 0
-  pipeline.validate(config)
+  check_synthesis_method_registered("fast", ("teacher", "fast"), "fast", "w_bn")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -114,21 +104,11 @@ def test_the_dense_layer_reset_draws_it_again():
   assert abs(float(jnp.std(fresh["fc"]["kernel"])) - fast_dfkd.RESET_STD) < 0.001
 
 
-@pytest.fixture(scope="module")
-def bn_teacher(bn_teacher_workdir):
-  """The frozen tiny BN teacher as the teacher stage publishes it."""
-  config = fast_config()
-  ctx = stage_lib.Context(config=config, workdir=bn_teacher_workdir, data=None,
-                          info=datasets.config_info(config))
-  return registry.get("fast").teacher.load(ctx), ctx.info
-
-
 def _first_round(bn_teacher, **overrides):
   """(initial state, state after round 0, its metrics, the config) on host arrays."""
-  teacher, info = bn_teacher
+  teacher, _ = bn_teacher
   config = fast_config(**overrides)
-  ctx = stage_lib.Context(config=config, workdir="", data=None, info=info, teacher=teacher)
-  state, _, synth, _, _ = fast_dfkd.STAGE._build(ctx)
+  state, _, synth, _, _ = fast_dfkd.STAGE._build(teacher_context(bn_teacher, config))
   before = jax.device_get(state)
   after, metrics = synth(state, teacher["variables"])
   return before, jax.device_get(after), jax.device_get(metrics), config
@@ -251,47 +231,14 @@ def test_stopped_mid_run_it_resumes_to_the_uninterrupted_result(bn_teacher_workd
   """SIGTERM in round 2 of 4 (checkpoint of that round, exit 143); the same command again
   ends bitwise where the uninterrupted run ends: pool, meta-generator, BN moments, student."""
   overrides = {"fast.rounds": 4, "stage": "train"}
-  reference = copy_stages(bn_teacher_workdir, tmp_path / "ref", "teacher")
-  pipeline.train_and_evaluate(fast_config(**overrides), reference)
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  config = fast_config(**overrides)
-  config.method = faults.with_faulty_stage("fast", faults.sigterm_at(fast_dfkd.STAGE, 2))
-  late = []
-  old = signal.signal(signal.SIGTERM, lambda *_: late.append(True))
-  try:
-    assert pipeline.main_entry(config, workdir) == 143
-  finally:
-    signal.signal(signal.SIGTERM, old)
-  assert not late
-  step, _, meta = stage_state(os.path.join(workdir, "fast"))
-  assert step == 2 and not meta["done"]
-  assert pipeline.main_entry(fast_config(**overrides), workdir) == 0
-  step_a, a, _ = stage_state(os.path.join(reference, "fast"))
-  step_b, b, _ = stage_state(os.path.join(workdir, "fast"))
-  assert step_a == step_b == 4
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  _, workdir = check_resumes_after_sigterm(
+      bn_teacher_workdir, tmp_path, "fast", fast_dfkd.STAGE, lambda: fast_config(**overrides),
+      ("fast",))
+  assert stage_state(os.path.join(workdir, "fast"))[0] == 4
 
 
 @pytest.mark.slow
 def test_the_command_line_runs_the_method_then_export_and_plots(bn_teacher_workdir, tmp_path,
                                                                 capsys):
-  workdir = copy_stages(bn_teacher_workdir, tmp_path / "w", "teacher")
-  flags = [f"--config.{k}={v}" for k, v in TINY.items()] + [
-      "--config.teacher.batch_size=32", "--config.teacher.bn_stats_per_class=8",
-      "--config.fast.eval_every=3", "--config.log_every_secs=1e9"]
-  assert main.main(["main", "--config=mnist5k:method=fast", f"--workdir={workdir}",
-                    *flags]) == 0
-  out = capsys.readouterr().out
-  assert "student lenet5_half_bn: final test accuracy" in out and "after 4 steps" in out
-  results = json.loads(open(os.path.join(workdir, "results.json")).read())
-  assert results["student"]["checkpoint"] == os.path.join(workdir, "fast")
-  assert "accuracy" in results["fast"]["eval"]
-  assert sorted(os.listdir(os.path.join(workdir, "plots"))) == [
-      "accuracy.png", "generator_losses.png", "samples_over_time.png"]
-  assert any(n.startswith("fast_step") for n in os.listdir(os.path.join(workdir, "samples")))
-  assert main.main(["main", "export", f"--workdir={workdir}", "--format=stablehlo"]) == 0
-  line = capsys.readouterr().out
-  assert "export: student lenet5_half_bn of " + os.path.join(workdir, "fast") in line
-  assert os.path.exists(os.path.join(workdir, "export", "student.stablehlo"))
+  check_method_command_line(bn_teacher_workdir, tmp_path, capsys, "fast", TINY, "fast",
+                            student_steps=4)

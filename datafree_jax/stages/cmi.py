@@ -76,21 +76,16 @@ import optax
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
-from datafree_jax import evaluation
 from datafree_jax import generator_parts
 from datafree_jax import image_pool
-from datafree_jax import log
 from datafree_jax import losses
 from datafree_jax import models
 from datafree_jax import parallel
 from datafree_jax import paths
 from datafree_jax import platforms
-from datafree_jax import stage as stage_lib
 from datafree_jax import students
 
 STAGE_SALT = 11                 # rng of the synthesis rounds
-TARGETS = ("random", "balanced")
-GRID_IMAGES = 100               # images of the latest round in a sample grid
 LOCAL_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect ratios
 
 CONFIG_SECTIONS = {"cmi": {
@@ -118,11 +113,7 @@ CONFIG_SECTIONS = {"cmi": {
     "crop_pad": (4, config_lib.NON_NEGATIVE_INT),    # the global view's random crop padding
     "local_scale": (0.25, config_lib.FRACTION),      # the local view's smallest area
     "flip": (True, config_lib.Flag()),
-    "targets": ("random", config_lib.Choice(TARGETS)),
-    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
-    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
-    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
-    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+    **image_pool.ROUND_FIELDS,  # targets, kd_steps, eval_every, checkpoint_every
 }}
 
 
@@ -230,12 +221,6 @@ def reset_generator(generator, key):
 
 # --- One synthesis round ------------------------------------------------------------------------
 
-def round_targets(key, n: int, num_classes: int, kind: str):
-  if kind == "balanced":
-    return jnp.arange(n, dtype=jnp.int32) % num_classes
-  return jax.random.randint(key, (n,), 0, num_classes)
-
-
 def round_loss(ccfg, info, parts, trainable, gen_stats, key, targets, cached, valid,
                teacher_vars, student_vars):
   """L of the module docstring for trainable = {'generator', 'z', 'head'}: (loss, (terms,
@@ -286,7 +271,7 @@ def synthesis_round(ccfg, info, parts, gen_tx, head_tx, data_sharding, seed: int
   z = jax.lax.with_sharding_constraint(
       jax.random.normal(k_z, (n, ccfg.latent_dim), jnp.float32), data_sharding)
   targets = jax.lax.with_sharding_constraint(
-      round_targets(k_targets, n, info.num_classes, ccfg.targets), data_sharding)
+      image_pool.round_targets(k_targets, n, info.num_classes, ccfg.targets), data_sharding)
   s = state["student"]
   student_vars = common.variables_of(s["params"], s["batch_stats"])
   bank = state["bank"]
@@ -349,19 +334,19 @@ def feature_dim(config, info) -> int:
   return int(jax.eval_shape(f).shape[-1])
 
 
-class Synthesis(stage_lib.Stage):
-  """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
-  C) uint8, the memory bank its 'bank' (bank_size, 2 D) float32, both replicated; round r
-  fills pool[r] and bank rows (r * batch_size) mod bank_size onwards."""
+class Synthesis(image_pool.PoolSynthesis):
+  """The synthesis rounds (image_pool.PoolSynthesis: the pool, the competing student, plan,
+  programs and summary); the memory bank is the state's 'bank' (bank_size, 2 D) float32,
+  replicated; round r fills bank rows (r * batch_size) mod bank_size onwards."""
   name = "cmi"
   selector = "cmi"
+  section = "cmi"
+  kind = "cmi_pool"
+  round_unit = "generator steps"
 
   def check(self, config, info):
     c = config.cmi
-    parallel.check_global_batch(c.batch_size)
-    parallel.check_global_batch(config.student.batch_size)
-    image_pool.check_teacher_bn(config, info, "cmi")
-    image_pool.check_teacher_bn(config, info, "cmi", "w_cr")
+    image_pool.check_synthesis(config, info, "cmi", bn_weights=("w_bn", "w_cr"))
     if c.bank_size % c.batch_size:
       raise config_lib.ConfigError(
           f"cmi.bank_size={c.bank_size} must be a multiple of cmi.batch_size={c.batch_size} "
@@ -370,16 +355,9 @@ class Synthesis(stage_lib.Stage):
       raise config_lib.ConfigError(
           f"CMI's generator upsamples twice: the {info.image_size}x{info.image_size} images of "
           f"dataset {info.name!r} are not a multiple of 4 pixels wide")
-    if c.w_adv > 0 and c.kd_steps == 0:
-      log.warn("cmi.w_adv > 0 with kd_steps=0: the images compete with an untrained student")
-
-  def steps(self, config):
-    return config.cmi.rounds
 
   def identity(self, ctx):
-    c = ctx.config.cmi
-    return dict(students.student_identity(ctx), rounds=c.rounds, batch_size=c.batch_size,
-                bank_size=c.bank_size)
+    return dict(super().identity(ctx), bank_size=ctx.config.cmi.bank_size)
 
   def _parts(self, config, info):
     c = config.cmi
@@ -393,75 +371,31 @@ class Synthesis(stage_lib.Stage):
     """(initial state or its ShapeDtypeStructs, student, synthesis jit, competitor jit or None,
     mesh)."""
     config, info = ctx.config, ctx.info
-    c, scfg = config.cmi, config.student
+    c = config.cmi
     mesh = parallel.make_mesh("data")
     rep, split = parallel.replicated(mesh), parallel.split_leading(mesh)
-    tx_s = common.make_optimizer(scfg, c.rounds * c.kd_steps)
-    student = students.make_student(config, info)
+    student, tx_s, compete = image_pool.competing_student(ctx, c, mesh)
     generator, head = self._parts(config, info)
     head_tx = optax.adam(c.lr)
     d = head.hidden
 
     def init():
       key = jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT)
-      _, svars, sopt = students.init_student(config, info, tx_s, key)
       gp, gbs = reset_generator(generator, jax.random.fold_in(key, 1))
       hp = head.init(jax.random.fold_in(key, 2), jnp.zeros((2, d), jnp.float32))["params"]
-      return {"pool": jnp.zeros((c.rounds, c.batch_size) + tuple(info.image_shape), jnp.uint8),
-              "bank": jnp.zeros((c.bank_size, 2 * d), jnp.float32),
-              "head": hp, "head_opt": head_tx.init(hp),
-              "generator": {"params": gp, "batch_stats": gbs},
-              "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
+      return dict(image_pool.initial_state(ctx, c, tx_s, key),
+                  bank=jnp.zeros((c.bank_size, 2 * d), jnp.float32),
+                  head=hp, head_opt=head_tx.init(hp),
+                  generator={"params": gp, "batch_stats": gbs})
     if abstract:
       state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
     else:
       state = jax.jit(init, out_shardings=rep)()
-    teacher_model = ctx.teacher["model"]
-    parts = (generator, head, teacher_model, student)
+    parts = (generator, head, ctx.teacher["model"], student)
     synth = jax.jit(functools.partial(
         synthesis_round, c, info, parts, common.make_optimizer(c, c.iterations), head_tx, split,
         config.seed), out_shardings=(rep, rep), donate_argnums=(0,))
-    compete = None
-    if c.kd_steps:
-      distill = functools.partial(
-          students.distill_step, student, tx_s, scfg.temperature, teacher_model,
-          image_pool.pool_images_fn(info), split, config.seed, scfg.batch_size,
-          students.augmentation(scfg, info))
-      compete = jax.jit(functools.partial(image_pool.competitor_round, c.kd_steps, distill),
-                        out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, compete, mesh
-
-  def plan(self, ctx):
-    state, student, synth, compete, mesh = self._build(ctx)
-    tvars = ctx.teacher["variables"]
-
-    def step(state, batch):  # pylint: disable=unused-argument
-      state, metrics = synth(state, tvars)
-      if compete is not None:
-        state, kd = compete(state, tvars)
-        metrics = dict(metrics, **kd)
-      return state, metrics
-
-    info, c = ctx.info, ctx.config.cmi
-    n = min(c.batch_size, GRID_IMAGES)
-    return stage_lib.Plan(
-        state=state, step=step,
-        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
-                                                 mesh),
-        eval_every=c.eval_every, checkpoint_every=c.checkpoint_every or None,
-        on_eval=students.make_sample_writer(
-            ctx, lambda state: image_pool.latest_round(state, info, n), self.name),
-        meta={"kind": "cmi_pool", "dataset": info.name, "method": ctx.config.method})
-
-  def programs(self, ctx):
-    c = ctx.config.cmi
-    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    return image_pool.synthesis_programs(
-        ctx, self.name, f"synthesis round: {c.iterations} generator steps on {c.batch_size} images", c,
-        state, student, synth, compete, mesh)
-
-  def summarize(self, ctx, done):
-    return image_pool.round_summary(self.name, ctx.config.cmi.batch_size, done)
 
 SYNTHESIS = Synthesis()
 DISTILL = image_pool.DistillPool(SYNTHESIS.name, "cmi", "cmi_pool", "CMI")

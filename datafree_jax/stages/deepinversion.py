@@ -56,19 +56,13 @@ import optax
 from datafree_jax import checkpoints as ckpt_lib
 from datafree_jax import common
 from datafree_jax import config_lib
-from datafree_jax import evaluation
 from datafree_jax import generator_parts
 from datafree_jax import image_pool
-from datafree_jax import log
 from datafree_jax import losses
 from datafree_jax import parallel
 from datafree_jax import paths
-from datafree_jax import stage as stage_lib
-from datafree_jax import students
 
 STAGE_SALT = 7                  # rng of the synthesis rounds
-TARGETS = ("random", "balanced")
-GRID_IMAGES = 100               # images of the latest round in a sample grid
 
 CONFIG_SECTIONS = {"deepinversion": {
     "rounds": (200, config_lib.POSITIVE_INT),        # synthesis rounds: batches in the pool
@@ -91,11 +85,7 @@ CONFIG_SECTIONS = {"deepinversion": {
     "jitter": (4, config_lib.NON_NEGATIVE_INT),      # random roll, pixels
     "flip": (True, config_lib.Flag()),
     "clip": (True, config_lib.Flag()),               # keep pixels in the valid range
-    "targets": ("random", config_lib.Choice(TARGETS)),
-    "kd_steps": (400, config_lib.NON_NEGATIVE_INT),  # competing student's steps per round
-    "eval_every": (10, config_lib.NON_NEGATIVE_INT),  # rounds
-    # Rounds between checkpoints (a round is many steps' work); 0 = config.checkpoint_every.
-    "checkpoint_every": (10, config_lib.NON_NEGATIVE_INT),
+    **image_pool.ROUND_FIELDS,  # targets, kd_steps, eval_every, checkpoint_every
 }}
 
 
@@ -152,12 +142,6 @@ def image_loss(dcfg, teacher_model, student_model, images, targets, key, teacher
   return loss, terms
 
 
-def round_targets(key, n: int, num_classes: int, kind: str):
-  if kind == "balanced":
-    return jnp.arange(n, dtype=jnp.int32) % num_classes
-  return jax.random.randint(key, (n,), 0, num_classes)
-
-
 def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding, seed: int,
                     state, teacher_vars):
   """Round state['step']: a fresh batch optimised for dcfg.iterations steps (lax.fori_loop),
@@ -170,7 +154,7 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
   images = jax.random.normal(k_init, (n,) + tuple(info.image_shape), jnp.float32)
   images = jax.lax.with_sharding_constraint(images, data_sharding)
   targets = jax.lax.with_sharding_constraint(
-      round_targets(k_targets, n, info.num_classes, dcfg.targets), data_sharding)
+      image_pool.round_targets(k_targets, n, info.num_classes, dcfg.targets), data_sharding)
   s = state["student"]
   student_vars = common.variables_of(s["params"], s["batch_stats"])
   low, high = pixel_range(info)
@@ -199,96 +183,35 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
   return dict(state, pool=pool, step=r + 1), metrics
 
 
-class Synthesis(stage_lib.Stage):
-  """The synthesis rounds; the pool of images is the state's 'pool' (rounds, batch_size, H, W,
-  C) uint8, replicated, round r filled by step r."""
+class Synthesis(image_pool.PoolSynthesis):
+  """The synthesis rounds (image_pool.PoolSynthesis: the pool, the competing student, plan,
+  programs and summary)."""
   name = "deepinversion"
   selector = "deepinversion"
-
-  def check(self, config, info):
-    d = config.deepinversion
-    parallel.check_global_batch(d.batch_size)
-    parallel.check_global_batch(config.student.batch_size)
-    image_pool.check_teacher_bn(config, info, "deepinversion")
-    if d.w_adv > 0 and d.kd_steps == 0:
-      log.warn("deepinversion.w_adv > 0 with kd_steps=0: the images compete with an untrained "
-               "student")
-
-  def steps(self, config):
-    return config.deepinversion.rounds
-
-  def identity(self, ctx):
-    d = ctx.config.deepinversion
-    return dict(students.student_identity(ctx), rounds=d.rounds, batch_size=d.batch_size)
+  section = "deepinversion"
+  kind = "deepinversion_pool"
 
   def _build(self, ctx, abstract: bool = False):
     """(initial state or its ShapeDtypeStructs, student, synthesis jit, competitor jit or None,
     mesh)."""
     config, info = ctx.config, ctx.info
-    d, scfg = config.deepinversion, config.student
+    d = config.deepinversion
     mesh = parallel.make_mesh("data")
     rep, split = parallel.replicated(mesh), parallel.split_leading(mesh)
-    tx_s = common.make_optimizer(scfg, d.rounds * d.kd_steps)
-    student = students.make_student(config, info)
+    student, tx_s, compete = image_pool.competing_student(ctx, d, mesh)
 
     def init():
-      _, svars, sopt = students.init_student(
-          config, info, tx_s, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
-      return {"pool": jnp.zeros((d.rounds, d.batch_size) + tuple(info.image_shape), jnp.uint8),
-              "student": svars, "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
+      return image_pool.initial_state(
+          ctx, d, tx_s, jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT))
     if abstract:
       state = ckpt_lib.abstract_like(jax.eval_shape(init), rep)
     else:
       state = jax.jit(init, out_shardings=rep)()
-    teacher_model = ctx.teacher["model"]
     synth = jax.jit(functools.partial(
-        synthesis_round, d, info, teacher_model, student,
+        synthesis_round, d, info, ctx.teacher["model"], student,
         common.make_optimizer(d, d.iterations), split, config.seed),
         out_shardings=(rep, rep), donate_argnums=(0,))
-    compete = None
-    if d.kd_steps:
-      distill = functools.partial(
-          students.distill_step, student, tx_s, scfg.temperature, teacher_model,
-          pool_images_fn(info), split, config.seed, scfg.batch_size,
-          students.augmentation(scfg, info))
-      compete = jax.jit(functools.partial(competitor_round, d.kd_steps, distill),
-                        out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, compete, mesh
-
-  def plan(self, ctx):
-    state, student, synth, compete, mesh = self._build(ctx)
-    tvars = ctx.teacher["variables"]
-
-    def step(state, batch):  # pylint: disable=unused-argument
-      state, metrics = synth(state, tvars)
-      if compete is not None:
-        state, kd = compete(state, tvars)
-        metrics = dict(metrics, **kd)
-      return state, metrics
-
-    info = ctx.info
-    n = min(ctx.config.deepinversion.batch_size, GRID_IMAGES)
-
-    def latest(state):
-      return image_pool.latest_round(state, info, n)
-    d = ctx.config.deepinversion
-    return stage_lib.Plan(
-        state=state, step=step,
-        evaluate=evaluation.make_classifier_eval(student, lambda s: s["student"], ctx.data,
-                                                 mesh),
-        eval_every=d.eval_every, checkpoint_every=d.checkpoint_every or None,
-        on_eval=students.make_sample_writer(ctx, latest, self.name),
-        meta={"kind": "deepinversion_pool", "dataset": info.name, "method": ctx.config.method})
-
-  def programs(self, ctx):
-    d = ctx.config.deepinversion
-    state, student, synth, compete, mesh = self._build(ctx, abstract=True)
-    return image_pool.synthesis_programs(
-        ctx, self.name, f"synthesis round: {d.iterations} iterations on {d.batch_size} images", d,
-        state, student, synth, compete, mesh)
-
-  def summarize(self, ctx, done):
-    return image_pool.round_summary(self.name, ctx.config.deepinversion.batch_size, done)
 
 SYNTHESIS = Synthesis()
 

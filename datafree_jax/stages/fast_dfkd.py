@@ -302,10 +302,7 @@ class FastSynthesis(stage_lib.Stage):
         synthesis_round, f, info, gen, teacher_model, student, inner, tx_meta, split,
         config.seed, students.augmentation(f, info), cpu),
         out_shardings=(rep, rep), donate_argnums=(0,))
-    distill = functools.partial(
-        students.distill_step, student, tx_s, scfg.temperature, teacher_model,
-        image_pool.pool_images_fn(info), split, config.seed, scfg.batch_size,
-        students.augmentation(scfg, info))
+    distill = image_pool.pool_distill_step(ctx, student, tx_s, split)
     kd = jax.jit(functools.partial(kd_round, f, distill, 1 if cpu else f.kd_steps),
                  out_shardings=(rep, rep), donate_argnums=(0,))
     return state, student, synth, kd, mesh
