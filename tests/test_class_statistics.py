@@ -109,6 +109,7 @@ def _process_main(data_dir, variables, out, port, process_id):
   os._exit(0)
 
 
+@pytest.mark.slow  # two processes (a distributed runtime on this machine)
 def test_two_processes_give_the_statistics_of_one(laid_out_mnist, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   variables = teacher_variables()  # one initialisation (one compilation) for all three runs

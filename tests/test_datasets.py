@@ -76,6 +76,7 @@ def test_bad_arrays_are_refused(args, message):
     datasets.register_dataset(*args)
 
 
+@pytest.mark.slow  # the whole pipeline: teacher, generators, distillation
 def test_teacher_then_ensemble_pipeline_on_registered_arrays(toy, tmp_path, capsys):
   workdir = str(tmp_path / "w")
   summary = pipeline.train_and_evaluate(toy_config("ensemble"), workdir)

@@ -165,13 +165,26 @@ def test_a_method_from_a_test_file_runs_through_the_command_line_export_and_plot
 _ANONYMOUS = ("<lambda>", "<listcomp>", "<dictcomp>", "<genexpr>", "<setcomp>")
 
 
+# One or two rounds of tiny synthesis for the methods that have rounds.
+CHAIN_RUN_SIZES = {
+    "deepinversion": {"deepinversion.rounds": 1, "deepinversion.batch_size": 8,
+                      "deepinversion.iterations": 1, "deepinversion.kd_steps": 1,
+                      "deepinversion.eval_every": 0},
+    "cmi": {"cmi.rounds": 1, "cmi.batch_size": 8, "cmi.iterations": 1, "cmi.kd_steps": 1,
+            "cmi.bank_size": 16, "cmi.n_neg": 8, "cmi.eval_every": 0},
+    "fast": {"fast.rounds": 2, "fast.warmup": 1, "fast.batch_size": 8, "fast.iterations": 1,
+             "fast.kd_steps": 1, "fast.latent_dim": 8, "fast.width": 4, "fast.eval_every": 0},
+}
+
+
+@pytest.mark.slow  # every method's whole pipeline
 def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
     tmp_path, monkeypatch):
   """From train_and_evaluate (the command line adds main.main and pipeline.main_entry) to each
   loss function: at most 7 named functions of the package, each importable (a module-level
-  function or a method of a module-level class, no closures), in every method and both
-  lowerings of the ensemble step. Each loss function is wrapped to record the call stack it is
-  traced from, then runs unchanged."""
+  function or a method of a module-level class, no closures), in every method the package
+  registers (methods.BUILT_IN_NAMES) and both lowerings of the ensemble step. Each loss
+  function is wrapped to record the call stack it is traced from, then runs unchanged."""
   pkg = os.path.dirname(os.path.abspath(losses.__file__))
   chains = {}
 
@@ -192,7 +205,8 @@ def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
     fn = getattr(losses, name)
     if inspect.isfunction(fn) and fn.__module__ == losses.__name__ and not name.startswith("_"):
       monkeypatch.setattr(losses, name, recording(name, fn))
-  runs = [(m, {}) for m in ("teacher", "dafl", "kd_data", "kd_noise")] + [
+  runs = [("teacher", {})] + [(m, CHAIN_RUN_SIZES.get(m, {})) for m in methods.BUILT_IN_NAMES
+                              if m not in ("teacher", "ensemble")] + [
       ("ensemble", {"ensemble.lowering": lowering}) for lowering in ("loop", "vmap")]
   for i, (method, overrides) in enumerate(runs):
     config = tiny_config(method, **{
@@ -204,7 +218,9 @@ def test_every_loss_is_reached_through_a_short_chain_of_importable_functions(
       copy_stages(tmp_path / "0", tmp_path / str(i), "teacher")
     pipeline.train_and_evaluate(config, str(tmp_path / str(i)))
   assert {"cross_entropy", "kd_loss", "dafl_generator_loss", "inceptionism_loss",
-          "bn_moment_matching"} <= set(chains)
+          "bn_moment_matching", "adi_competition_loss", "deepinversion_tv_l1",
+          "contrastive_instance_loss", "decision_adversarial_loss",
+          "bn_momentum_matching"} <= set(chains)
   for loss, paths in chains.items():
     for path in paths:
       assert path[0] == "pipeline.py:train_and_evaluate", (loss, path)

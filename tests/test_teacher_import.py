@@ -479,6 +479,7 @@ def test_init_from_dispatch_errors_before_writing(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # the whole pipeline from an imported teacher
 @needs_safetensors
 def test_imported_teacher_runs_the_ensemble_pipeline_without_training_data(tmp_path):
   """A LeNet-5-BN teacher from a .pth file (DAFL's names plus bn1-bn3; .safetensors without
