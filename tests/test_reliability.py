@@ -1,4 +1,4 @@
-"""Preemption and failure, in every stage of every method (registry.METHODS):
+"""Preemption and failure, in every stage of every built-in method (methods.BUILT_IN_NAMES):
 
 - SIGKILL of the command line once the stage's first checkpoint exists, a resumed run preempted by
   SIGTERM (it saves the reached step, exit code 143), and a second resumed run end bitwise
