@@ -87,3 +87,7 @@ register_method(
     student_stage=fast_dfkd.STAGE.name, image_stages=(fast_dfkd.STAGE.name,),
     description="Fast-DFKD (Fang et al. 2022): a meta-learned generator, a few steps per round, "
                 "and the student distilled on the rounds' images")
+
+# The methods the package itself registers (taken at import, before a user registers more):
+# what tests of "every method" run.
+BUILT_IN_NAMES = tuple(registry.names())
