@@ -99,6 +99,11 @@ def latest_round(state, info, n: int):
 
 # --- Distillation on the pool so far -----------------------------------------------------------
 
+def pool_distill_iteration(distill, teacher_vars, source, i, carry):  # pylint: disable=unused-argument
+  """One student step of distill_on_pool (the body of its lax.fori_loop): (state, metrics)."""
+  return distill(carry[0], None, teacher_vars, source)
+
+
 def distill_on_pool(kd_steps: int, distill, state, teacher_vars, first_step, filled):
   """kd_steps steps of students.distill_step (`distill`: its partial up to the state, with
   pool_images_fn as image source) for state['student'] on the first `filled` rounds of
@@ -111,11 +116,9 @@ def distill_on_pool(kd_steps: int, distill, state, teacher_vars, first_step, fil
     sub, metrics = distill(sub, None, teacher_vars, source)
   else:
     shapes = jax.eval_shape(lambda s: distill(s, None, teacher_vars, source)[1], sub)
-
-    def body(_, carry):
-      return distill(carry[0], None, teacher_vars, source)
     sub, metrics = jax.lax.fori_loop(
-        0, kd_steps, body, (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
+        0, kd_steps, functools.partial(pool_distill_iteration, distill, teacher_vars, source),
+        (sub, jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)))
   return (dict(state, student=sub["student"], student_opt=sub["student_opt"]),
           {"loss_kd": metrics["loss_kd"]})
 
@@ -284,6 +287,16 @@ def initial_state(ctx, cfg, tx, key) -> dict:
           "student_opt": sopt, "step": jnp.zeros((), jnp.int32)}
 
 
+def synthesis_step(synth, compete, teacher_vars, state, batch):  # pylint: disable=unused-argument
+  """One loop step of a synthesis stage: a synthesis round, then the competing student's steps
+  when there is one; (state, the round's metrics with the student's)."""
+  state, metrics = synth(state, teacher_vars)
+  if compete is not None:
+    state, kd = compete(state, teacher_vars)
+    metrics = dict(metrics, **kd)
+  return state, metrics
+
+
 class PoolSynthesis(stage_lib.Stage):
   """A synthesis stage with a competing student (DeepInversion, CMI), settings config[section]
   (rounds, batch_size, iterations, kd_steps, eval_every, checkpoint_every, w_bn, w_adv): one
@@ -315,15 +328,7 @@ class PoolSynthesis(stage_lib.Stage):
   def plan(self, ctx):
     cfg, info = ctx.config[self.section], ctx.info
     state, student, synth, compete, mesh = self._build(ctx)
-    tvars = ctx.teacher["variables"]
-
-    def step(state, batch):  # pylint: disable=unused-argument
-      state, metrics = synth(state, tvars)
-      if compete is not None:
-        state, kd = compete(state, tvars)
-        metrics = dict(metrics, **kd)
-      return state, metrics
-
+    step = functools.partial(synthesis_step, synth, compete, ctx.teacher["variables"])
     n = min(cfg.batch_size, GRID_IMAGES)
     return stage_lib.Plan(
         state=state, step=step,

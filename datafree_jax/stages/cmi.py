@@ -253,6 +253,30 @@ def round_loss(ccfg, info, parts, trainable, gen_stats, key, targets, cached, va
   return loss, (terms, gen_stats, jax.lax.stop_gradient(pixels), feats)
 
 
+def round_iteration(ccfg, grad_fn, gen_tx, head_tx, k_iter, bank, filled, targets,
+                    teacher_vars, student_vars, i, carry):
+  """Iteration i of a synthesis round (the body of its lax.fori_loop): one step of the
+  generator, its latents and the projection head on round_loss, keeping the lowest-loss
+  images and features seen so far."""
+  gen_part, gen_opt, head_params, head_opt, gen_stats, best, _, _ = carry
+  k = jax.random.fold_in(k_iter, i)
+  k_views, k_bank = jax.random.split(k)
+  cached, valid = sample_bank(k_bank, bank, filled, ccfg.n_neg)
+  trainable = dict(gen_part, head=head_params)
+  (loss, (terms, new_stats, pixels, feats)), grads = grad_fn(
+      trainable, gen_stats, k_views, targets, cached, valid, teacher_vars, student_vars)
+  better = loss < best["loss"]
+  best = {"loss": jnp.where(better, loss, best["loss"]),
+          "pixels": jnp.where(better, pixels, best["pixels"]),
+          "feats": jnp.where(better, feats, best["feats"])}
+  g_part = {"generator": grads["generator"], "z": grads["z"]}
+  updates, gen_opt = gen_tx.update(g_part, gen_opt, gen_part)
+  gen_part = optax.apply_updates(gen_part, updates)
+  h_updates, head_opt = head_tx.update(grads["head"], head_opt, head_params)
+  head_params = optax.apply_updates(head_params, h_updates)
+  return gen_part, gen_opt, head_params, head_opt, new_stats, best, loss, terms
+
+
 def synthesis_round(ccfg, info, parts, gen_tx, head_tx, data_sharding, seed: int, state,
                     teacher_vars):
   """Round state['step']: a generator optimised for ccfg.iterations steps (lax.fori_loop); its
@@ -279,25 +303,8 @@ def synthesis_round(ccfg, info, parts, gen_tx, head_tx, data_sharding, seed: int
   grad_fn = jax.value_and_grad(functools.partial(round_loss, ccfg, info, parts), has_aux=True)
   gen_part = {"generator": gen_params, "z": z}
 
-  def body(i, carry):
-    gen_part, gen_opt, head_params, head_opt, gen_stats, best, _, _ = carry
-    k = jax.random.fold_in(k_iter, i)
-    k_views, k_bank = jax.random.split(k)
-    cached, valid = sample_bank(k_bank, bank, filled, ccfg.n_neg)
-    trainable = dict(gen_part, head=head_params)
-    (loss, (terms, new_stats, pixels, feats)), grads = grad_fn(
-        trainable, gen_stats, k_views, targets, cached, valid, teacher_vars, student_vars)
-    better = loss < best["loss"]
-    best = {"loss": jnp.where(better, loss, best["loss"]),
-            "pixels": jnp.where(better, pixels, best["pixels"]),
-            "feats": jnp.where(better, feats, best["feats"])}
-    g_part = {"generator": grads["generator"], "z": grads["z"]}
-    updates, gen_opt = gen_tx.update(g_part, gen_opt, gen_part)
-    gen_part = optax.apply_updates(gen_part, updates)
-    h_updates, head_opt = head_tx.update(grads["head"], head_opt, head_params)
-    head_params = optax.apply_updates(head_params, h_updates)
-    return gen_part, gen_opt, head_params, head_opt, new_stats, best, loss, terms
-
+  body = functools.partial(round_iteration, ccfg, grad_fn, gen_tx, head_tx, k_iter, bank, filled,
+                           targets, teacher_vars, student_vars)
   shapes = jax.eval_shape(
       lambda: round_loss(ccfg, info, parts, dict(gen_part, head=state["head"]), gen_stats,
                          k_iter, targets, *sample_bank(k_iter, bank, filled, ccfg.n_neg),

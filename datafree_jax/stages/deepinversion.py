@@ -142,6 +142,21 @@ def image_loss(dcfg, teacher_model, student_model, images, targets, key, teacher
   return loss, terms
 
 
+def image_iteration(grad_fn, tx, clip_range, data_sharding, targets, k_iter, teacher_vars,
+                    student_vars, i, carry):
+  """Iteration i of a round (the body of its lax.fori_loop): one optimiser step on the images,
+  then clipped to `clip_range` (low, high) when given."""
+  images, opt_state, _, _ = carry
+  (loss, terms), grads = grad_fn(images, targets, jax.random.fold_in(k_iter, i), teacher_vars,
+                                 student_vars)
+  updates, opt_state = tx.update(grads, opt_state, images)
+  images = optax.apply_updates(images, updates)
+  if clip_range is not None:
+    images = jnp.clip(images, *clip_range)
+  images = jax.lax.with_sharding_constraint(images, data_sharding)
+  return images, opt_state, loss, terms
+
+
 def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding, seed: int,
                     state, teacher_vars):
   """Round state['step']: a fresh batch optimised for dcfg.iterations steps (lax.fori_loop),
@@ -157,20 +172,10 @@ def synthesis_round(dcfg, info, teacher_model, student_model, tx, data_sharding,
       image_pool.round_targets(k_targets, n, info.num_classes, dcfg.targets), data_sharding)
   s = state["student"]
   student_vars = common.variables_of(s["params"], s["batch_stats"])
-  low, high = pixel_range(info)
   grad_fn = jax.value_and_grad(functools.partial(image_loss, dcfg, teacher_model,
                                                  student_model), has_aux=True)
-
-  def body(i, carry):
-    images, opt_state, _, _ = carry
-    (loss, terms), grads = grad_fn(images, targets, jax.random.fold_in(k_iter, i),
-                                   teacher_vars, student_vars)
-    updates, opt_state = tx.update(grads, opt_state, images)
-    images = optax.apply_updates(images, updates)
-    if dcfg.clip:
-      images = jnp.clip(images, low, high)
-    images = jax.lax.with_sharding_constraint(images, data_sharding)
-    return images, opt_state, loss, terms
+  body = functools.partial(image_iteration, grad_fn, tx, pixel_range(info) if dcfg.clip else None,
+                           data_sharding, targets, k_iter, teacher_vars, student_vars)
 
   zero_terms = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), jax.eval_shape(
       lambda x: image_loss(dcfg, teacher_model, student_model, x, targets, k_iter, teacher_vars,

@@ -149,6 +149,24 @@ def reset_dense(key, params):
   return dict(params, fc=fresh)
 
 
+def inner_iteration(grad_fn, targets, k_iter, rest, tx_g, tx_z, data_sharding, i, carry):
+  """Inner step i of a round (the body of its lax.fori_loop): one Adam step of the generator
+  and of the latents on grad_fn(params, z, batch_stats, targets, key of step i, *rest), the
+  meta-gradient summed, the lowest-loss images kept."""
+  params, bs, z, opt_g, opt_z, meta_grad, best_loss, best, _, _, _ = carry
+  (loss, (terms, pixels, new_bs, moments)), (g_params, g_z) = grad_fn(
+      params, z, bs, targets, jax.random.fold_in(k_iter, i), *rest)
+  better = loss < best_loss
+  best = jax.lax.with_sharding_constraint(jnp.where(better, pixels, best), data_sharding)
+  best_loss = jnp.where(better, loss, best_loss)
+  meta_grad = jax.tree.map(jnp.add, meta_grad, g_params)
+  updates, opt_g = tx_g.update(g_params, opt_g, params)
+  params = optax.apply_updates(params, updates)
+  updates, opt_z = tx_z.update(g_z, opt_z, z)
+  z = jax.lax.with_sharding_constraint(optax.apply_updates(z, updates), data_sharding)
+  return params, new_bs, z, opt_g, opt_z, meta_grad, best_loss, best, moments, terms, loss
+
+
 def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_meta, data_sharding,
                     seed: int, augment: dict, unroll: bool, state, teacher_vars):
   """Round state['step'] (steps 1-3 of the module docstring): returns (state with the round's
@@ -176,25 +194,12 @@ def synthesis_round(fcfg, info, gen, teacher_model, student_model, inner, tx_met
   loss_fn = functools.partial(round_loss, fcfg, info, gen, teacher_model, student_model, augment)
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
-  def call(params, z, bs, i):
-    return grad_fn(params, z, bs, targets, jax.random.fold_in(k_iter, i), teacher_vars,
-                   student_vars, previous, rate, adv_on)
-
-  def body(i, carry):
-    params, bs, z, opt_g, opt_z, meta_grad, best_loss, best, _, _, _ = carry
-    (loss, (terms, pixels, new_bs, moments)), (g_params, g_z) = call(params, z, bs, i)
-    better = loss < best_loss
-    best = jax.lax.with_sharding_constraint(jnp.where(better, pixels, best), data_sharding)
-    best_loss = jnp.where(better, loss, best_loss)
-    meta_grad = jax.tree.map(jnp.add, meta_grad, g_params)
-    updates, opt_g = tx_g.update(g_params, opt_g, params)
-    params = optax.apply_updates(params, updates)
-    updates, opt_z = tx_z.update(g_z, opt_z, z)
-    z = jax.lax.with_sharding_constraint(optax.apply_updates(z, updates), data_sharding)
-    return params, new_bs, z, opt_g, opt_z, meta_grad, best_loss, best, moments, terms, loss
+  rest = (teacher_vars, student_vars, previous, rate, adv_on)
+  body = functools.partial(inner_iteration, grad_fn, targets, k_iter, rest, tx_g, tx_z,
+                           data_sharding)
 
   (_, (terms0, pixels0, _, moments0)), _ = jax.eval_shape(
-      lambda: call(meta_params, z, meta["batch_stats"], 0))
+      lambda: grad_fn(meta_params, z, meta["batch_stats"], targets, k_iter, *rest))
   zeros = lambda tree: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), tree)
   carry = (meta_params, meta["batch_stats"], z, tx_g.init(meta_params), tx_z.init(z),
            zeros(meta_params), jnp.asarray(jnp.inf, jnp.float32),
@@ -233,6 +238,17 @@ def cpu_forms(config) -> bool:
   round's inner steps are unrolled and its student steps are one call each; accelerators get
   lax.fori_loop programs."""
   return platforms.is_cpu(platforms.of_config(config))
+
+
+def round_step(synth, kd, teacher_vars, warmup: int, kd_steps: int, calls: int, state, r):
+  """One loop step of the stage: round r's synthesis, then (from round `warmup` on) the
+  student's kd_steps in `calls` calls."""
+  state, metrics = synth(state, teacher_vars)
+  if r >= warmup:
+    for i in range(calls):
+      state, kd_metrics = kd(state, teacher_vars, i * (kd_steps // calls))
+    metrics = dict(metrics, **kd_metrics)
+  return state, metrics
 
 
 class FastSynthesis(stage_lib.Stage):
@@ -309,17 +325,10 @@ class FastSynthesis(stage_lib.Stage):
 
   def plan(self, ctx):
     state, student, synth, kd, mesh = self._build(ctx)
-    tvars = ctx.teacher["variables"]
     f, info = ctx.config.fast, ctx.info
     calls = f.kd_steps if cpu_forms(ctx.config) else 1
-
-    def step(state, r):
-      state, metrics = synth(state, tvars)
-      if r >= f.warmup:
-        for i in range(calls):
-          state, kd_metrics = kd(state, tvars, i * (f.kd_steps // calls))
-        metrics = dict(metrics, **kd_metrics)
-      return state, metrics
+    step = functools.partial(round_step, synth, kd, ctx.teacher["variables"], f.warmup,
+                             f.kd_steps, calls)
 
     n = min(f.batch_size, GRID_IMAGES)
     return stage_lib.Plan(
