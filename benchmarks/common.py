@@ -86,6 +86,17 @@ def time_rounds(groups, rounds: int, reps: int, pause: float = 0.0, alternate: b
 # Reports.
 # ---------------------------------------------------------------------------------------------
 
+def seeds_and_methods(parser, args, known) -> tuple:
+  """(seeds, methods) of args.seeds / args.methods (comma lists); parser.error on a method not
+  in `known`."""
+  seeds = [int(s) for s in args.seeds.split(",")]
+  methods = args.methods.split(",")
+  unknown = [m for m in methods if m not in known]
+  if unknown:
+    parser.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
+  return seeds, methods
+
+
 def markdown_table(columns, rows) -> list:
   """The lines of a markdown table: a header of `columns`, then one line per row of cells."""
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -241,11 +241,7 @@ def main():
   p.add_argument("--report_only", action="store_true",
                  help="print the table of the runs already measured in --workdir")
   args = p.parse_args()
-  seeds = [int(s) for s in args.seeds.split(",")]
-  methods = args.methods.split(",")
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+  seeds, methods = common.seeds_and_methods(p, args, METHODS)
   if args.budget <= 0:
     p.error("--budget must be positive")
   at = ([t for t in (60.0, 120.0, 300.0) if t < args.budget] if args.at is None

@@ -106,11 +106,7 @@ def main():
   p.add_argument("--plot_only", action="store_true",
                  help="only redraw the figure from the runs already in --workdir")
   args = p.parse_args()
-  seeds = [int(s) for s in args.seeds.split(",")]
-  methods = args.methods.split(",")
-  unknown = [m for m in methods if m not in SPECS]
-  if unknown:
-    p.error(f"unknown methods {unknown}; choose from {', '.join(SPECS)}")
+  seeds, methods = common.seeds_and_methods(p, args, SPECS)
   rows = {m: [] for m in ("teacher",) + tuple(methods)}
   labels = {m: SPECS[m][2] for m in methods}
   labels["teacher"] = f"teacher {args.teacher}"
