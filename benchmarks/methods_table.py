@@ -190,6 +190,11 @@ def _accuracy_cell(values) -> str:
   return cell if len(got) == len(values) else f"{cell} ({len(got)}/{len(values)})"
 
 
+def _mark(record: dict) -> str:
+  """'' for a finished run, '*' for one stopped by the budget, '!' for one that failed."""
+  return "" if record["finished"] else "*" if record["stopped"] else "!"
+
+
 def _seconds(values) -> str:
   got = [v for v in values if v is not None]
   if not got:
@@ -208,7 +213,7 @@ def table(records: list, methods, at=()) -> list:
     finals = [r["final"] for r in rs]
     acc = np.array([x for x in finals if x is not None]) * 100
     mean = f"{acc.mean():.2f} +- {acc.std():.2f}" if len(acc) else "no evaluation"
-    per_seed = ", ".join("-" if x is None else f"{100 * x:.2f}" + ("" if r["finished"] else "*")
+    per_seed = ", ".join(("-" if x is None else f"{100 * x:.2f}") + _mark(r)
                          for r, x in zip(rs, finals))
     ended = sum(r["finished"] for r in rs)
     rows.append([LABELS.get(m, m), mean, per_seed,
@@ -217,7 +222,8 @@ def table(records: list, methods, at=()) -> list:
                  f"{np.mean([r['cpu'] / max(end_time(r), 1e-9) for r in rs]):.2f}",
                  f"{ended}/{len(rs)}" if ended < len(rs) else "all",
                  *(_accuracy_cell([accuracy_at(r, t) for r in rs]) for t in at)])
-  columns = ["method", "final accuracy % (mean +- std)", "per seed (* = stopped by the budget)",
+  columns = ["method", "final accuracy % (mean +- std)",
+             "per seed (* = stopped by the budget, ! = failed)",
              *(f"time to {int(100 * th)}%" for th in THRESHOLDS), "wall time / run",
              "cores used",
              "finished within the budget", *(f"accuracy % at {t:.0f} s" for t in at)]
@@ -266,7 +272,8 @@ def main():
       records.append(r)
       final = "no evaluation" if r["final"] is None else f"{100 * r['final']:.2f}%"
       print(f"seed {seed}, {m}: {final} "
-            f"({'finished' if r['finished'] else 'stopped by the budget'}, rc {r['returncode']}, "
+            f"({ {'': 'finished', '*': 'stopped by the budget', '!': 'FAILED, see run.log'}[_mark(r)]}"
+            f", rc {r['returncode']}, "
             f"{r['wall']:.0f} s, load {r['loadavg'][0]} -> {r['loadavg'][1]})", flush=True)
   with open(os.path.join(args.workdir, "methods_table.json"), "w", encoding="utf-8") as f:
     json.dump({"budget": args.budget, "seeds": seeds, "teachers": teachers,

@@ -271,19 +271,22 @@ def test_methods_table_rows():
   threshold over the runs that reached it with their count."""
   from benchmarks import methods_table  # pylint: disable=import-outside-toplevel
 
-  def rec(method, final, finished, t90, wall):
+  def rec(method, final, finished, t90, wall, stopped=True):
     return {"method": method, "final": final, "finished": finished, "wall": wall,
+            "stopped": stopped and not finished,
             "exit": wall + 1.0, "cpu": 1.5 * (wall + 1.0), "reached": {"0.9": t90, "0.95": None}}
 
   lines = methods_table.table([rec("fast", 0.9, True, 100.0, 200.0),
                                rec("fast", 0.8, False, None, 600.0),
-                               rec("cmi", None, False, None, 600.0)], ["fast", "cmi", "dafl"])
+                               rec("cmi", None, False, None, 600.0),
+                               rec("cmi", 0.5, False, None, 30.0, stopped=False)],
+                              ["fast", "cmi", "dafl"])
   assert len(lines) == 4   # header, rule, two methods (dafl has no runs)
   cells = [c.strip() for c in lines[2].strip("|").split("|")]
   assert cells == ["Fast-DFKD", "85.00 +- 5.00", "90.00, 80.00*", "100 s (1/2)",
                    "not reached (0/2)", "400 s", "1.50", "1/2"]
   cells = [c.strip() for c in lines[3].strip("|").split("|")]
-  assert cells[:3] == ["CMI", "no evaluation", "-"] and cells[-1] == "0/1"
+  assert cells[:3] == ["CMI", "50.00 +- 0.00", "-*, 50.00!"] and cells[-1] == "0/2"
 
 
 def test_methods_table_accuracy_at_a_shorter_budget():
