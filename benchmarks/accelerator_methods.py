@@ -26,10 +26,7 @@ import json
 import os
 import sys
 
-from benchmarks import common
-from datafree_jax import methods  # pylint: disable=unused-import (registers the methods)
-from datafree_jax import plots
-from datafree_jax import registry
+from benchmarks import common, project
 
 TIMED_OUT = (124, 137)   # timeout(1): the time limit reached (137: killed after --kill-after)
 
@@ -43,16 +40,12 @@ def load_dry_run(path: str):
     return None
 
 
-def teacher_stage(method: str) -> str:
-  return registry.get(method).teacher.name if method in registry.METHODS else "teacher"
-
-
 def dry_run_row(method: str, data) -> list:
   """[method, programs, measured s / call, hours] of one method's dry run JSON (None: failed):
   the programs of the method's own stages (the teacher's apart, restores left out)."""
   if data is None:
     return [method, "no rows: the dry run failed (its output is above)", "-", "-"]
-  rows = [r for r in data.get("rows", []) if r["stage"] != teacher_stage(method)]
+  rows = [r for r in data.get("rows", []) if r["stage"] != project.teacher_stage(method)]
   compiled = [r for r in rows if r.get("kind") != "restore"]
   own = [r for r in compiled if r.get("kind") == "train"]
   programs = f"{len(compiled)} (train: " + "; ".join(
@@ -67,7 +60,7 @@ def dry_run_row(method: str, data) -> list:
 def teacher_line(method: str, data) -> str:
   """The teacher stage's train program, measured, from one method's dry run ('' if none)."""
   for r in (data or {}).get("rows", []):
-    if (r["stage"] == teacher_stage(method) and r.get("kind") == "train"
+    if (r["stage"] == project.teacher_stage(method) and r.get("kind") == "train"
         and r.get("measured_s") is not None):
       return (f"teacher ({r['label']}; trained where no teacher.init_from is given, the same for "
               f"every method, not in the hours above): {r['steps']:,} calls x "
@@ -99,17 +92,17 @@ def last_accuracy(workdir: str, method: str):
     with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
       student = json.load(f).get("student") or {}
     if student.get("test_accuracy") is not None:
-      return (student["test_accuracy"], registry.student_stage(method), student.get("steps"),
+      return (student["test_accuracy"], project.student_stage(method), student.get("steps"),
               None, "results.json")
   except (OSError, ValueError):
     pass
   try:
-    events = plots.scalar_events(os.path.join(workdir, "tensorboard"))
+    events = project.scalar_events(os.path.join(workdir, "tensorboard"))
   except (OSError, ValueError):
     return None
-  wanted = registry.student_stage(method)
+  wanted = project.student_stage(method)
   stages = [wanted] if events.get(wanted) else [
-      s for s in events if s != teacher_stage(method) and events[s]]
+      s for s in events if s != project.teacher_stage(method) and events[s]]
   last = max((events[s][-1] + (s,) for s in stages), default=None)   # the latest written
   if last is None:
     return None

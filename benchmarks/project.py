@@ -28,6 +28,7 @@ from datafree_jax import models
 from datafree_jax import paths
 from datafree_jax import pipeline
 from datafree_jax import plots
+from datafree_jax import registry
 from datafree_jax import streaming
 from datafree_jax import students
 from datafree_jax import synthetic_imagenet
@@ -247,6 +248,16 @@ def ensemble_unrolled_step(config, info, teacher: dict, ens):
 def accuracy_curves(run_dir: str) -> dict:
   """{stage: [(step, test accuracy)]} of a run's TensorBoard scalars."""
   return plots.accuracy_curves(plots.read_workdir_scalars(run_dir))
+
+
+def teacher_stage(method: str) -> str:
+  """The name of `method`'s teacher stage ('teacher' for a method the package does not know)."""
+  return registry.get(method).teacher.name if method in registry.METHODS else "teacher"
+
+
+def student_stage(method: str) -> str:
+  """The stage that holds `method`'s final student ('' for an unknown method or none)."""
+  return registry.student_stage(method)
 
 
 def scalar_events(event_dir: str, key: str = "eval/accuracy") -> dict:
